@@ -336,12 +336,11 @@ def _build(
         raise InvalidNodeAddress(shown, "no host")
     ip = _parse_ip(shown, host)
     if ip is not None:
-        if zone is not None and not (ip.version == 6 and ip.is_link_local):
-            zone = zone  # a zone on a global address is unusual but harmless; kept as given
         if ip.version == 4 and zone is not None:
             raise InvalidNodeAddress(shown, "a zone id is only valid on an IPv6 address")
         mapped = ip.ipv4_mapped if ip.version == 6 else None
-        return NodeAddress(scheme, ip.compressed, port, zone, path, mapped or ip)
+        text = f"::ffff:{mapped}" if mapped is not None else ip.compressed
+        return NodeAddress(scheme, text, port, zone, path, mapped or ip)
     if zone is not None:
         raise InvalidNodeAddress(shown, "a zone id is only valid on an IPv6 address")
     return NodeAddress(scheme, _normalise_name(shown, host), port, None, path, None)

@@ -1,0 +1,70 @@
+"""sollol-locality: topology-aware parallel/sequential dispatch decisions for SOLLOL.
+
+Which Ollama nodes share a physical machine, what running tasks on them in parallel really costs,
+and therefore when to run a batch in parallel, on which nodes, and when to run it sequentially.
+
+``import sollol_locality`` is light: it does not import ``sollol`` (Ray, Dask). Only touching
+:class:`LocalityAwareLoadBalancer` or the pool integration does.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._errors import (
+    CalibrationError,
+    ConfigError,
+    InvalidNodeAddress,
+    LocalityError,
+    TopologyFileError,
+)
+from .addresses import NodeAddress, parse_node_address
+from .config import LocalityConfig
+from .cost_model import CostPriors, ParallelismCostModel, SpeedupEstimate
+from .mixin import LocalityAwareMixin
+from .planner import ExecutionPlan, ExecutionPlanner
+from .topology import HostIdentity, NodeTopology
+
+if TYPE_CHECKING:
+    from .balancer import LocalityAwareLoadBalancer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CalibrationError",
+    "ConfigError",
+    "CostPriors",
+    "ExecutionPlan",
+    "ExecutionPlanner",
+    "HostIdentity",
+    "InvalidNodeAddress",
+    "LocalityAwareLoadBalancer",
+    "LocalityAwareMixin",
+    "LocalityConfig",
+    "LocalityError",
+    "NodeAddress",
+    "NodeTopology",
+    "ParallelismCostModel",
+    "SpeedupEstimate",
+    "TopologyFileError",
+    "parse_node_address",
+]
+
+_LAZY = {
+    "LocalityAwareLoadBalancer": ".balancer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module_name, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,692 @@
+"""The parallelism cost model: what running a batch concurrently really costs.
+
+The model predicts the makespan (wall time until the last task ends) of ``num_tasks`` equal tasks
+
+* run one after another on the fastest node (*sequential*), and
+* run concurrently across a set of nodes, each node working through its share one task at a time
+  as Ollama does by default (*parallel*).
+
+**Execution unit.** One physical host's CPU, or one GPU on it. Nodes on the same unit contend;
+nodes on different units do not (apart from a small same-host overhead, below). Nodes of one GPU
+host that declare no device share one unit. Two aliases of the same instance (same host and port)
+are one instance and never count as two streams.
+
+**Contention.** When ``k >= 2`` nodes of one unit run at once, each of their tasks takes
+``k * (1 + c)`` times as long as alone: the unit's capacity is shared ``k`` ways, plus an overhead
+``c`` (context switches, cache and memory-bandwidth thrash, VRAM pressure). ``c = 1.0`` makes two
+nodes of one CPU host run at 0.5x the sequential speed; a negative ``c`` (measured on a many-core
+host running small instances) means the unit gains from concurrency. Units of one host slow each
+other by ``same_host_overhead`` per additional busy unit; a parallel dispatch to two or more nodes
+costs ``dispatch_overhead`` of its makespan.
+
+**Speed.** Each node's time per task comes, in order, from calibration (measured runs), from the
+latency the node already carries (SynapticLlamas ``metrics.avg_response_time`` seconds with
+``metrics.total_requests``, SOLLOL ``metrics.avg_latency`` milliseconds, a mapping's
+``latency_ms``) once it has ``min_samples`` requests, or from a prior: a CPU node is the reference
+task time and a GPU node is ``gpu_speed_factor`` times faster. When no node has data, times are in
+units of one task on a reference CPU node (``time_unit == "tasks"``), else in seconds.
+
+All the numbers live in :class:`CostPriors`; :meth:`ParallelismCostModel.observe` moves them toward
+what finished runs measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import json
+import logging
+import math
+import os
+import statistics
+import tempfile
+import threading
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from ._errors import CalibrationError, InvalidNodeAddress
+from .config import LocalityConfig
+
+if TYPE_CHECKING:
+    from .topology import HostIdentity, NodeTopology
+
+__all__ = [
+    "CostPriors",
+    "NodeProfile",
+    "ParallelismCostModel",
+    "SpeedupEstimate",
+    "node_latency",
+]
+
+logger = logging.getLogger(__name__)
+
+_SAMPLES_KEPT: Final = 25
+_FORMAT_VERSION: Final = 1
+
+
+@dataclass(frozen=True, slots=True)
+class CostPriors:
+    """Every number the cost model assumes before calibration, in one documented place.
+
+    The defaults follow the figures measured in the original proposal (``shared/PROPOSAL.md``):
+    same host, CPU: about 50% slower in parallel (two nodes: 0.5x); one GPU shared: 20% slower
+    (0.8x, "30 to 50% overhead" at its upper end relative to ideal); different GPUs of one host:
+    5 to 10% overhead; different hosts: near-ideal, minus a dispatch overhead.
+
+    Attributes:
+        cpu_contention: ``c`` for nodes sharing one host's CPU (1.0: two nodes run at 0.5x).
+        gpu_contention: ``c`` for nodes sharing one GPU (0.25: two nodes run at 0.8x).
+        same_host_overhead: slowdown of each busy unit per other busy unit of the same host
+            (0.075, the middle of "5 to 10%").
+        dispatch_overhead: fraction of a parallel makespan lost to dispatching and collecting
+            (0.05: two tasks on two hosts give 1.90x).
+        gpu_speed_factor: how many times faster a GPU node without data is assumed to be than a
+            CPU node without data.
+        min_samples: requests a node's own latency needs before it is trusted.
+    """
+
+    cpu_contention: float = 1.0
+    gpu_contention: float = 0.25
+    same_host_overhead: float = 0.075
+    dispatch_overhead: float = 0.05
+    gpu_speed_factor: float = 4.0
+    min_samples: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class SpeedupEstimate:
+    """A prediction for one way of running a batch.
+
+    Attributes:
+        speedup: sequential makespan / parallel makespan (below 1.0: parallel is slower).
+        sequential_seconds: predicted makespan running the tasks one after another on the
+            fastest node.
+        parallel_seconds: predicted makespan running them concurrently across the nodes.
+        units: the distinct execution units used, as ``"host/cpu"``, ``"host/gpu"`` or
+            ``"host/gpu:ID"``.
+        reason: one sentence on what drives the estimate.
+        time_unit: ``"seconds"`` when any node's speed is measured, else ``"tasks"`` (units of
+            one task on a reference node).
+        tasks_per_node: how many tasks each given node gets in the parallel run (input order;
+            0 for a node that gets none or could not be parsed).
+    """
+
+    speedup: float
+    sequential_seconds: float
+    parallel_seconds: float
+    units: tuple[str, ...]
+    reason: str
+    time_unit: str = "tasks"
+    tasks_per_node: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NodeProfile:
+    """One node as the cost model sees it."""
+
+    index: int
+    identity: HostIdentity
+    instance: tuple[str, int]
+    unit: tuple[str, str]
+    task_time: float
+    speed_source: str
+
+    @property
+    def node(self) -> Any:
+        return self.identity.node
+
+    @property
+    def unit_label(self) -> str:
+        return unit_label(self.unit)
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.unit[1] != "cpu"
+
+
+def unit_label(unit: tuple[str, str]) -> str:
+    """``("host", "cpu")`` -> ``"host/cpu"``; a GPU id ``"1"`` -> ``"host/gpu:1"``."""
+    host, kind = unit
+    if kind in ("cpu", "gpu"):
+        return f"{host}/{kind}"
+    return f"{host}/gpu:{kind}"
+
+
+def node_latency(node: object, min_samples: int) -> float | None:
+    """Seconds per request the node object itself reports, once it has enough samples."""
+    if isinstance(node, str):
+        return None
+    if isinstance(node, Mapping):
+        count = node.get("total_requests", node.get("requests"))
+        if count is not None and (not _is_number(count) or count < min_samples):
+            return None
+        for key, scale in (("latency_ms", 1e-3), ("avg_latency_ms", 1e-3),
+                           ("avg_response_time", 1.0)):
+            value = node.get(key)
+            if _is_number(value) and value > 0:
+                return float(value) * scale
+        return None
+    metrics = _attr(node, "metrics")
+    if metrics is None:
+        return None
+    count = _attr(metrics, "total_requests")
+    if not _is_number(count) or count < min_samples:
+        return None
+    seconds = _attr(metrics, "avg_response_time")
+    if _is_number(seconds) and seconds > 0:
+        return float(seconds)
+    millis = _attr(metrics, "avg_latency")
+    if _is_number(millis) and millis > 0:
+        return float(millis) / 1000.0
+    return None
+
+
+def _is_number(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _attr(obj: object, name: str) -> Any:
+    try:
+        return getattr(obj, name, None)
+    except Exception:  # a foreign property that raises counts as absent
+        return None
+
+
+@dataclass
+class _Calibration:
+    """What observed runs taught: robust medians of bounded sample windows."""
+
+    task_seconds: dict[str, deque[float]] = field(default_factory=dict)  # unit label -> s/task
+    contention: dict[str, dict[int, deque[float]]] = field(default_factory=dict)  # unit -> k -> c
+    host_overhead: dict[str, deque[float]] = field(default_factory=dict)  # host -> overhead
+    dispatch: deque[float] = field(default_factory=lambda: deque(maxlen=_SAMPLES_KEPT))
+    observations: int = 0
+
+
+def _median(samples: Iterable[float] | None) -> float | None:
+    values = list(samples or ())
+    return statistics.median(values) if values else None
+
+
+class ParallelismCostModel:
+    """Predicts sequential and parallel makespans and learns from finished runs.
+
+    Args:
+        config: settings; the calibration file it names is loaded when it exists (a corrupt one
+            is renamed aside with a warning and the priors are used).
+        priors: the assumptions before calibration (:class:`CostPriors`).
+    """
+
+    def __init__(self, config: LocalityConfig | None = None, *,
+                 priors: CostPriors | None = None) -> None:
+        self.config = config if config is not None else LocalityConfig()
+        self.priors = priors if priors is not None else CostPriors()
+        self._cal = _Calibration()
+        self._lock = threading.RLock()
+        self._version = 0
+        self._loaded_from: Path | None = None
+        self._default_topology: NodeTopology | None = None
+        path = self.config.calibration_file
+        if path is not None and Path(path).exists():
+            self._load_or_set_aside(Path(path))
+
+    # -- calibration state ------------------------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        """Changes whenever calibration changes (used to invalidate cached decisions)."""
+        return self._version
+
+    @property
+    def observations(self) -> int:
+        """How many finished runs the model has learned from (including loaded ones)."""
+        return self._cal.observations
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether any measured figure is in use."""
+        cal = self._cal
+        return bool(cal.task_seconds or cal.contention or cal.host_overhead or cal.dispatch)
+
+    def contention(self, unit: tuple[str, str], k: int) -> float:
+        """``c`` for ``k`` concurrent nodes on ``unit``: measured if known (nearest measured
+        ``k``), else the CPU or GPU prior."""
+        by_k = self._cal.contention.get(unit_label(unit))
+        if by_k:
+            nearest = min(by_k, key=lambda known: (abs(known - k), -known))
+            value = _median(by_k[nearest])
+            if value is not None:
+                return value
+        return self.priors.cpu_contention if unit[1] == "cpu" else self.priors.gpu_contention
+
+    def gains_from_concurrency(self, unit: tuple[str, str]) -> int:
+        """The largest measured number of concurrent nodes that made ``unit`` faster (1 if none)."""
+        by_k = self._cal.contention.get(unit_label(unit), {})
+        best = 1
+        for k, samples in by_k.items():
+            value = _median(samples)
+            if value is not None and value < 0 and k > best:
+                best = k
+        return best
+
+    def host_overhead(self, host: str) -> float:
+        value = _median(self._cal.host_overhead.get(host))
+        return self.priors.same_host_overhead if value is None else value
+
+    def dispatch_overhead(self) -> float:
+        value = _median(self._cal.dispatch)
+        return self.priors.dispatch_overhead if value is None else value
+
+    def measured_task_seconds(self, unit: tuple[str, str]) -> float | None:
+        return _median(self._cal.task_seconds.get(unit_label(unit)))
+
+    # -- profiles ---------------------------------------------------------------------------
+
+    def profiles(self, identities: Sequence[HostIdentity | InvalidNodeAddress]
+                 ) -> tuple[list[NodeProfile], str]:
+        """Node profiles for described nodes (invalid ones skipped) and the time unit."""
+        priors = self.priors
+        raw: list[tuple[int, HostIdentity, tuple[str, int], tuple[str, str], float | None, str]] = []
+        for index, identity in enumerate(identities):
+            if isinstance(identity, InvalidNodeAddress):
+                continue
+            unit = identity.unit
+            measured = self.measured_task_seconds(unit)
+            if measured is not None:
+                seconds, source = measured, "calibration"
+            else:
+                reported = node_latency(identity.node, priors.min_samples)
+                seconds, source = (reported, "metrics") if reported is not None else (None, "prior")
+            instance = (identity.physical_host_id, identity.address.port)
+            raw.append((index, identity, instance, unit, seconds, source))
+        known = [(s, u[1] != "cpu") for _, _, _, u, s, _ in raw if s is not None]
+        if known:
+            time_unit = "seconds"
+            as_cpu = [s * priors.gpu_speed_factor if gpu else s for s, gpu in known]
+            reference = statistics.median(as_cpu)
+        else:
+            time_unit, reference = "tasks", 1.0
+        result = []
+        for index, identity, instance, unit, seconds, source in raw:
+            if seconds is None:
+                seconds = reference / priors.gpu_speed_factor if unit[1] != "cpu" else reference
+            result.append(NodeProfile(index, identity, instance, unit, seconds, source))
+        return result, time_unit
+
+    # -- prediction -------------------------------------------------------------------------
+
+    def sequential_makespan(self, num_tasks: int, profiles: Sequence[NodeProfile]) -> float:
+        if not profiles or num_tasks <= 0:
+            return 0.0
+        return num_tasks * min(p.task_time for p in profiles)
+
+    def parallel_makespan(self, num_tasks: int, profiles: Sequence[NodeProfile]
+                          ) -> tuple[float, list[int]]:
+        """Makespan of running the tasks concurrently across ``profiles`` and the tasks each
+        profile gets.
+
+        Tasks are balanced by speed (each goes to the node that would finish it first, given the
+        contention of the nodes working), then the run is simulated event by event: while ``k``
+        streams of a unit are busy each runs at ``1 / (k * (1 + c))`` of its solo speed, and a
+        stream left alone speeds back up.
+        """
+        count = len(profiles)
+        if count == 0 or num_tasks <= 0:
+            return 0.0, [0] * count
+        # Aliases of one instance are one server: only the first of each instance works.
+        seen: set[tuple[str, int]] = set()
+        usable = []
+        for i, profile in enumerate(profiles):
+            if profile.instance not in seen:
+                seen.add(profile.instance)
+                usable.append(i)
+        active = set(usable)
+        best: tuple[float, list[int]] | None = None
+        for _ in range(6):
+            estimate = self._per_task_times(profiles, active, usable)
+            shares = _assign(num_tasks, [(i, estimate[i]) for i in usable])
+            now_active = {i for i in usable if shares[i] > 0}
+            makespan = self._simulate(profiles, shares)
+            if len(now_active) > 1:
+                makespan *= 1.0 + self.dispatch_overhead()
+            if best is None or makespan < best[0] - 1e-12:
+                best = (makespan, [shares.get(i, 0) for i in range(count)])
+            if now_active == active:
+                break
+            active = now_active
+        assert best is not None
+        return best
+
+    def _per_task_times(self, profiles: Sequence[NodeProfile], active: set[int],
+                        targets: Iterable[int]) -> dict[int, float]:
+        """Time per task of each target while the ``active`` nodes (plus itself) are busy."""
+        streams: dict[tuple[str, str], int] = {}
+        host_units: dict[str, set[tuple[str, str]]] = {}
+        for i in active:
+            unit = profiles[i].unit
+            streams[unit] = streams.get(unit, 0) + 1
+            host_units.setdefault(unit[0], set()).add(unit)
+        times = {}
+        for i in targets:
+            profile = profiles[i]
+            unit = profile.unit
+            k = streams.get(unit, 0) + (0 if i in active else 1)
+            factor = 1.0
+            if k > 1:
+                factor = k * max(0.05, 1.0 + self.contention(unit, k))
+            units_busy = host_units.get(unit[0], set()) | {unit}
+            if len(units_busy) > 1:
+                factor *= 1.0 + self.host_overhead(unit[0]) * (len(units_busy) - 1)
+            times[i] = profile.task_time * factor
+        return times
+
+    def _simulate(self, profiles: Sequence[NodeProfile], shares: Mapping[int, int]) -> float:
+        """Wall time until every node has worked through its share, contention included."""
+        left = {i: n for i, n in shares.items() if n > 0}
+        progress = dict.fromkeys(left, 0.0)
+        clock = 0.0
+        while left:
+            times = self._per_task_times(profiles, set(left), left)
+            step = min((1.0 - progress[i]) * times[i] for i in left)
+            clock += step
+            for i in list(left):
+                progress[i] += step / times[i]
+                if progress[i] >= 1.0 - 1e-9:
+                    left[i] -= 1
+                    progress[i] = 0.0
+                    if left[i] == 0:
+                        del left[i]
+                        del progress[i]
+        return clock
+
+    def estimate(self, num_tasks: int, nodes: Iterable[Any],
+                 topology: NodeTopology | None = None) -> SpeedupEstimate:
+        """Predict running ``num_tasks`` concurrently across exactly ``nodes`` against running
+        them one after another on the fastest of them.
+
+        Nodes that cannot be parsed are left out (and named in ``reason``).
+        """
+        if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 0:
+            raise ValueError(f"num_tasks must be a non-negative integer, got {num_tasks!r}")
+        topology = topology if topology is not None else self._topology()
+        identities = topology.describe_many(list(nodes))
+        return self.estimate_profiles(num_tasks, identities)
+
+    def estimate_profiles(self, num_tasks: int,
+                          identities: Sequence[HostIdentity | InvalidNodeAddress]
+                          ) -> SpeedupEstimate:
+        """:meth:`estimate` on nodes already described by a topology."""
+        profiles, time_unit = self.profiles(identities)
+        invalid = len(identities) - len(profiles)
+        if not profiles:
+            return SpeedupEstimate(1.0, 0.0, 0.0, (), "no usable node", time_unit,
+                                   (0,) * len(identities))
+        sequential = self.sequential_makespan(num_tasks, profiles)
+        parallel, shares = self.parallel_makespan(num_tasks, profiles)
+        used = [p for p, n in zip(profiles, shares) if n > 0]
+        units = tuple(dict.fromkeys(p.unit_label for p in used))
+        speedup = sequential / parallel if parallel > 0 else 1.0
+        per_node = [0] * len(identities)
+        for profile, share in zip(profiles, shares):
+            per_node[profile.index] = share
+        reason = self._explain(num_tasks, profiles, used, speedup)
+        if invalid:
+            reason += f" ({invalid} node(s) could not be parsed and were left out)"
+        return SpeedupEstimate(speedup, sequential, parallel, units, reason, time_unit,
+                               tuple(per_node))
+
+    def estimate_parallel_benefit(self, num_tasks: int, nodes: Iterable[Any],
+                                  topology: NodeTopology | None = None) -> float:
+        """The speedup of :meth:`estimate` as a bare float (below 1.0: parallel is slower)."""
+        return self.estimate(num_tasks, nodes, topology).speedup
+
+    def _explain(self, num_tasks: int, profiles: Sequence[NodeProfile],
+                 used: Sequence[NodeProfile], speedup: float) -> str:
+        units = {p.unit for p in used}
+        hosts = {p.unit[0] for p in used}
+        if num_tasks < 2:
+            return "a single task gains nothing from parallelism"
+        if len(used) <= 1:
+            return "one node takes every task; the others are too slow to help"
+        if len(units) == 1:
+            (unit,) = units
+            kind = "CPU" if unit[1] == "cpu" else "GPU"
+            return (f"{len(used)} nodes share one {kind} on {unit[0]} and contend for it "
+                    f"(predicted {speedup:.2f}x)")
+        if len(hosts) == 1:
+            return (f"{len(units)} separate units of one host {next(iter(hosts))} "
+                    f"(predicted {speedup:.2f}x)")
+        return f"{len(used)} nodes on {len(hosts)} machines (predicted {speedup:.2f}x)"
+
+    # -- learning ---------------------------------------------------------------------------
+
+    def observe(self, mode: str, nodes: Sequence[Any], num_tasks: int, wall_seconds: float, *,
+                topology: NodeTopology | None = None,
+                identities: Sequence[HostIdentity] | None = None) -> None:
+        """Learn from a finished run: ``num_tasks`` tasks took ``wall_seconds`` on ``nodes``.
+
+        ``mode`` is ``"sequential"`` (all tasks one after another on ``nodes[0]``) or
+        ``"parallel"`` (concurrently across ``nodes``). A sequential run teaches the unit's time
+        per task; a parallel run on one unit teaches its contention; on units of one host, the
+        same-host overhead; on separate hosts, the dispatch overhead. Each figure is the median
+        of the last 25 samples, so a few outliers do not move it.
+
+        Raises:
+            ValueError: an impossible observation (unknown mode, no nodes, non-positive time).
+        """
+        if mode not in ("sequential", "parallel"):
+            raise ValueError(f"mode must be 'sequential' or 'parallel', got {mode!r}")
+        if (not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1):
+            raise ValueError(f"num_tasks must be a positive integer, got {num_tasks!r}")
+        if not _is_number(wall_seconds) or wall_seconds <= 0:
+            raise ValueError(f"wall_seconds must be a positive number, got {wall_seconds!r}")
+        node_list = list(nodes)
+        if not node_list:
+            raise ValueError("observe() needs the nodes the run used")
+        if identities is None:
+            topology = topology if topology is not None else self._topology()
+            described = topology.describe_many(node_list)
+            identities = [i for i in described if not isinstance(i, InvalidNodeAddress)]
+        if not identities:
+            raise ValueError("observe(): none of the nodes could be parsed")
+        with self._lock:
+            self._learn(mode, list(identities), num_tasks, float(wall_seconds))
+            self._cal.observations += 1
+            self._version += 1
+
+    def _learn(self, mode: str, identities: list[HostIdentity], num_tasks: int,
+               wall: float) -> None:
+        cal = self._cal
+        if mode == "sequential" or len(identities) == 1:
+            unit = identities[0].unit
+            _push(cal.task_seconds, unit_label(unit), wall / num_tasks)
+            logger.debug("calibration: %s takes %.3fs per task", unit_label(unit),
+                         wall / num_tasks)
+            return
+        instances: dict[tuple[str, int], HostIdentity] = {}
+        for identity in identities:
+            instances.setdefault((identity.physical_host_id, identity.address.port), identity)
+        members = list(instances.values())
+        units = {m.unit for m in members}
+        hosts = {m.unit[0] for m in members}
+        k = len(members)
+        if len(units) == 1:
+            (unit,) = units
+            base = self.measured_task_seconds(unit)
+            if base is None:
+                logger.debug("calibration: no solo time for %s yet; parallel run not used",
+                             unit_label(unit))
+                return
+            rounds = math.ceil(num_tasks / k)
+            # each of the k streams ran `rounds` tasks at base * k * (1 + c)
+            c = wall / (rounds * base * k) - 1.0
+            _push_nested(cal.contention, unit_label(unit), k, max(-0.9, c))
+            logger.debug("calibration: %s with %d streams: contention %.3f", unit_label(unit),
+                         k, c)
+            return
+        # Several units: compare with the model's prediction without the overhead being learned.
+        times = [self.measured_task_seconds(m.unit) for m in members]
+        if any(t is None for t in times):
+            return
+        if len(hosts) == 1 and len(units) == len(members):
+            host = next(iter(hosts))
+            rounds = math.ceil(num_tasks / k)
+            ideal = max(times) * rounds  # type: ignore[type-var]
+            overhead = (wall / ideal - 1.0) / max(1, len(units) - 1)
+            _push(cal.host_overhead, host, max(0.0, overhead))
+            return
+        if len(units) == len(members) and len(hosts) == len(members):
+            shares = _assign(num_tasks, list(enumerate(times)))  # type: ignore[arg-type]
+            ideal = max(shares[i] * times[i] for i in shares if shares[i])  # type: ignore[operator]
+            cal.dispatch.append(max(0.0, wall / ideal - 1.0))
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The calibration as plain JSON-able data."""
+        cal = self._cal
+        with self._lock:
+            return {
+                "format": "sollol-locality-calibration",
+                "version": _FORMAT_VERSION,
+                "observations": cal.observations,
+                "priors": asdict(self.priors),
+                "task_seconds": {k: list(v) for k, v in cal.task_seconds.items()},
+                "contention": {u: {str(k): list(v) for k, v in by_k.items()}
+                               for u, by_k in cal.contention.items()},
+                "host_overhead": {k: list(v) for k, v in cal.host_overhead.items()},
+                "dispatch_overhead": list(cal.dispatch),
+            }
+
+    def save(self, path: str | os.PathLike[str] | None = None) -> Path:
+        """Write the calibration as JSON, atomically (temporary file, then rename).
+
+        ``path`` defaults to ``config.calibration_file``.
+        """
+        target = Path(path) if path is not None else self.config.calibration_file
+        if target is None:
+            raise CalibrationError("no calibration file configured and no path given")
+        target = Path(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        data = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return target
+
+    def load(self, path: str | os.PathLike[str]) -> None:
+        """Replace the calibration with the one saved at ``path``.
+
+        Raises:
+            CalibrationError: the file cannot be read or is not a calibration file.
+        """
+        shown = os.fspath(path)
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CalibrationError(f"cannot read calibration file {shown}: {exc}") from exc
+        except json.JSONDecodeError as exc:
+            raise CalibrationError(
+                f"calibration file {shown} is not valid JSON (line {exc.lineno}): {exc.msg}"
+            ) from exc
+        cal = _parse_calibration(data, shown)
+        priors = self.priors
+        raw_priors = data.get("priors")
+        if isinstance(raw_priors, dict):
+            known = {f.name for f in fields(CostPriors)}
+            values = {k: v for k, v in raw_priors.items() if k in known and _is_number(v)}
+            try:
+                priors = CostPriors(**{**asdict(self.priors), **values})
+            except TypeError:
+                priors = self.priors
+        with self._lock:
+            self._cal = cal
+            self.priors = priors
+            self._loaded_from = Path(path)
+            self._version += 1
+
+    def _load_or_set_aside(self, path: Path) -> None:
+        try:
+            self.load(path)
+        except CalibrationError as exc:
+            aside = path.with_name(f"{path.name}.corrupt-{os.getpid()}")
+            try:
+                os.replace(path, aside)
+            except OSError:
+                aside = path
+            logger.warning("%s; set aside as %s, deciding with priors", exc, aside,
+                           extra={"event": "calibration_corrupt", "path": str(path)})
+
+    def _topology(self) -> NodeTopology:
+        if self._default_topology is None:
+            from .topology import NodeTopology
+
+            self._default_topology = NodeTopology(self.config)
+        return self._default_topology
+
+
+def _assign(num_tasks: int, workers: Sequence[tuple[int, float]]) -> dict[int, int]:
+    """Give each task to the worker that would finish it first (equal tasks, greedy)."""
+    shares = {i: 0 for i, _ in workers}
+    heap = [(t, position, i, t) for position, (i, t) in enumerate(workers)]
+    heapq.heapify(heap)
+    for _ in range(num_tasks):
+        finish, position, i, t = heapq.heappop(heap)
+        shares[i] += 1
+        heapq.heappush(heap, (finish + t, position, i, t))
+    return shares
+
+
+def _push(store: dict[str, deque[float]], key: str, value: float) -> None:
+    store.setdefault(key, deque(maxlen=_SAMPLES_KEPT)).append(value)
+
+
+def _push_nested(store: dict[str, dict[int, deque[float]]], key: str, k: int,
+                 value: float) -> None:
+    store.setdefault(key, {}).setdefault(k, deque(maxlen=_SAMPLES_KEPT)).append(value)
+
+
+def _samples(value: object, where: str) -> deque[float]:
+    if not isinstance(value, list) or not all(_is_number(v) for v in value):
+        raise CalibrationError(f"{where} must be a list of numbers")
+    return deque((float(v) for v in value[-_SAMPLES_KEPT:]), maxlen=_SAMPLES_KEPT)
+
+
+def _parse_calibration(data: object, shown: str) -> _Calibration:
+    if not isinstance(data, dict) or data.get("format") != "sollol-locality-calibration":
+        raise CalibrationError(f"{shown} is not a sollol-locality calibration file")
+    try:
+        cal = _Calibration()
+        for key, values in (data.get("task_seconds") or {}).items():
+            samples = _samples(values, f"{shown}: task_seconds[{key!r}]")
+            if any(v <= 0 for v in samples):
+                raise CalibrationError(f"{shown}: task_seconds[{key!r}] must be positive")
+            cal.task_seconds[str(key)] = samples
+        for unit, by_k in (data.get("contention") or {}).items():
+            if not isinstance(by_k, dict):
+                raise CalibrationError(f"{shown}: contention[{unit!r}] must be a table")
+            cal.contention[str(unit)] = {
+                int(k): _samples(v, f"{shown}: contention[{unit!r}][{k!r}]")
+                for k, v in by_k.items()
+            }
+        for host, values in (data.get("host_overhead") or {}).items():
+            cal.host_overhead[str(host)] = _samples(values, f"{shown}: host_overhead[{host!r}]")
+        cal.dispatch = _samples(data.get("dispatch_overhead") or [], f"{shown}: dispatch")
+        observations = data.get("observations", 0)
+        cal.observations = int(observations) if _is_number(observations) else 0
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise CalibrationError(f"{shown} is malformed: {exc}") from exc
+    return cal
+

@@ -1,0 +1,511 @@
+"""Physical host identity: which nodes share a machine.
+
+:class:`NodeTopology` answers, for any node shape, *which physical machine is this?*
+
+1. The address is parsed (:mod:`sollol_locality.addresses`).
+2. The topology file wins where it speaks: a ``[nodes."URL"]`` entry names the node's host and GPU;
+   a ``[hosts.NAME]`` alias (name or address) names the host.
+3. This machine is recognised without any query (:mod:`sollol_locality.local`): loopback and
+   unspecified addresses, its own names, interface addresses and container networks hosted on it.
+   Every one of them is the host ``"localhost"``.
+4. Other names are resolved (:mod:`sollol_locality.resolver`): the hosts file, then DNS, all names
+   of one call together under one deadline (``LocalityConfig.dns_timeout``). A name that resolves
+   to an address of this machine is this machine.
+5. Nodes whose addresses overlap are merged into one host (multi-homed hosts, CNAMEs, a name and
+   its address). A name once seen resolving to several addresses keeps those addresses together
+   in later calls, so each alias maps to the same id. The id of a remote host is the override's
+   host name if one applies, otherwise its canonical address: the smallest of its addresses,
+   IPv4 before IPv6, so the id does not depend on input order.
+6. A name that cannot be resolved never raises: it is its own host, ``resolved=False``, with the
+   name as its id and locality group ``"unknown"``.
+
+Host ids are stable within a call. Across calls they stay stable as long as what DNS says does not
+change; a host whose addresses change is best pinned in the topology file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from ._errors import InvalidNodeAddress, TopologyFileError
+from .addresses import NodeAddress, parse_node_address
+from .config import LocalityConfig, TopologyOverrides, load_topology_file
+
+__all__ = ["HostIdentity", "NodeTopology", "LOCALHOST_ID"]
+
+logger = logging.getLogger(__name__)
+
+LOCALHOST_ID: Final = "localhost"
+"""The physical host id of this machine, whatever address a node uses for it."""
+
+_SIBLINGS_MAX: Final = 65536
+_RELOAD_CHECK_SECONDS: Final = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class HostIdentity:
+    """What is known about the machine a node runs on.
+
+    Attributes:
+        node: the caller's original node object.
+        address: the node's parsed address.
+        physical_host_id: ``"localhost"`` for this machine; for another machine one id shared by
+            all its aliases (the topology file's host name, else its canonical address); the
+            name itself when it could not be resolved.
+        is_local: whether the node runs on this machine.
+        addresses: the IP addresses (strings) the node's host answered to; empty when unresolved
+            or when the host is this machine by name.
+        device: the GPU id the node runs on (topology file ``gpu`` or the node's own ``gpu`` /
+            ``device`` field), else ``None``.
+        locality_group: ``"local"`` for this machine, the topology file's zone, ``"lan"`` when an
+            address is private, link-local or otherwise not global, ``"wan"`` when all are
+            global, ``"unknown"`` when unresolved.
+        resolved: whether the host's identity is known (``False`` only for unresolvable names).
+        source: how the identity was decided: ``"loopback"``, ``"interface"``, ``"hostname"``,
+            ``"container"``, ``"dns"``, ``"hosts-file"``, ``"override"``, ``"address"`` (a remote
+            IP literal: the address is the identity) or ``"unresolved"``.
+        has_gpu: whether the node runs on a GPU (a device is declared, or the node reports one).
+    """
+
+    node: Any
+    address: NodeAddress
+    physical_host_id: str
+    is_local: bool
+    addresses: frozenset[str]
+    device: str | None
+    locality_group: str
+    resolved: bool
+    source: str
+    has_gpu: bool = False
+
+    @property
+    def unit(self) -> tuple[str, str]:
+        """The execution unit: ``(physical_host_id, GPU id)``, or ``"gpu"`` / ``"cpu"`` when the
+        node names no device (nodes of one host without device information share one unit)."""
+        kind = self.device if self.device is not None else ("gpu" if self.has_gpu else "cpu")
+        return (self.physical_host_id, kind)
+
+
+@dataclass(frozen=True, slots=True)
+class _Base:
+    """Identity facts of one address, before merging with the other nodes of a call."""
+
+    is_local: bool
+    addresses: frozenset[str]
+    resolved: bool
+    source: str
+    override_host: str | None
+    zone: str | None
+    device: str | None
+    fallback_id: str
+
+
+class NodeTopology:
+    """Physical-host identity and grouping for nodes of any shape.
+
+    Args:
+        config: settings (``dns_timeout``, ``nameservers``, ``topology_file``, ``hosts_file``);
+            ``LocalityConfig()`` (the environment) when omitted.
+        resolver: anything with ``resolve_many(names, *, timeout)`` (see
+            :class:`sollol_locality.resolver.Resolver`); a dnspython resolver by default.
+        local_machine: what "this machine" is (:class:`sollol_locality.local.LocalMachine`).
+        clock: monotonic clock used to re-check the topology file.
+
+    The constructor reads the topology file (a malformed one raises
+    :class:`~sollol_locality.TopologyFileError`) and does no network I/O. When the file changes
+    later it is re-read; a broken edit is logged and the previous good topology stays in force.
+    """
+
+    def __init__(
+        self,
+        config: LocalityConfig | None = None,
+        *,
+        resolver: Any = None,
+        local_machine: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config if config is not None else LocalityConfig()
+        self._clock = clock
+        if resolver is None:
+            from .resolver import DnsResolver
+
+            servers = None
+            if self.config.nameservers is not None:
+                servers = [f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+                           for ip, port in self.config.nameservers]
+            hosts = self.config.hosts_file
+            resolver = DnsResolver(nameservers=servers,
+                                   hosts_file=None if hosts is None else os.fspath(hosts))
+        if local_machine is None:
+            from .local import LocalMachine
+
+            hosts = self.config.hosts_file
+            local_machine = LocalMachine(hosts_file=None if hosts is None else os.fspath(hosts))
+        self.resolver = resolver
+        self.local_machine = local_machine
+        self._overrides = TopologyOverrides()
+        self._overrides_mtime: float | None = None
+        self._next_reload_check = 0.0
+        if self.config.topology_file is not None:
+            self._overrides = load_topology_file(self.config.topology_file)
+            self._overrides_mtime = _mtime(self.config.topology_file)
+            self._next_reload_check = clock() + _RELOAD_CHECK_SECONDS
+        self._generation = 0
+        self._memo: dict[tuple[str, int], tuple[object, object, _Base]] = {}
+        self._siblings: dict[str, frozenset[str]] = {}
+        self._lock = threading.Lock()
+
+    # -- public API ------------------------------------------------------------------------
+
+    @property
+    def overrides(self) -> TopologyOverrides:
+        """The topology file in force (empty when none is configured)."""
+        return self._overrides
+
+    def describe(self, node: object) -> HostIdentity:
+        """The identity of one node. Raises :class:`InvalidNodeAddress` if it cannot be parsed."""
+        result = self.describe_many([node])[0]
+        if isinstance(result, InvalidNodeAddress):
+            raise result
+        return result
+
+    def get_physical_host_id(self, node: object) -> str:
+        """``"localhost"`` for this machine, else one id shared by all the host's aliases."""
+        return self.describe(node).physical_host_id
+
+    def is_local(self, node: object) -> bool:
+        """Whether the node runs on this machine."""
+        return self.describe(node).is_local
+
+    def group_by_locality(self, nodes: Iterable[Any]) -> dict[str, list[Any]]:
+        """Group nodes by physical host id; each list keeps the input order.
+
+        Raises :class:`InvalidNodeAddress` for the first node that cannot be parsed.
+        """
+        groups: dict[str, list[Any]] = {}
+        for identity in self._describe_strict(nodes):
+            groups.setdefault(identity.physical_host_id, []).append(identity.node)
+        return groups
+
+    def count_unique_hosts(self, nodes: Iterable[Any]) -> int:
+        """The number of distinct physical machines among the nodes."""
+        return len({identity.physical_host_id for identity in self._describe_strict(nodes)})
+
+    def describe_many(
+        self, nodes: Iterable[Any], *, timeout: float | None = None
+    ) -> list[HostIdentity | InvalidNodeAddress]:
+        """Describe many nodes in one go: all names resolved together under one deadline.
+
+        Returns, in input order, a :class:`HostIdentity` for each node, or the
+        :class:`InvalidNodeAddress` explaining why a node could not be parsed (never raised here).
+        """
+        node_list = nodes if isinstance(nodes, list) else list(nodes)
+        self._maybe_reload()
+        overrides = self._overrides
+        local = self.local_machine
+        local.snapshot()
+        world = (getattr(local, "version", 0), id(overrides))
+        parsed: list[NodeAddress | InvalidNodeAddress] = []
+        names: set[str] = set()
+        memo = self._memo
+        for node in node_list:
+            try:
+                address = _parse(node)
+            except InvalidNodeAddress as exc:
+                parsed.append(exc)
+                continue
+            parsed.append(address)
+            if address.ip is None:
+                entry = memo.get((address.host, address.port))
+                if entry is not None and entry[0] == world and entry[1] is None:
+                    continue  # decided without DNS last time, and nothing has changed since
+                if self._needs_dns(address, overrides):
+                    names.add(address.host)
+        resolutions: Mapping[str, Any] = {}
+        if names:
+            wait = self.config.dns_timeout if timeout is None else timeout
+            resolutions = self.resolver.resolve_many(sorted(names), timeout=wait)
+        bases: list[_Base | None] = []
+        for address in parsed:
+            if isinstance(address, InvalidNodeAddress):
+                bases.append(None)
+                continue
+            resolution = resolutions.get(address.host) if address.ip is None else None
+            key = (address.host, address.port)
+            entry = memo.get(key)
+            if entry is not None and entry[0] == world and entry[1] is resolution:
+                bases.append(entry[2])
+                continue
+            base = self._base(address, resolution, overrides)
+            if len(memo) > 65536:
+                memo.clear()
+            memo[key] = (world, resolution, base)
+            bases.append(base)
+        return self._merge(node_list, parsed, bases, overrides)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _describe_strict(self, nodes: Iterable[Any]) -> list[HostIdentity]:
+        results = self.describe_many(nodes)
+        for result in results:
+            if isinstance(result, InvalidNodeAddress):
+                raise result
+        return results  # type: ignore[return-value]
+
+    def _needs_dns(self, address: NodeAddress, overrides: TopologyOverrides) -> bool:
+        node_override = overrides.nodes.get((address.host, address.port))
+        if node_override is not None and node_override.host is not None:
+            return False
+        if address.host in overrides.alias_index:
+            return False
+        return self.local_machine.classify_name(address.host) is None
+
+    def _base(self, address: NodeAddress, resolution: Any,
+              overrides: TopologyOverrides) -> _Base:
+        node_override = overrides.nodes.get((address.host, address.port))
+        override_host = node_override.host if node_override is not None else None
+        device = node_override.gpu if node_override is not None else None
+        zone = node_override.zone if node_override is not None else None
+        local = self.local_machine
+        alias_host: str | None = None
+        if address.ip is not None:
+            text = address.ip.compressed
+            kind = local.classify_ip(address.ip)
+            addresses = frozenset((text,))
+            if kind is not None:
+                return _Base(True, addresses, True, kind, None, zone, device, LOCALHOST_ID)
+            alias_host = overrides.alias_index.get(text)
+            resolved, source, fallback = True, "address", text
+        else:
+            kind = local.classify_name(address.host)
+            if kind is not None:
+                return _Base(True, frozenset(), True, kind, None, zone, device, LOCALHOST_ID)
+            alias_host = overrides.alias_index.get(address.host)
+            addresses = frozenset()
+            resolved, source, fallback = False, "unresolved", address.host
+            if resolution is not None and resolution.status == "ok" and resolution.addresses:
+                ips = resolution.addresses
+                addresses = frozenset(ip.compressed for ip in ips)
+                resolved, source = True, resolution.source
+                if any(local.classify_ip(ip) is not None for ip in ips):
+                    return _Base(True, addresses, True, source, None, zone, device, LOCALHOST_ID)
+                fallback = _canonical(addresses)
+                if len(addresses) > 1:
+                    self._remember_siblings(addresses)
+                if alias_host is None:
+                    alias_host = next((overrides.alias_index[a] for a in sorted(addresses)
+                                       if a in overrides.alias_index), None)
+            elif resolution is not None and resolution.status not in ("ok",):
+                logger.debug("host %r unresolved (%s): %s", address.host, resolution.status,
+                             resolution.error or "no address")
+        chosen = override_host or alias_host
+        if chosen is not None:
+            if zone is None:
+                zone = overrides.zone_of(chosen)
+            return _Base(False, addresses, True, "override", chosen, zone, device, chosen)
+        return _Base(False, addresses, resolved, source, None, zone, device, fallback)
+
+    def _remember_siblings(self, addresses: frozenset[str]) -> None:
+        siblings = self._siblings
+        if len(siblings) > _SIBLINGS_MAX:
+            siblings.clear()
+        for address in addresses:
+            known = siblings.get(address)
+            siblings[address] = addresses if known is None else known | addresses
+
+    def _merge(
+        self,
+        nodes: Sequence[Any],
+        parsed: Sequence[NodeAddress | InvalidNodeAddress],
+        bases: Sequence[_Base | None],
+        overrides: TopologyOverrides,
+    ) -> list[HostIdentity | InvalidNodeAddress]:
+        # Union-find over the addresses of remote nodes: nodes that share any address (directly
+        # or through addresses once seen together) are one host.
+        parent: dict[str, str] = {}
+
+        def find(item: str) -> str:
+            root = item
+            while parent.setdefault(root, root) != root:
+                root = parent[root]
+            while parent[item] != root:
+                parent[item], item = root, parent[item]
+            return root
+
+        def union(a: str, b: str) -> None:
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+
+        siblings = self._siblings
+        needs_merge = False
+        for base in bases:
+            if base is None or base.is_local:
+                continue
+            tokens = list(base.addresses)
+            if len(tokens) > 1 or (tokens and tokens[0] in siblings) or base.override_host:
+                needs_merge = True
+                break
+        labels: dict[str, str] = {}
+        if needs_merge:
+            for base in bases:
+                if base is None or base.is_local or not base.addresses:
+                    continue
+                first = base.addresses and next(iter(base.addresses))
+                head = f"a:{first}"
+                for address in base.addresses:
+                    union(head, f"a:{address}")
+                    for sibling in siblings.get(address, ()):
+                        union(head, f"a:{sibling}")
+                if base.override_host:
+                    union(head, f"h:{base.override_host}")
+            components: dict[str, list[str]] = {}
+            for item in list(parent):
+                components.setdefault(find(item), []).append(item)
+            for root, members in components.items():
+                hosts = sorted(m[2:] for m in members if m.startswith("h:"))
+                if len(hosts) > 1:
+                    logger.warning(
+                        "topology file hosts %s share an address; keeping them apart as the "
+                        "file says", ", ".join(repr(h) for h in hosts))
+                    continue
+                label = hosts[0] if hosts else _canonical(m[2:] for m in members)
+                labels[root] = label
+        results: list[HostIdentity | InvalidNodeAddress] = []
+        for node, address, base in zip(nodes, parsed, bases):
+            if base is None or isinstance(address, InvalidNodeAddress):
+                results.append(address)  # type: ignore[arg-type]
+                continue
+            host_id = base.fallback_id
+            if needs_merge and not base.is_local and not base.override_host and base.addresses:
+                host_id = labels.get(find(f"a:{next(iter(base.addresses))}"), host_id)
+            zone = base.zone
+            if zone is None and host_id != base.fallback_id:
+                zone = overrides.zone_of(host_id)
+            device = base.device if base.device is not None else _node_device(node)
+            results.append(HostIdentity(
+                node=node,
+                address=address,
+                physical_host_id=host_id,
+                is_local=base.is_local,
+                addresses=base.addresses,
+                device=device,
+                locality_group=_locality_group(base, zone),
+                resolved=base.resolved,
+                source=base.source,
+                has_gpu=device is not None or _node_has_gpu(node),
+            ))
+        return results
+
+    def _maybe_reload(self) -> None:
+        path = self.config.topology_file
+        if path is None:
+            return
+        now = self._clock()
+        if now < self._next_reload_check:
+            return
+        with self._lock:
+            if now < self._next_reload_check:
+                return
+            self._next_reload_check = now + _RELOAD_CHECK_SECONDS
+            mtime = _mtime(path)
+            if mtime == self._overrides_mtime:
+                return
+            self._overrides_mtime = mtime
+            try:
+                self._overrides = load_topology_file(path)
+            except TopologyFileError as exc:
+                logger.error("%s; keeping the previous topology in force", exc,
+                             extra={"event": "topology_file_invalid", "path": os.fspath(path)})
+                return
+            logger.info("topology file %s reloaded", os.fspath(path),
+                        extra={"event": "topology_file_reloaded", "path": os.fspath(path)})
+
+
+def _parse(node: object) -> NodeAddress:
+    return parse_node_address(node)
+
+
+def _mtime(path: os.PathLike[str] | str) -> float | None:
+    try:
+        return os.stat(path).st_mtime_ns / 1e9
+    except OSError:
+        return None
+
+
+def _canonical(addresses: Iterable[str]) -> str:
+    import ipaddress
+
+    def key(text: str) -> tuple[int, int, str]:
+        try:
+            ip = ipaddress.ip_address(text)
+        except ValueError:
+            return (9, 0, text)
+        return (ip.version, int(ip), text)
+
+    return min(addresses, key=key)
+
+
+def _locality_group(base: _Base, zone: str | None) -> str:
+    if base.is_local:
+        return "local"
+    if zone is not None:
+        return zone
+    if not base.addresses:
+        return "unknown" if not base.resolved else "lan"
+    import ipaddress
+
+    for text in base.addresses:
+        if not ipaddress.ip_address(text).is_global:
+            return "lan"
+    return "wan"
+
+
+_DEVICE_KEYS: Final = ("gpu_id", "device", "gpu")
+
+
+def _node_device(node: object) -> str | None:
+    """A GPU id the node object itself declares (``gpu``/``device``/``gpu_id``), else None."""
+    if isinstance(node, str):
+        return None
+    for key in _DEVICE_KEYS:
+        value = node.get(key) if isinstance(node, Mapping) else _attr(node, key)
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, (str, int)) and str(value).strip():
+            return str(value).strip()
+    return None
+
+
+def _node_has_gpu(node: object) -> bool:
+    """Whether the node reports running on a GPU (SynapticLlamas capabilities, mapping flags)."""
+    if isinstance(node, str):
+        return False
+    if isinstance(node, Mapping):
+        if node.get("gpu") is True or node.get("has_gpu") is True:
+            return True
+        count = node.get("gpu_count")
+        return isinstance(count, int) and not isinstance(count, bool) and count > 0
+    if _attr(node, "has_gpu") is True:
+        return True
+    capabilities = _attr(node, "capabilities")
+    if capabilities is None:
+        return False
+    if _attr(capabilities, "has_gpu") is True:
+        return True
+    count = _attr(capabilities, "gpu_count")
+    return isinstance(count, int) and not isinstance(count, bool) and count > 0
+
+
+def _attr(obj: object, name: str) -> Any:
+    try:
+        return getattr(obj, name, None)
+    except Exception:  # a foreign property that raises counts as absent
+        return None
+
