@@ -304,6 +304,7 @@ def load_topology_file(path: str | os.PathLike[str]) -> TopologyOverrides:
 
 
 _LINE_RE: Final = re.compile(r"at line (\d+)")
+_WHERE_RE: Final = re.compile(r"\s*\((?:at line \d+, column \d+|at end of document)\)")
 
 
 def parse_topology(text: str, path: str = "<topology>") -> TopologyOverrides:
@@ -311,10 +312,13 @@ def parse_topology(text: str, path: str = "<topology>") -> TopologyOverrides:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        match = _LINE_RE.search(str(exc))
-        reason = _LINE_RE.sub("", str(exc)).replace("()", "").strip(" (),")
-        raise TopologyFileError(path, f"not valid TOML: {reason}",
-                                line=int(match.group(1)) if match else None) from exc
+        text_error = str(exc)
+        match = _LINE_RE.search(text_error)
+        line = int(match.group(1)) if match else None
+        if line is None and "end of document" in text_error:
+            line = max(1, len(text.splitlines()))
+        reason = _WHERE_RE.sub("", text_error).strip()
+        raise TopologyFileError(path, f"not valid TOML: {reason}", line=line) from exc
     lines = text.splitlines()
 
     def fail(reason: str, *needles: str) -> TopologyFileError:

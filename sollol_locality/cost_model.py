@@ -17,7 +17,7 @@ are one instance and never count as two streams.
 nodes of one CPU host run at 0.5x the sequential speed; a negative ``c`` (measured on a many-core
 host running small instances) means the unit gains from concurrency. Units of one host slow each
 other by ``same_host_overhead`` per additional busy unit; a parallel dispatch to two or more nodes
-costs ``dispatch_overhead`` of its makespan.
+across two or more machines costs ``dispatch_overhead`` of its makespan.
 
 **Speed.** Each node's time per task comes, in order, from calibration (measured runs), from the
 latency the node already carries (SynapticLlamas ``metrics.avg_response_time`` seconds with
@@ -81,8 +81,8 @@ class CostPriors:
         gpu_contention: ``c`` for nodes sharing one GPU (0.25: two nodes run at 0.8x).
         same_host_overhead: slowdown of each busy unit per other busy unit of the same host
             (0.075, the middle of "5 to 10%").
-        dispatch_overhead: fraction of a parallel makespan lost to dispatching and collecting
-            (0.05: two tasks on two hosts give 1.90x).
+        dispatch_overhead: fraction of a parallel makespan lost to dispatching to and collecting
+            from several machines (0.05: two tasks on two hosts give 1.90x).
         gpu_speed_factor: how many times faster a GPU node without data is assumed to be than a
             CPU node without data.
         min_samples: requests a node's own latency needs before it is trusted.
@@ -303,7 +303,13 @@ class ParallelismCostModel:
                 seconds, source = (reported, "metrics") if reported is not None else (None, "prior")
             instance = (identity.physical_host_id, identity.address.port)
             raw.append((index, identity, instance, unit, seconds, source))
-        known = [(s, u[1] != "cpu") for _, _, _, u, s, _ in raw if s is not None]
+        # The reference speed for nodes without data: the median over distinct instances, so
+        # that listing one instance under several names never shifts it.
+        distinct: dict[tuple[str, int], tuple[float, bool]] = {}
+        for _, _, instance, unit, seconds, _ in raw:
+            if seconds is not None:
+                distinct.setdefault(instance, (seconds, unit[1] != "cpu"))
+        known = list(distinct.values())
         if known:
             time_unit = "seconds"
             as_cpu = [s * priors.gpu_speed_factor if gpu else s for s, gpu in known]
@@ -351,7 +357,7 @@ class ParallelismCostModel:
             shares = _assign(num_tasks, [(i, estimate[i]) for i in usable])
             now_active = {i for i in usable if shares[i] > 0}
             makespan = self._simulate(profiles, shares)
-            if len(now_active) > 1:
+            if len({profiles[i].unit[0] for i in now_active}) > 1:
                 makespan *= 1.0 + self.dispatch_overhead()
             if best is None or makespan < best[0] - 1e-12:
                 best = (makespan, [shares.get(i, 0) for i in range(count)])

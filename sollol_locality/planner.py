@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
 from ._errors import InvalidNodeAddress
@@ -162,8 +162,10 @@ class _Template:
 
     def build(self, nodes: Sequence[Any]) -> ExecutionPlan:
         identities = self.identities
-        if identities and any(i.node is not nodes[pos] for i, pos in zip(identities, self.chosen)):
-            identities = ()
+        if any(i.node is not nodes[pos] for i, pos in zip(identities, self.chosen)):
+            # served from cache for another call: point the identities at this call's objects
+            identities = tuple(replace(i, node=nodes[pos])
+                               for i, pos in zip(identities, self.chosen))
         return ExecutionPlan(
             mode=self.mode, speedup=self.speedup, nodes=[nodes[i] for i in self.chosen],
             unique_hosts=self.unique_hosts, reason=self.reason, warnings=list(self.warnings),
@@ -272,7 +274,7 @@ class ExecutionPlanner:
                              cause="no-nodes", naive_speedup=1.0, sequential_seconds=0.0,
                              predicted_seconds=0.0, shared_host=None, identities=(),
                              **common)  # type: ignore[arg-type]
-        fastest = min(profiles, key=lambda p: (p.task_time, p.index))
+        fastest = min(profiles, key=_rank)
         sequential = model.sequential_makespan(num_tasks, profiles)
         naive_time, _ = model.parallel_makespan(num_tasks, profiles)
         naive = sequential / naive_time if naive_time > 0 else 1.0
@@ -287,8 +289,7 @@ class ExecutionPlanner:
 
         def par(chosen: Sequence[NodeProfile], shares: Sequence[int], makespan: float,
                 reason: str, cause: Cause, *, forced: bool = False) -> _Template:
-            order = sorted(range(len(chosen)), key=lambda i: (chosen[i].task_time,
-                                                              chosen[i].index))
+            order = sorted(range(len(chosen)), key=lambda i: _rank(chosen[i]))
             used = [i for i in order if shares[i] > 0]
             speedup = sequential / makespan if makespan > 0 else 1.0
             return _Template("parallel", speedup, tuple(chosen[i].index for i in used),
@@ -306,7 +307,7 @@ class ExecutionPlanner:
                        f"{naive:.2f}x for running them in parallel).", "forced-sequential",
                        forced=True)
         if self.config.mode == "parallel":
-            streams = _distinct_instances(sorted(profiles, key=lambda p: (p.task_time, p.index)))
+            streams = _distinct_instances(sorted(profiles, key=_rank))
             makespan, shares = model.parallel_makespan(num_tasks, streams)
             if num_tasks >= 2 and naive < 1.0:
                 warnings.append(f"forced parallel is predicted slower than sequential "
@@ -324,7 +325,7 @@ class ExecutionPlanner:
 
         # One stream per execution unit (more where calibration measured a gain), best first.
         per_unit: dict[tuple[str, str], list[NodeProfile]] = {}
-        for profile in sorted(profiles, key=lambda p: (p.task_time, p.index)):
+        for profile in sorted(profiles, key=_rank):
             per_unit.setdefault(profile.unit, []).append(profile)
         ordered: list[list[NodeProfile]] = []
         for unit, members in per_unit.items():
@@ -383,6 +384,13 @@ class ExecutionPlanner:
         return seq(f"Sequential on {fastest_url}: the best parallel plan is predicted at "
                    f"{speedup:.2f}x, not above the required {self.config.min_speedup:.2f}x.",
                    "below-threshold")
+
+
+def _rank(profile: NodeProfile) -> tuple[float, bool, str, int, int]:
+    """Best first: fastest; among equals this machine (no network hop), then by host id and
+    port, so the choice does not depend on the order nodes were listed in."""
+    return (profile.task_time, not profile.identity.is_local, profile.instance[0],
+            profile.instance[1], profile.index)
 
 
 def _distinct_instances(profiles: Iterable[NodeProfile]) -> list[NodeProfile]:

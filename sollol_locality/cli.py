@@ -1,0 +1,203 @@
+"""The ``sollol-locality`` command.
+
+``sollol-locality hosts [--json] NODE...``
+    group nodes by physical host, each with how its identity was decided;
+``sollol-locality plan --tasks N [--json] NODE...``
+    the execution plan for N tasks: mode, nodes to use, predicted speedup, reason, and what
+    dispatching to every node at once would cost.
+
+Both reason about addresses only: no Ollama needs to run, and nothing is probed.
+Exit status: 0 when an answer was printed (nodes that cannot be parsed are listed as invalid),
+2 for a usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+from ._errors import ConfigError, InvalidNodeAddress, LocalityError
+from .addresses import describe_input
+
+__all__ = ["build_parser", "main"]
+
+_Handler = Callable[[argparse.Namespace, TextIO], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation and tests)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON object")
+    common.add_argument("--topology", metavar="FILE",
+                        help="topology file (TOML); default $SOLLOL_LOCALITY_TOPOLOGY")
+    common.add_argument("--nameserver", metavar="IP[:PORT]", action="append",
+                        help="DNS server to ask (repeatable); default the system's")
+    common.add_argument("--dns-timeout", type=float, metavar="SECONDS",
+                        help="deadline for resolving all names together (default 1.0)")
+    common.add_argument("--no-hosts-file", action="store_true",
+                        help="do not read /etc/hosts before DNS")
+    common.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log to stderr (-v info, -vv debug)")
+    parser = argparse.ArgumentParser(
+        prog="sollol-locality",
+        description="Which Ollama nodes share a machine, and whether to run a batch on them in "
+                    "parallel or sequentially.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    hosts = sub.add_parser("hosts", parents=[common], help="group nodes by physical host",
+                           description="Group nodes by physical host.")
+    hosts.add_argument("nodes", nargs="+", metavar="NODE",
+                       help="node address: URL, host:port or host")
+    hosts.set_defaults(handler=_cmd_hosts)
+    plan = sub.add_parser("plan", parents=[common], help="plan a batch of tasks",
+                          description="Plan N tasks on the given nodes.")
+    plan.add_argument("--tasks", "-n", type=int, required=True, metavar="N",
+                      help="number of tasks in the batch")
+    plan.add_argument("--mode", choices=["auto", "parallel", "sequential"],
+                      help="force a mode (default $SOLLOL_LOCALITY_MODE or auto)")
+    plan.add_argument("--min-speedup", type=float, metavar="X",
+                      help="parallel only above this predicted speedup (default 1.0)")
+    plan.add_argument("--calibration", metavar="FILE",
+                      help="calibration file (default $SOLLOL_LOCALITY_CALIBRATION or the "
+                           "user cache)")
+    plan.add_argument("nodes", nargs="+", metavar="NODE",
+                      help="node address: URL, host:port or host")
+    plan.set_defaults(handler=_cmd_plan)
+    _add_calibrate(sub, common)
+    return parser
+
+
+def _add_calibrate(sub: Any, common: argparse.ArgumentParser) -> None:
+    try:
+        from .calibration import add_calibrate_parser
+    except ImportError:  # the calibration command ships with the calibration module
+        return
+    add_calibrate_parser(sub, common)
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from .config import LocalityConfig
+
+    fields: dict[str, Any] = {}
+    if args.topology:
+        fields["topology_file"] = args.topology
+    if args.nameserver:
+        fields["nameservers"] = ",".join(args.nameserver)
+    if args.dns_timeout is not None:
+        fields["dns_timeout"] = args.dns_timeout
+    if args.no_hosts_file:
+        fields["hosts_file"] = None
+    if getattr(args, "mode", None):
+        fields["mode"] = args.mode
+    if getattr(args, "min_speedup", None) is not None:
+        fields["min_speedup"] = args.min_speedup
+    if getattr(args, "calibration", None):
+        fields["calibration_file"] = args.calibration
+    return LocalityConfig(**fields)
+
+
+def describe_identity(identity: Any) -> dict[str, Any]:
+    """A JSON-friendly description of a :class:`HostIdentity` (no credentials)."""
+    return {
+        "node": identity.address.url,
+        "physical_host_id": identity.physical_host_id,
+        "is_local": identity.is_local,
+        "addresses": sorted(identity.addresses),
+        "device": identity.device,
+        "unit": "/".join(identity.unit),
+        "locality_group": identity.locality_group,
+        "resolved": identity.resolved,
+        "source": identity.source,
+    }
+
+
+def _cmd_hosts(args: argparse.Namespace, out: TextIO) -> int:
+    from .topology import NodeTopology
+
+    topology = NodeTopology(_config(args))
+    identities = topology.describe_many(args.nodes)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    invalid: list[dict[str, str]] = []
+    for raw, identity in zip(args.nodes, identities):
+        if isinstance(identity, InvalidNodeAddress):
+            invalid.append({"node": describe_input(raw).strip("'"), "reason": identity.reason})
+        else:
+            groups.setdefault(identity.physical_host_id, []).append(describe_identity(identity))
+    if args.json:
+        json.dump({"hosts": groups, "unique_hosts": len(groups), "invalid": invalid}, out,
+                  indent=2)
+        out.write("\n")
+        return 0
+    total = sum(len(v) for v in groups.values())
+    out.write(f"{total} node{'s' if total != 1 else ''} on {len(groups)} physical "
+              f"host{'s' if len(groups) != 1 else ''}\n")
+    for host, members in groups.items():
+        first = members[0]
+        where = "this machine" if first["is_local"] else first["locality_group"]
+        addresses = ", ".join(first["addresses"]) if not first["is_local"] else ""
+        out.write(f"\n{host}  ({where}{'; ' + addresses if addresses else ''})\n")
+        width = max(len(m["node"]) for m in members)
+        for member in members:
+            extra = "" if member["resolved"] else "  (not resolved)"
+            device = f"  gpu {member['device']}" if member["device"] is not None else ""
+            out.write(f"  {member['node']:<{width}}  {member['source']}{device}{extra}\n")
+    if invalid:
+        out.write("\ninvalid nodes (left out)\n")
+        for item in invalid:
+            out.write(f"  {item['node']}: {item['reason']}\n")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
+    from .planner import ExecutionPlanner
+
+    if args.tasks < 0:
+        raise ConfigError(f"--tasks {args.tasks} must not be negative", variable="--tasks",
+                          value=args.tasks)
+    planner = ExecutionPlanner(config=_config(args))
+    plan = planner.plan(args.tasks, list(args.nodes))
+    data = plan.to_dict()
+    if args.json:
+        json.dump(data, out, indent=2)
+        out.write("\n")
+        return 0
+    unit = "s" if plan.time_unit == "seconds" else " task-times"
+    nodes = data["nodes"]
+    out.write(f"mode:        {plan.mode}{' (forced)' if plan.forced else ''}\n")
+    out.write(f"speedup:     {plan.speedup:.2f}x predicted "
+              f"({plan.predicted_seconds:.3g}{unit} against {plan.sequential_seconds:.3g}{unit} "
+              "one after another)\n")
+    out.write(f"naive:       {plan.naive_speedup:.2f}x if every node got tasks at once\n")
+    out.write(f"dispatch to: {', '.join(nodes) if nodes else '(nothing)'}\n")
+    if plan.mode == "parallel":
+        out.write(f"tasks each:  {', '.join(map(str, plan.tasks_per_node))}\n")
+    out.write(f"machines:    {plan.unique_hosts} physical host"
+              f"{'s' if plan.unique_hosts != 1 else ''}, {plan.units} execution unit"
+              f"{'s' if plan.units != 1 else ''}\n")
+    out.write(f"reason:      {plan.reason}\n")
+    for warning in plan.warnings:
+        out.write(f"warning:     {warning}\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    stream = out if out is not None else sys.stdout
+    if args.verbose:
+        logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO,
+                            format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    handler: _Handler = args.handler
+    try:
+        return handler(args, stream)
+    except LocalityError as exc:
+        print(f"sollol-locality: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""config: LocalityConfig from arguments and environment, and the topology file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sollol_locality import ConfigError, LocalityConfig, TopologyFileError
+from sollol_locality.config import default_calibration_file, load_topology_file, parse_topology
+
+
+def test_defaults_with_an_empty_environment(tmp_path):
+    config = LocalityConfig(environ={"HOME": str(tmp_path)})
+    assert config.mode == "auto"
+    assert config.min_speedup == 1.0
+    assert config.topology_file is None
+    assert config.dns_timeout == 1.0
+    assert config.nameservers is None
+    assert config.calibration_file == tmp_path / ".cache" / "sollol-locality" / "calibration.json"
+    assert not config.forced
+
+
+def test_environment_is_read_for_fields_not_given(tmp_path):
+    env = {
+        "SOLLOL_LOCALITY_MODE": "Sequential",
+        "SOLLOL_LOCALITY_MIN_SPEEDUP": "1.2",
+        "SOLLOL_LOCALITY_TOPOLOGY": str(tmp_path / "t.toml"),
+        "SOLLOL_LOCALITY_DNS_TIMEOUT": "0.25",
+        "SOLLOL_LOCALITY_NAMESERVERS": "127.0.0.1:5353, [::1]:53,10.0.0.1",
+        "SOLLOL_LOCALITY_CALIBRATION": str(tmp_path / "c.json"),
+    }
+    config = LocalityConfig(environ=env)
+    assert config.mode == "sequential" and config.forced
+    assert config.min_speedup == 1.2
+    assert config.topology_file == tmp_path / "t.toml"
+    assert config.dns_timeout == 0.25
+    assert config.nameservers == (("127.0.0.1", 5353), ("::1", 53), ("10.0.0.1", 53))
+    assert config.calibration_file == tmp_path / "c.json"
+
+
+def test_arguments_win_over_environment():
+    config = LocalityConfig(mode="parallel", environ={"SOLLOL_LOCALITY_MODE": "sequential"})
+    assert config.mode == "parallel"
+
+
+@pytest.mark.parametrize("value", ["", "none", "NONE"])
+def test_calibration_can_be_turned_off(value):
+    assert LocalityConfig(environ={"SOLLOL_LOCALITY_CALIBRATION": value}).calibration_file is None
+    assert LocalityConfig(calibration_file=None).calibration_file is None
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SOLLOL_LOCALITY_MODE": "fast"},
+         "SOLLOL_LOCALITY_MODE='fast' is not a valid mode (expected one of auto, parallel, "
+         "sequential)"),
+        ({"SOLLOL_LOCALITY_MIN_SPEEDUP": "abc"}, "SOLLOL_LOCALITY_MIN_SPEEDUP='abc' is not a number"),
+        ({"SOLLOL_LOCALITY_MIN_SPEEDUP": "-1"},
+         "SOLLOL_LOCALITY_MIN_SPEEDUP='-1' is out of range (expected a number greater than 0)"),
+        ({"SOLLOL_LOCALITY_DNS_TIMEOUT": "0"},
+         "SOLLOL_LOCALITY_DNS_TIMEOUT='0' is out of range (expected a number greater than 0 and "
+         "at most 60)"),
+        ({"SOLLOL_LOCALITY_DNS_TIMEOUT": "nan"},
+         "SOLLOL_LOCALITY_DNS_TIMEOUT='nan' is out of range (expected a number greater than 0 and "
+         "at most 60)"),
+        ({"SOLLOL_LOCALITY_NAMESERVERS": "dns.example"},
+         "SOLLOL_LOCALITY_NAMESERVERS: invalid nameserver 'dns.example': expected an IP address, "
+         "optionally with :port"),
+        ({"SOLLOL_LOCALITY_NAMESERVERS": "127.0.0.1:99999"},
+         "SOLLOL_LOCALITY_NAMESERVERS: invalid nameserver '127.0.0.1:99999': port out of range"),
+    ],
+)
+def test_bad_environment_values_name_variable_and_value(env, message):
+    with pytest.raises(ConfigError) as info:
+        LocalityConfig(environ=env)
+    assert str(info.value) == message
+    assert isinstance(info.value, ValueError)
+    assert info.value.variable == next(iter(env))
+
+
+def test_bad_argument_names_the_field():
+    with pytest.raises(ConfigError, match=r"^mode='x' is not a valid mode"):
+        LocalityConfig(mode="x")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^dns_timeout=-2 is out of range"):
+        LocalityConfig(dns_timeout=-2)
+
+
+def test_default_calibration_file_follows_xdg(tmp_path):
+    assert default_calibration_file({"XDG_CACHE_HOME": str(tmp_path)}) == (
+        tmp_path / "sollol-locality" / "calibration.json")
+
+
+TOPOLOGY = """
+[hosts.gpu-box-1]
+aliases = ["10.0.0.5", "192.168.1.5", "GPU-Box-1.lan.", "::FFFF:10.0.0.6"]
+zone = "rack-1"
+
+[nodes."http://10.0.0.5:11435"]
+host = "gpu-box-1"
+gpu = "1"
+
+[nodes."10.0.0.5"]
+gpu = 0
+"""
+
+
+def test_topology_file_is_parsed_and_normalised(tmp_path):
+    path = tmp_path / "topology.toml"
+    path.write_text(TOPOLOGY)
+    overrides = load_topology_file(path)
+    host = overrides.hosts["gpu-box-1"]
+    assert host.zone == "rack-1"
+    assert host.aliases == {"10.0.0.5", "192.168.1.5", "gpu-box-1.lan", "10.0.0.6"}
+    assert overrides.alias_index["gpu-box-1.lan"] == "gpu-box-1"
+    node = overrides.nodes[("10.0.0.5", 11435)]
+    assert (node.host, node.gpu) == ("gpu-box-1", "1")
+    assert overrides.nodes[("10.0.0.5", 11434)].gpu == "0"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[hosts.a]\naliases = [1, 2]\n",
+         "Invalid topology file t.toml, line 2: [hosts.a]: 'aliases' must be a list of strings"),
+        ("[hosts.a]\naliases = ['x']\nrack = 1\n",
+         "Invalid topology file t.toml, line 3: [hosts.a]: unknown key 'rack' (expected aliases, "
+         "zone)"),
+        ("[hosts.a]\naliases = ['10.0.0.1']\n[hosts.b]\naliases = ['10.0.0.1']\n",
+         "Invalid topology file t.toml, line 2: alias '10.0.0.1' is given to both 'a' and 'b'"),
+        ("[nodes.\"http://h:notaport\"]\nhost = 'a'\n",
+         "Invalid topology file t.toml, line 1: [nodes.'http://h:notaport']: invalid port "
+         "'notaport' (expected 1 to 65535)"),
+        ("[hosts.a]\naliases = [\n",
+         "Invalid topology file t.toml, line 2: not valid TOML: Cannot declare ('hosts', 'a') "
+         "twice"),
+        ("[machines.a]\n",
+         "Invalid topology file t.toml, line 1: unknown table 'machines' (expected [hosts.NAME] "
+         "or [nodes.\"URL\"])"),
+    ],
+)
+def test_malformed_topology_names_file_and_line(text, message):
+    with pytest.raises(TopologyFileError) as info:
+        parse_topology(text, "t.toml")
+    if "not valid TOML" in message:
+        assert str(info.value).startswith("Invalid topology file t.toml, line ")
+        assert "not valid TOML" in str(info.value)
+    else:
+        assert str(info.value) == message
+
+
+def test_missing_topology_file_is_a_clear_error(tmp_path):
+    with pytest.raises(TopologyFileError, match=r"missing\.toml: cannot be read"):
+        load_topology_file(tmp_path / "missing.toml")
+
+
+def test_topology_path_from_environment_is_a_path(tmp_path: Path):
+    config = LocalityConfig(environ={"SOLLOL_LOCALITY_TOPOLOGY": "~/x.toml"})
+    assert config.topology_file == Path.home() / "x.toml"

@@ -1,0 +1,205 @@
+"""cost_model: predictions against the proposal's figures, calibration, persistence."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import OllamaNode, gpu_node, offline_config, offline_topology, timed_node
+from sollol_locality import CalibrationError, CostPriors, ParallelismCostModel
+
+
+@pytest.fixture(scope="module")
+def topology():
+    return offline_topology()
+
+
+@pytest.fixture
+def model():
+    return ParallelismCostModel(offline_config())
+
+
+# The proposal's measured figures (shared/PROPOSAL.md, "Resource Contention Model"):
+# same host, CPU: ~50% slower in parallel; one GPU shared: ~20% slower (0.8x);
+# different GPUs of one host: 5-10% overhead; different hosts: near-ideal, minus dispatch.
+@pytest.mark.parametrize(
+    ("case", "nodes", "low", "high"),
+    [
+        ("same host, CPU", ["http://localhost:11434", "http://localhost:11435"], 0.45, 0.55),
+        ("same host, CPU, LAN+loopback", ["http://127.0.0.1:11434", "http://0.0.0.0:11435"],
+         0.45, 0.55),
+        ("same GPU", [gpu_node("http://10.0.0.5:11434"), gpu_node("http://10.0.0.5:11435")],
+         0.75, 0.85),
+        ("different GPUs of one host",
+         [gpu_node("http://10.0.0.5:11434", "0"), gpu_node("http://10.0.0.5:11435", "1")],
+         2 / 1.10, 2 / 1.05),
+        ("different hosts", ["http://10.0.0.5:11434", "http://10.0.0.6:11434"], 1.85, 1.98),
+    ],
+)
+def test_two_tasks_match_the_proposal_figures(model, topology, case, nodes, low, high):
+    estimate = model.estimate(2, nodes, topology)
+    assert low <= estimate.speedup <= high, (case, estimate)
+    assert estimate.speedup == model.estimate_parallel_benefit(2, nodes, topology)
+
+
+def test_estimate_fields(model, topology):
+    estimate = model.estimate(2, ["http://localhost:11434", "http://localhost:11435"], topology)
+    assert estimate.sequential_seconds == 2.0
+    assert estimate.parallel_seconds == 4.0
+    assert estimate.units == ("localhost/cpu",)
+    assert estimate.time_unit == "tasks"
+    assert estimate.tasks_per_node == (1, 1)
+    assert estimate.reason == "2 nodes share one CPU on localhost and contend for it (predicted 0.50x)"
+
+
+def test_uneven_split_lets_a_lone_stream_speed_back_up(model, topology):
+    # 3 tasks on 2 nodes of one CPU: both run one task at half speed (4 units), then the third
+    # runs alone (1 unit): 5 units against 3 sequential.
+    estimate = model.estimate(3, ["localhost:1", "localhost:2"], topology)
+    assert estimate.parallel_seconds == pytest.approx(5.0)
+    assert estimate.speedup == pytest.approx(0.6)
+
+
+def test_aliases_of_one_instance_are_one_stream(model, topology):
+    estimate = model.estimate(2, ["http://localhost:11434", "http://127.0.0.1:11434"], topology)
+    assert estimate.speedup == pytest.approx(1.0)
+    assert estimate.tasks_per_node == (2, 0)
+
+
+def test_a_much_faster_node_takes_every_task(model, topology):
+    nodes = [timed_node("http://10.0.0.5:11434", 1.0), timed_node("http://10.0.0.6:11434", 10.0)]
+    estimate = model.estimate(3, nodes, topology)
+    assert estimate.time_unit == "seconds"
+    assert estimate.tasks_per_node == (3, 0)
+    assert estimate.speedup == pytest.approx(1.0)
+
+
+def test_metrics_need_enough_samples(model, topology):
+    young = [timed_node("http://10.0.0.5:11434", 1.0, requests=1),
+             timed_node("http://10.0.0.6:11434", 10.0, requests=2)]
+    assert model.estimate(2, young, topology).time_unit == "tasks"
+
+
+@pytest.mark.parametrize(
+    "node",
+    [
+        {"url": "http://10.0.0.5:11434", "latency_ms": 2000, "total_requests": 5},
+        OllamaNode("http://10.0.0.5:11434"),
+    ],
+)
+def test_latency_shapes(model, topology, node):
+    if isinstance(node, OllamaNode):
+        node.metrics.avg_response_time, node.metrics.total_requests = 2.0, 5
+    profiles, unit = model.profiles(topology.describe_many([node]))
+    assert unit == "seconds" and profiles[0].task_time == pytest.approx(2.0)
+
+
+def test_sollol_avg_latency_in_milliseconds(model, topology):
+    class Node:
+        url = "http://10.0.0.5:11434"
+
+        class metrics:  # noqa: N801 - SOLLOL's attribute name
+            avg_latency = 1500.0
+            total_requests = 9
+
+    profiles, _ = model.profiles(topology.describe_many([Node()]))
+    assert profiles[0].task_time == pytest.approx(1.5)
+
+
+def test_gpu_without_data_is_faster_by_the_prior(topology):
+    model = ParallelismCostModel(offline_config(), priors=CostPriors(gpu_speed_factor=5.0))
+    profiles, _ = model.profiles(topology.describe_many(
+        ["http://10.0.0.5:11434", gpu_node("http://10.0.0.6:11434")]))
+    assert [p.task_time for p in profiles] == [1.0, 0.2]
+
+
+def test_invalid_nodes_are_left_out_of_an_estimate(model, topology):
+    estimate = model.estimate(2, ["10.0.0.5", "bad:port", "10.0.0.6"], topology)
+    assert estimate.tasks_per_node == (1, 0, 1)
+    assert "1 node(s) could not be parsed" in estimate.reason
+
+
+@pytest.mark.parametrize("tasks", [-1, 1.5, True, "2"])
+def test_bad_task_count(model, topology, tasks):
+    with pytest.raises(ValueError, match="num_tasks must be a non-negative integer"):
+        model.estimate(tasks, ["10.0.0.5"], topology)
+
+
+# -- calibration ---------------------------------------------------------------------------------
+
+
+def test_observe_learns_task_time_and_contention(model, topology):
+    nodes = ["http://localhost:11434", "http://localhost:11435"]
+    for wall in (2.0, 2.1, 1.9, 50.0):  # one outlier
+        model.observe("sequential", nodes[:1], 1, wall, topology=topology)
+    assert model.measured_task_seconds(("localhost", "cpu")) == pytest.approx(2.05)
+    # two streams of one task each took 3 s where one alone takes ~2 s: c = 3 / (2 * 2) - 1
+    model.observe("parallel", nodes, 2, 3.0, topology=topology)
+    assert model.contention(("localhost", "cpu"), 2) == pytest.approx(3.0 / (2.05 * 2) - 1)
+    assert model.observations == 5
+    estimate = model.estimate(2, nodes, topology)
+    assert estimate.time_unit == "seconds"
+    assert estimate.speedup == pytest.approx(4.1 / 3.0)
+
+
+def test_calibrated_gain_allows_parallel_on_one_unit(model, topology):
+    from sollol_locality import ExecutionPlanner
+
+    nodes = ["http://localhost:11434", "http://localhost:11435"]
+    model.observe("sequential", nodes[:1], 2, 4.0, topology=topology)
+    model.observe("parallel", nodes, 2, 2.5, topology=topology)  # 2 tasks in 2.5 s, not 4
+    assert model.gains_from_concurrency(("localhost", "cpu")) == 2
+    plan = ExecutionPlanner(topology, model, topology.config).plan(2, nodes)
+    assert plan.mode == "parallel"
+    assert plan.speedup == pytest.approx(4.0 / 2.5)
+
+
+def test_observe_rejects_impossible_runs(model, topology):
+    with pytest.raises(ValueError, match="mode must be"):
+        model.observe("both", ["10.0.0.5"], 1, 1.0, topology=topology)
+    with pytest.raises(ValueError, match="wall_seconds must be a positive number"):
+        model.observe("sequential", ["10.0.0.5"], 1, 0.0, topology=topology)
+    with pytest.raises(ValueError, match="num_tasks must be a positive integer"):
+        model.observe("sequential", ["10.0.0.5"], 0, 1.0, topology=topology)
+
+
+def test_save_and_load_round_trip(model, topology, tmp_path):
+    model.observe("sequential", ["localhost"], 2, 3.0, topology=topology)
+    path = model.save(tmp_path / "sub" / "cal.json")
+    assert json.loads(path.read_text())["format"] == "sollol-locality-calibration"
+    assert [p.name for p in path.parent.iterdir()] == ["cal.json"]  # no temporary file left
+    other = ParallelismCostModel(offline_config())
+    other.load(path)
+    assert other.measured_task_seconds(("localhost", "cpu")) == pytest.approx(1.5)
+    assert other.observations == 1
+
+
+def test_calibration_file_from_config_is_used_when_present(model, topology, tmp_path):
+    model.observe("sequential", ["localhost"], 1, 2.5, topology=topology)
+    path = model.save(tmp_path / "cal.json")
+    fresh = ParallelismCostModel(offline_config(calibration_file=path))
+    assert fresh.measured_task_seconds(("localhost", "cpu")) == pytest.approx(2.5)
+
+
+def test_corrupt_calibration_is_set_aside_and_priors_used(tmp_path, caplog):
+    path = tmp_path / "cal.json"
+    path.write_text("{not json")
+    model = ParallelismCostModel(offline_config(calibration_file=path))
+    assert not model.calibrated
+    assert not path.exists()
+    aside = list(tmp_path.glob("cal.json.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_text() == "{not json"
+    assert "is not valid JSON" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "content",
+    ['{"format": "other"}', '{"format": "sollol-locality-calibration", "task_seconds": {"a": [-1]}}',
+     '{"format": "sollol-locality-calibration", "contention": {"a": [1]}}', "[]"],
+)
+def test_load_rejects_malformed_files(tmp_path, content):
+    path = tmp_path / "cal.json"
+    path.write_text(content)
+    with pytest.raises(CalibrationError):
+        ParallelismCostModel(offline_config()).load(path)

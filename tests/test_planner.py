@@ -1,0 +1,285 @@
+"""planner: the mode decision, the nodes to dispatch to, and the reasons."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from helpers import OllamaNode, gpu_node, offline_config, offline_topology, timed_node
+from sollol_locality import ExecutionPlan, ExecutionPlanner, ParallelismCostModel
+
+
+@pytest.fixture(scope="module")
+def topology():
+    return offline_topology()
+
+
+def planner_for(topology, **config):
+    cfg = offline_config(**config)
+    return ExecutionPlanner(topology, ParallelismCostModel(cfg), cfg)
+
+
+@pytest.fixture
+def planner(topology):
+    return planner_for(topology)
+
+
+def test_same_machine_is_sequential_with_a_reason(planner):
+    nodes = ["http://localhost:11434", "http://localhost:11435"]
+    plan = planner.plan(3, nodes)
+    assert plan.mode == "sequential" and not plan.forced
+    assert plan.nodes == ["http://localhost:11434"]
+    assert plan.unique_hosts == 1 and plan.units == 1
+    assert plan.cause == "one-unit" and plan.shared_host == "localhost"
+    assert plan.naive_speedup == pytest.approx(0.6)
+    assert plan.reason == (
+        "Sequential: all 2 nodes run on one machine (localhost) and share its CPU; 3 tasks in "
+        "parallel there are predicted to run at 0.60x the speed of running them one after "
+        "another on http://localhost:11434.")
+    assert planner.select_mode(3, nodes) == "sequential"
+
+
+def test_loopback_spellings_and_own_addresses_are_one_machine(planner):
+    nodes = ["localhost:11434", "127.0.0.1:11435", "[::1]:11436", "0.0.0.0:11437",
+             "[::ffff:127.0.0.1]:11438", "[::]:11439"]
+    assert planner.plan(4, nodes).mode == "sequential"
+
+
+def test_distinct_machines_are_parallel_on_the_callers_objects(planner):
+    a, b = OllamaNode("http://10.0.0.5:11434"), OllamaNode("http://10.0.0.6:11434")
+    plan = planner.plan(2, [a, b])
+    assert plan.mode == "parallel"
+    assert plan.nodes[0] is a and plan.nodes[1] is b
+    assert plan.speedup > 1.0
+    assert plan.tasks_per_node == [1, 1]
+    assert plan.reason == ("Parallel: 2 tasks across 2 machines (10.0.0.5, 10.0.0.6), predicted "
+                           "1.90x faster than one after another.")
+
+
+def test_three_nodes_on_two_machines_use_one_per_machine(planner):
+    nodes = ["http://localhost:11434", "http://localhost:11435", "http://10.0.0.5:11434"]
+    plan = planner.plan(3, nodes)
+    assert plan.mode == "parallel"
+    assert plan.nodes == ["http://localhost:11434", "http://10.0.0.5:11434"]
+    assert plan.unique_hosts == 2
+    assert plan.hosts == {"localhost": nodes[:2], "10.0.0.5": nodes[2:]}
+    assert "1 other node(s) would add contention or no speed and are left out" in plan.reason
+
+
+def test_two_gpus_of_one_host_with_devices_declared_are_parallel(planner):
+    nodes = [gpu_node("http://10.0.0.5:11434", "0"), gpu_node("http://10.0.0.5:11435", "1")]
+    plan = planner.plan(2, nodes)
+    assert plan.mode == "parallel"
+    assert plan.nodes == nodes
+    assert plan.unique_hosts == 1 and plan.units == 2
+    assert "2 units of 10.0.0.5" in plan.reason
+
+
+def test_two_gpu_nodes_without_devices_share_one_gpu(planner):
+    nodes = [gpu_node("http://10.0.0.5:11434"), gpu_node("http://10.0.0.5:11435")]
+    plan = planner.plan(2, nodes)
+    assert plan.mode == "sequential"
+    assert "share its GPU" in plan.reason
+
+
+def test_one_node_ten_times_faster_runs_everything(planner):
+    fast = timed_node("http://10.0.0.5:11434", 1.0)
+    slow = timed_node("http://10.0.0.6:11434", 10.0)
+    plan = planner.plan(3, [slow, fast])
+    assert plan.mode == "sequential"
+    assert plan.nodes == [fast]
+    assert plan.cause == "fast-node"
+    assert plan.reason.startswith("Sequential on http://10.0.0.5:11434: it is 10.0x faster")
+
+
+def test_a_slow_unit_is_dropped_from_a_parallel_plan(planner):
+    nodes = [timed_node("http://10.0.0.5:11434", 1.0), timed_node("http://10.0.0.6:11434", 1.0),
+             timed_node("http://10.0.0.7:11434", 6.0)]
+    plan = planner.plan(4, nodes)
+    assert plan.mode == "parallel"
+    assert plan.nodes == nodes[:2] and plan.tasks_per_node == [2, 2]
+
+
+@pytest.mark.parametrize(("tasks", "reason"), [
+    (1, "Sequential: a single task cannot run in parallel; it goes to http://10.0.0.5:11434."),
+    (0, "Sequential: there are no tasks to run."),
+])
+def test_fewer_than_two_tasks_is_sequential(planner, tasks, reason):
+    plan = planner.plan(tasks, ["http://10.0.0.5:11434", "http://10.0.0.6:11434"])
+    assert plan.mode == "sequential" and plan.cause == "one-task"
+    assert plan.reason == reason
+
+
+def test_forced_parallel_wins_and_says_so(topology):
+    planner = planner_for(topology, mode="parallel")
+    nodes = ["http://localhost:11434", "http://localhost:11435"]
+    plan = planner.plan(2, nodes)
+    assert plan.mode == "parallel" and plan.forced
+    assert plan.nodes == nodes
+    assert "forced by configuration (SOLLOL_LOCALITY_MODE=parallel)" in plan.reason
+    assert plan.warnings == ["forced parallel is predicted slower than sequential (0.50x)"]
+
+
+def test_forced_sequential_wins_and_says_so(topology):
+    planner = planner_for(topology, mode="sequential")
+    plan = planner.plan(2, ["http://10.0.0.5:11434", "http://10.0.0.6:11434"])
+    assert plan.mode == "sequential" and plan.forced
+    assert plan.reason.startswith("Sequential forced by configuration")
+
+
+def test_forced_mode_from_environment(topology, monkeypatch):
+    monkeypatch.setenv("SOLLOL_LOCALITY_MODE", "sequential")
+    from sollol_locality import LocalityConfig
+
+    config = LocalityConfig(calibration_file=None, nameservers="127.0.0.1:9")
+    planner = ExecutionPlanner(topology, ParallelismCostModel(config), config)
+    assert planner.plan(2, ["10.0.0.5", "10.0.0.6"]).forced
+
+
+def test_min_speedup_raises_the_bar(topology):
+    planner = planner_for(topology, min_speedup=1.95)
+    plan = planner.plan(2, ["10.0.0.5", "10.0.0.6"])
+    assert plan.mode == "sequential" and plan.cause == "below-threshold"
+    assert "not above the required 1.95x" in plan.reason
+
+
+def test_an_unparsable_node_is_left_out_with_a_warning(planner):
+    nodes = ["http://10.0.0.5:11434", "http://u:pw@bad:port", None, "http://10.0.0.6:11434"]
+    plan = planner.plan(2, nodes)
+    assert plan.mode == "parallel"
+    assert plan.nodes == [nodes[0], nodes[3]]
+    assert [n for n, _ in plan.excluded] == [nodes[1], None]
+    assert plan.warnings == [
+        "node 'http://***@bad:port' left out: invalid port 'port' (expected 1 to 65535)",
+        "node None left out: expected a URL string, mapping or node object, got NoneType",
+    ]
+    assert "pw" not in repr(plan.to_dict())
+
+
+def test_no_usable_node_gives_an_empty_sequential_plan(planner):
+    plan = planner.plan(3, ["bad:port"])
+    assert plan.mode == "sequential" and plan.nodes == [] and plan.cause == "no-nodes"
+    assert planner.plan(3, []).reason == "No candidate nodes were given."
+
+
+@pytest.mark.parametrize("tasks", [-1, 2.0, None])
+def test_bad_task_count_is_a_clear_error(planner, tasks):
+    with pytest.raises(ValueError, match="num_tasks must be a non-negative integer"):
+        planner.plan(tasks, ["10.0.0.5"])
+
+
+def test_cached_plans_are_independent_copies(planner):
+    nodes = ["http://10.0.0.5:11434", "http://10.0.0.6:11434"]
+    first = planner.plan(2, nodes)
+    first.nodes.append("mutated")
+    first.warnings.append("mutated")
+    second = planner.plan(2, nodes)
+    assert second.nodes == nodes and second.warnings == []
+
+
+def test_cache_follows_node_metrics(planner):
+    a, b = timed_node("http://10.0.0.5:11434", 1.0), timed_node("http://10.0.0.6:11434", 1.0)
+    assert planner.plan(2, [a, b]).mode == "parallel"
+    b.metrics.avg_response_time = 20.0
+    assert planner.plan(2, [a, b]).mode == "sequential"
+
+
+def test_plan_is_frozen():
+    plan = ExecutionPlan("sequential", 1.0, [], 0, "r", [], False)
+    with pytest.raises(AttributeError):
+        plan.mode = "parallel"  # type: ignore[misc]
+
+
+# -- invariants ----------------------------------------------------------------------------------
+
+_POOL = (
+    ["http://localhost:11434", "http://localhost:11435", "http://127.0.0.1:11436"]
+    + [f"http://10.0.0.{i}:{p}" for i in range(1, 5) for p in (11434, 11435)]
+)
+
+
+def _alias(node):
+    """Another spelling of the same instance, carrying the same figures."""
+    if isinstance(node, dict):
+        alias = dict(node)
+        alias["url"] = _alias(node["url"])
+        return alias
+    if isinstance(node, OllamaNode):
+        alias = copy.deepcopy(node)
+        alias.url = _alias(node.url)
+        return alias
+    if "localhost" in node:
+        return node.replace("localhost", "127.0.0.1")
+    if "127.0.0.1" in node:
+        return node.replace("127.0.0.1", "[::1]")
+    host = node.split("//")[1].split(":")[0]
+    return node.replace(host, f"[::ffff:{host}]")
+
+
+@st.composite
+def _nodes(draw):
+    urls = draw(st.lists(st.sampled_from(_POOL), min_size=1, max_size=7, unique=True))
+    nodes = []
+    for url in urls:
+        kind = draw(st.sampled_from(["str", "timed", "gpu", "dict"]))
+        if kind == "str":
+            nodes.append(url)
+        elif kind == "timed":
+            nodes.append(timed_node(url, draw(st.sampled_from([0.5, 1.0, 2.0, 8.0]))))
+        elif kind == "gpu":
+            nodes.append(gpu_node(url, draw(st.sampled_from([None, "0", "1"]))))
+        else:
+            nodes.append({"url": url, "latency_ms": draw(st.sampled_from([500, 1000, 4000])),
+                          "total_requests": 5})
+    return nodes
+
+
+_settings = settings(max_examples=150, deadline=None,
+                     suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@_settings
+@given(nodes=_nodes(), tasks=st.integers(0, 9))
+def test_plan_nodes_are_candidates_with_at_most_one_per_unit(planner, nodes, tasks):
+    plan = planner.plan(tasks, nodes)
+    assert all(any(n is c for c in nodes) for n in plan.nodes)
+    units = [i.unit for i in plan.identities]
+    assert len(units) == len(set(units)) == len(plan.nodes)
+    assert plan.mode == "sequential" or len(plan.nodes) >= 2
+    # every node given comes back, grouped or excluded
+    grouped = [n for members in plan.hosts.values() for n in members]
+    assert len(grouped) + len(plan.excluded) == len(nodes)
+
+
+@_settings
+@given(nodes=_nodes(), tasks=st.integers(0, 9))
+def test_speedup_never_exceeds_the_number_of_units(planner, nodes, tasks):
+    plan = planner.plan(tasks, nodes)
+    assert plan.speedup <= max(1, plan.units) + 1e-9
+    assert plan.naive_speedup <= max(1, plan.units) + 1e-9
+
+
+@_settings
+@given(nodes=_nodes(), tasks=st.integers(0, 9), data=st.data())
+def test_adding_an_alias_never_changes_the_decision(planner, nodes, tasks, data):
+    original = planner.plan(tasks, nodes)
+    alias = _alias(data.draw(st.sampled_from(nodes)))
+    position = data.draw(st.integers(0, len(nodes)))
+    with_alias = planner.plan(tasks, nodes[:position] + [alias] + nodes[position:])
+    assert with_alias.mode == original.mode
+    assert with_alias.speedup == pytest.approx(original.speedup)
+    assert with_alias.unique_hosts == original.unique_hosts
+    assert ({i.unit for i in with_alias.identities} == {i.unit for i in original.identities})
+
+
+@_settings
+@given(nodes=_nodes(), tasks=st.integers(0, 9), data=st.data())
+def test_decision_does_not_depend_on_input_order(planner, nodes, tasks, data):
+    shuffled = data.draw(st.permutations(nodes))
+    a, b = planner.plan(tasks, nodes), planner.plan(tasks, shuffled)
+    assert a.mode == b.mode
+    assert a.speedup == pytest.approx(b.speedup)
+    assert {h: len(v) for h, v in a.hosts.items()} == {h: len(v) for h, v in b.hosts.items()}
