@@ -48,6 +48,7 @@ _SCHEME_RE: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _LABEL_RE: Final = re.compile(r"^[a-z0-9_](?:[a-z0-9_\-]*[a-z0-9_])?$")
 _NUMERIC_HOST_RE: Final = re.compile(r"^[0-9.]+$|^0[xX][0-9a-fA-F]+$")
 _ZONE_RE: Final = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_BAD_CHARS_RE: Final = re.compile(r"[\s\x00-\x1f\x7f]")
 _USERINFO_RE: Final = re.compile(r"(?<=//)[^/?#@]*@|^[^/?#@:]*:[^/?#@]*@")
 
 
@@ -232,7 +233,7 @@ def _from_components(
     return _build(shown, scheme.lower(), host_part, zone, resolved_port, "")
 
 
-@lru_cache(maxsize=8192)
+@lru_cache(maxsize=65536)
 def _parse_string(text: str, default_port: int) -> NodeAddress:
     shown = describe_input(text)
     if len(text) > _MAX_INPUT:
@@ -240,7 +241,7 @@ def _parse_string(text: str, default_port: int) -> NodeAddress:
     text = text.strip()
     if not text:
         raise InvalidNodeAddress(shown, "empty address")
-    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in text):
+    if _BAD_CHARS_RE.search(text):
         raise InvalidNodeAddress(shown, "contains white space or control characters")
     scheme, rest = _split_scheme(shown, text)
     authority, path = _split_authority(rest)

@@ -51,20 +51,11 @@ class ExecutionPlan:
         reason: one sentence a person understands.
         warnings: things the caller should know (nodes left out, names not resolved, ...).
         forced: whether ``mode`` was forced by configuration rather than chosen by the model.
-        cause: a stable key for ``reason``: ``"parallel"``, ``"one-unit"``, ``"fast-node"``,
-            ``"below-threshold"``, ``"one-task"``, ``"no-nodes"``, ``"forced-parallel"``,
-            ``"forced-sequential"``.
-        num_tasks: the task count planned for.
-        units: distinct execution units among the usable candidates.
-        tasks_per_node: predicted tasks for each node of ``nodes``.
-        naive_speedup: predicted speedup of dispatching across every usable candidate at once
-            (what "parallel whenever two nodes are healthy" does).
-        sequential_seconds: predicted makespan running one after another on the fastest node.
-        predicted_seconds: predicted makespan of this plan.
-        time_unit: ``"seconds"`` or ``"tasks"`` (units of one task on a reference node).
-        hosts: every usable candidate grouped by physical host id (input order kept).
-        excluded: ``(node, reason)`` for each candidate that could not be used.
-        shared_host: when parallel was refused because nodes share a machine, that machine.
+
+    The properties below add the detail behind the decision (``cause``, ``num_tasks``,
+    ``units``, ``tasks_per_node``, ``naive_speedup``, ``sequential_seconds``,
+    ``predicted_seconds``, ``time_unit``, ``hosts``, ``excluded``, ``shared_host``,
+    ``identities``); :meth:`to_dict` gives all of it as JSON-friendly data.
     """
 
     mode: Literal["parallel", "sequential"]
@@ -74,41 +65,96 @@ class ExecutionPlan:
     reason: str
     warnings: list[str]
     forced: bool
-    cause: Cause = "parallel"
-    num_tasks: int = 0
-    units: int = 0
-    tasks_per_node: list[int] = field(default_factory=list)
-    naive_speedup: float = 1.0
-    sequential_seconds: float = 0.0
-    predicted_seconds: float = 0.0
-    time_unit: str = "tasks"
-    hosts: dict[str, list[Any]] = field(default_factory=dict)
-    excluded: list[tuple[Any, str]] = field(default_factory=list)
-    shared_host: str | None = None
-    identities: tuple[HostIdentity, ...] = field(default=(), repr=False, compare=False)
+    _detail: _Template | None = field(default=None, repr=False, compare=False)
+    _candidates: tuple[Any, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def parallel(self) -> bool:
         """Whether the plan runs tasks concurrently."""
         return self.mode == "parallel"
 
+    @property
+    def cause(self) -> Cause:
+        """A stable key for ``reason``: ``"parallel"``, ``"one-unit"``, ``"fast-node"``,
+        ``"below-threshold"``, ``"one-task"``, ``"no-nodes"``, ``"forced-parallel"`` or
+        ``"forced-sequential"``."""
+        return self._detail.cause if self._detail else "parallel"
+
+    @property
+    def num_tasks(self) -> int:
+        """The task count planned for."""
+        return self._detail.num_tasks if self._detail else 0
+
+    @property
+    def units(self) -> int:
+        """Distinct execution units among the usable candidates."""
+        return self._detail.units if self._detail else 0
+
+    @property
+    def tasks_per_node(self) -> list[int]:
+        """Predicted tasks for each node of ``nodes``."""
+        return list(self._detail.tasks) if self._detail else []
+
+    @property
+    def naive_speedup(self) -> float:
+        """Predicted speedup of dispatching across every usable candidate at once (what
+        "parallel whenever two nodes are healthy" does)."""
+        return self._detail.naive_speedup if self._detail else 1.0
+
+    @property
+    def sequential_seconds(self) -> float:
+        """Predicted makespan running one after another on the fastest node."""
+        return self._detail.sequential_seconds if self._detail else 0.0
+
+    @property
+    def predicted_seconds(self) -> float:
+        """Predicted makespan of this plan."""
+        return self._detail.predicted_seconds if self._detail else 0.0
+
+    @property
+    def time_unit(self) -> str:
+        """``"seconds"``, or ``"tasks"`` (units of one task on a reference node) when no node's
+        speed is known."""
+        return self._detail.time_unit if self._detail else "tasks"
+
+    @property
+    def hosts(self) -> dict[str, list[Any]]:
+        """Every usable candidate grouped by physical host id (input order kept)."""
+        if self._detail is None:
+            return {}
+        nodes = self._candidates
+        return {h: [nodes[i] for i in idx] for h, idx in self._detail.hosts}
+
+    @property
+    def excluded(self) -> list[tuple[Any, str]]:
+        """``(node, reason)`` for each candidate that could not be used."""
+        if self._detail is None:
+            return []
+        return [(self._candidates[i], r) for i, r in self._detail.excluded]
+
+    @property
+    def shared_host(self) -> str | None:
+        """When parallel was refused because the nodes share one machine, that machine."""
+        return self._detail.shared_host if self._detail else None
+
+    @property
+    def identities(self) -> tuple[HostIdentity, ...]:
+        """The :class:`HostIdentity` of each node of ``nodes``."""
+        detail = self._detail
+        if detail is None:
+            return ()
+        nodes = self._candidates
+        return tuple(i if i.node is nodes[pos] else replace(i, node=nodes[pos])
+                     for i, pos in zip(detail.identities, detail.chosen, strict=True))
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form: nodes as their normalised URLs (never credentials)."""
-        by_node = {id(i.node): i for i in self.identities}
-
-        def url(node: Any) -> str:
-            identity = by_node.get(id(node))
-            if identity is not None:
-                return identity.address.url
-            from .addresses import describe_input
-
-            return describe_input(node).strip("'")
-
+        urls = [i.address.url for i in self.identities]
         return {
             "mode": self.mode,
             "speedup": round(self.speedup, 4),
-            "nodes": [url(n) for n in self.nodes],
-            "tasks_per_node": list(self.tasks_per_node),
+            "nodes": urls,
+            "tasks_per_node": self.tasks_per_node,
             "unique_hosts": self.unique_hosts,
             "units": self.units,
             "reason": self.reason,
@@ -161,22 +207,10 @@ class _Template:
     identities: tuple[HostIdentity, ...]
 
     def build(self, nodes: Sequence[Any]) -> ExecutionPlan:
-        identities = self.identities
-        if any(i.node is not nodes[pos] for i, pos in zip(identities, self.chosen)):
-            # served from cache for another call: point the identities at this call's objects
-            identities = tuple(replace(i, node=nodes[pos])
-                               for i, pos in zip(identities, self.chosen))
-        return ExecutionPlan(
-            mode=self.mode, speedup=self.speedup, nodes=[nodes[i] for i in self.chosen],
-            unique_hosts=self.unique_hosts, reason=self.reason, warnings=list(self.warnings),
-            forced=self.forced, cause=self.cause, num_tasks=self.num_tasks, units=self.units,
-            tasks_per_node=list(self.tasks), naive_speedup=self.naive_speedup,
-            sequential_seconds=self.sequential_seconds,
-            predicted_seconds=self.predicted_seconds, time_unit=self.time_unit,
-            hosts={h: [nodes[i] for i in idx] for h, idx in self.hosts},
-            excluded=[(nodes[i], r) for i, r in self.excluded], shared_host=self.shared_host,
-            identities=identities,
-        )
+        """A plan for this call: fresh lists, this call's node objects."""
+        return ExecutionPlan(self.mode, self.speedup, [nodes[i] for i in self.chosen],
+                             self.unique_hosts, self.reason, list(self.warnings), self.forced,
+                             self, tuple(nodes))
 
 
 class ExecutionPlanner:

@@ -25,6 +25,7 @@ change; a host whose addresses change is best pinned in the topology file.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import threading
@@ -45,6 +46,7 @@ LOCALHOST_ID: Final = "localhost"
 """The physical host id of this machine, whatever address a node uses for it."""
 
 _SIBLINGS_MAX: Final = 65536
+_MEMO_MAX: Final = 262144
 _RELOAD_CHECK_SECONDS: Final = 2.0
 
 
@@ -104,6 +106,7 @@ class _Base:
     zone: str | None
     device: str | None
     fallback_id: str
+    group: str
 
 
 class NodeTopology:
@@ -188,14 +191,16 @@ class NodeTopology:
 
         Raises :class:`InvalidNodeAddress` for the first node that cannot be parsed.
         """
+        node_list = nodes if isinstance(nodes, list) else list(nodes)
         groups: dict[str, list[Any]] = {}
-        for identity in self._describe_strict(nodes):
-            groups.setdefault(identity.physical_host_id, []).append(identity.node)
+        for node, host_id in zip(node_list, self._host_ids(node_list)):
+            groups.setdefault(host_id, []).append(node)
         return groups
 
     def count_unique_hosts(self, nodes: Iterable[Any]) -> int:
         """The number of distinct physical machines among the nodes."""
-        return len({identity.physical_host_id for identity in self._describe_strict(nodes)})
+        node_list = nodes if isinstance(nodes, list) else list(nodes)
+        return len(set(self._host_ids(node_list)))
 
     def describe_many(
         self, nodes: Iterable[Any], *, timeout: float | None = None
@@ -206,57 +211,87 @@ class NodeTopology:
         :class:`InvalidNodeAddress` explaining why a node could not be parsed (never raised here).
         """
         node_list = nodes if isinstance(nodes, list) else list(nodes)
+        parsed, bases = self._bases(node_list, timeout)
+        ids = self._merge(bases)
+        overrides = self._overrides
+        results: list[HostIdentity | InvalidNodeAddress] = []
+        for node, address, base, host_id in zip(node_list, parsed, bases, ids):
+            if base is None:
+                results.append(address)  # type: ignore[arg-type]
+                continue
+            group = base.group
+            if host_id != base.fallback_id and base.zone is None and not base.is_local:
+                group = overrides.zone_of(host_id) or group
+            device = base.device
+            if device is None and type(node) is not str:
+                device = _node_device(node)
+            results.append(HostIdentity(
+                node, address, host_id, base.is_local, base.addresses,  # type: ignore[arg-type]
+                device, group, base.resolved, base.source,
+                device is not None or (type(node) is not str and _node_has_gpu(node)),
+            ))
+        return results
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _host_ids(self, nodes: list[Any]) -> list[str]:
+        parsed, bases = self._bases(nodes, None)
+        for address in parsed:
+            if isinstance(address, InvalidNodeAddress):
+                raise address
+        return self._merge(bases)
+
+    def _bases(self, nodes: list[Any], timeout: float | None
+               ) -> tuple[list[NodeAddress | InvalidNodeAddress], list[_Base | None]]:
+        """Parse every node and find each address's identity facts, resolving all the names
+        that need it in one call under one deadline."""
         self._maybe_reload()
         overrides = self._overrides
         local = self.local_machine
         local.snapshot()
         world = (getattr(local, "version", 0), id(overrides))
-        parsed: list[NodeAddress | InvalidNodeAddress] = []
-        names: set[str] = set()
         memo = self._memo
-        for node in node_list:
+        parsed: list[NodeAddress | InvalidNodeAddress] = []
+        bases: list[_Base | None] = []
+        pending: list[int] = []
+        names: set[str] = set()
+        for node in nodes:
             try:
-                address = _parse(node)
+                address = parse_node_address(node)
             except InvalidNodeAddress as exc:
                 parsed.append(exc)
+                bases.append(None)
                 continue
             parsed.append(address)
-            if address.ip is None:
-                entry = memo.get((address.host, address.port))
-                if entry is not None and entry[0] == world and entry[1] is None:
-                    continue  # decided without DNS last time, and nothing has changed since
-                if self._needs_dns(address, overrides):
-                    names.add(address.host)
+            entry = memo.get((address.host, address.port))
+            if entry is not None and entry[0] == world and entry[1] is None:
+                bases.append(entry[2])  # decided without DNS, and nothing has changed since
+                continue
+            bases.append(None)
+            pending.append(len(parsed) - 1)
+            if address.ip is None and self._needs_dns(address, overrides):
+                names.add(address.host)
+        if not pending:
+            return parsed, bases
         resolutions: Mapping[str, Any] = {}
         if names:
             wait = self.config.dns_timeout if timeout is None else timeout
             resolutions = self.resolver.resolve_many(sorted(names), timeout=wait)
-        bases: list[_Base | None] = []
-        for address in parsed:
-            if isinstance(address, InvalidNodeAddress):
-                bases.append(None)
-                continue
+        for index in pending:
+            address = parsed[index]
+            assert isinstance(address, NodeAddress)
             resolution = resolutions.get(address.host) if address.ip is None else None
             key = (address.host, address.port)
             entry = memo.get(key)
             if entry is not None and entry[0] == world and entry[1] is resolution:
-                bases.append(entry[2])
+                bases[index] = entry[2]
                 continue
             base = self._base(address, resolution, overrides)
-            if len(memo) > 65536:
+            if len(memo) > _MEMO_MAX:
                 memo.clear()
             memo[key] = (world, resolution, base)
-            bases.append(base)
-        return self._merge(node_list, parsed, bases, overrides)
-
-    # -- internals --------------------------------------------------------------------------
-
-    def _describe_strict(self, nodes: Iterable[Any]) -> list[HostIdentity]:
-        results = self.describe_many(nodes)
-        for result in results:
-            if isinstance(result, InvalidNodeAddress):
-                raise result
-        return results  # type: ignore[return-value]
+            bases[index] = base
+        return parsed, bases
 
     def _needs_dns(self, address: NodeAddress, overrides: TopologyOverrides) -> bool:
         node_override = overrides.nodes.get((address.host, address.port))
@@ -279,13 +314,13 @@ class NodeTopology:
             kind = local.classify_ip(address.ip)
             addresses = frozenset((text,))
             if kind is not None:
-                return _Base(True, addresses, True, kind, None, zone, device, LOCALHOST_ID)
+                return _make_base(True, addresses, True, kind, None, zone, device, LOCALHOST_ID)
             alias_host = overrides.alias_index.get(text)
             resolved, source, fallback = True, "address", text
         else:
             kind = local.classify_name(address.host)
             if kind is not None:
-                return _Base(True, frozenset(), True, kind, None, zone, device, LOCALHOST_ID)
+                return _make_base(True, frozenset(), True, kind, None, zone, device, LOCALHOST_ID)
             alias_host = overrides.alias_index.get(address.host)
             addresses = frozenset()
             resolved, source, fallback = False, "unresolved", address.host
@@ -294,7 +329,8 @@ class NodeTopology:
                 addresses = frozenset(ip.compressed for ip in ips)
                 resolved, source = True, resolution.source
                 if any(local.classify_ip(ip) is not None for ip in ips):
-                    return _Base(True, addresses, True, source, None, zone, device, LOCALHOST_ID)
+                    return _make_base(True, addresses, True, source, None, zone, device,
+                                      LOCALHOST_ID)
                 fallback = _canonical(addresses)
                 if len(addresses) > 1:
                     self._remember_siblings(addresses)
@@ -308,8 +344,8 @@ class NodeTopology:
         if chosen is not None:
             if zone is None:
                 zone = overrides.zone_of(chosen)
-            return _Base(False, addresses, True, "override", chosen, zone, device, chosen)
-        return _Base(False, addresses, resolved, source, None, zone, device, fallback)
+            return _make_base(False, addresses, True, "override", chosen, zone, device, chosen)
+        return _make_base(False, addresses, resolved, source, None, zone, device, fallback)
 
     def _remember_siblings(self, addresses: frozenset[str]) -> None:
         siblings = self._siblings
@@ -319,15 +355,22 @@ class NodeTopology:
             known = siblings.get(address)
             siblings[address] = addresses if known is None else known | addresses
 
-    def _merge(
-        self,
-        nodes: Sequence[Any],
-        parsed: Sequence[NodeAddress | InvalidNodeAddress],
-        bases: Sequence[_Base | None],
-        overrides: TopologyOverrides,
-    ) -> list[HostIdentity | InvalidNodeAddress]:
-        # Union-find over the addresses of remote nodes: nodes that share any address (directly
-        # or through addresses once seen together) are one host.
+    def _merge(self, bases: Sequence[_Base | None]) -> list[str]:
+        """The host id of each node: nodes that share an address (directly, or through
+        addresses once seen together in one answer) are one host."""
+        siblings = self._siblings
+        needs_merge = False
+        for base in bases:
+            if base is None or base.is_local or not base.addresses:
+                continue
+            if (len(base.addresses) > 1 or base.override_host
+                    or next(iter(base.addresses)) in siblings):
+                needs_merge = True
+                break
+        if not needs_merge:
+            # Fast path: every remote node has one address and no known sibling, so its
+            # canonical address (or override, or name) already is its host id.
+            return ["" if base is None else base.fallback_id for base in bases]
         parent: dict[str, str] = {}
 
         def find(item: str) -> str:
@@ -343,65 +386,37 @@ class NodeTopology:
             if ra != rb:
                 parent[max(ra, rb)] = min(ra, rb)
 
-        siblings = self._siblings
-        needs_merge = False
         for base in bases:
-            if base is None or base.is_local:
+            if base is None or base.is_local or not base.addresses:
                 continue
-            tokens = list(base.addresses)
-            if len(tokens) > 1 or (tokens and tokens[0] in siblings) or base.override_host:
-                needs_merge = True
-                break
+            head = f"a:{next(iter(base.addresses))}"
+            for address in base.addresses:
+                union(head, f"a:{address}")
+                for sibling in siblings.get(address, ()):
+                    union(head, f"a:{sibling}")
+            if base.override_host:
+                union(head, f"h:{base.override_host}")
+        members: dict[str, list[str]] = {}
+        for item in list(parent):
+            members.setdefault(find(item), []).append(item)
         labels: dict[str, str] = {}
-        if needs_merge:
-            for base in bases:
-                if base is None or base.is_local or not base.addresses:
-                    continue
-                first = base.addresses and next(iter(base.addresses))
-                head = f"a:{first}"
-                for address in base.addresses:
-                    union(head, f"a:{address}")
-                    for sibling in siblings.get(address, ()):
-                        union(head, f"a:{sibling}")
-                if base.override_host:
-                    union(head, f"h:{base.override_host}")
-            components: dict[str, list[str]] = {}
-            for item in list(parent):
-                components.setdefault(find(item), []).append(item)
-            for root, members in components.items():
-                hosts = sorted(m[2:] for m in members if m.startswith("h:"))
-                if len(hosts) > 1:
-                    logger.warning(
-                        "topology file hosts %s share an address; keeping them apart as the "
-                        "file says", ", ".join(repr(h) for h in hosts))
-                    continue
-                label = hosts[0] if hosts else _canonical(m[2:] for m in members)
-                labels[root] = label
-        results: list[HostIdentity | InvalidNodeAddress] = []
-        for node, address, base in zip(nodes, parsed, bases):
-            if base is None or isinstance(address, InvalidNodeAddress):
-                results.append(address)  # type: ignore[arg-type]
+        for root, items in members.items():
+            hosts = sorted(m[2:] for m in items if m.startswith("h:"))
+            if len(hosts) > 1:
+                logger.warning(
+                    "topology file hosts %s share an address; keeping them apart as the file "
+                    "says", ", ".join(repr(h) for h in hosts))
                 continue
-            host_id = base.fallback_id
-            if needs_merge and not base.is_local and not base.override_host and base.addresses:
-                host_id = labels.get(find(f"a:{next(iter(base.addresses))}"), host_id)
-            zone = base.zone
-            if zone is None and host_id != base.fallback_id:
-                zone = overrides.zone_of(host_id)
-            device = base.device if base.device is not None else _node_device(node)
-            results.append(HostIdentity(
-                node=node,
-                address=address,
-                physical_host_id=host_id,
-                is_local=base.is_local,
-                addresses=base.addresses,
-                device=device,
-                locality_group=_locality_group(base, zone),
-                resolved=base.resolved,
-                source=base.source,
-                has_gpu=device is not None or _node_has_gpu(node),
-            ))
-        return results
+            labels[root] = hosts[0] if hosts else _canonical(m[2:] for m in items)
+        ids = []
+        for base in bases:
+            if base is None:
+                ids.append("")
+            elif base.is_local or base.override_host or not base.addresses:
+                ids.append(base.fallback_id)
+            else:
+                ids.append(labels.get(find(f"a:{next(iter(base.addresses))}"), base.fallback_id))
+        return ids
 
     def _maybe_reload(self) -> None:
         path = self.config.topology_file
@@ -428,8 +443,19 @@ class NodeTopology:
                         extra={"event": "topology_file_reloaded", "path": os.fspath(path)})
 
 
-def _parse(node: object) -> NodeAddress:
-    return parse_node_address(node)
+def _make_base(is_local: bool, addresses: frozenset[str], resolved: bool, source: str,
+               override_host: str | None, zone: str | None, device: str | None,
+               fallback_id: str) -> _Base:
+    if is_local:
+        group = "local"
+    elif zone is not None:
+        group = zone
+    elif not addresses:
+        group = "lan" if resolved else "unknown"
+    else:
+        group = "lan" if any(not ipaddress.ip_address(a).is_global for a in addresses) else "wan"
+    return _Base(is_local, addresses, resolved, source, override_host, zone, device,
+                 fallback_id, group)
 
 
 def _mtime(path: os.PathLike[str] | str) -> float | None:
@@ -440,8 +466,6 @@ def _mtime(path: os.PathLike[str] | str) -> float | None:
 
 
 def _canonical(addresses: Iterable[str]) -> str:
-    import ipaddress
-
     def key(text: str) -> tuple[int, int, str]:
         try:
             ip = ipaddress.ip_address(text)
@@ -450,21 +474,6 @@ def _canonical(addresses: Iterable[str]) -> str:
         return (ip.version, int(ip), text)
 
     return min(addresses, key=key)
-
-
-def _locality_group(base: _Base, zone: str | None) -> str:
-    if base.is_local:
-        return "local"
-    if zone is not None:
-        return zone
-    if not base.addresses:
-        return "unknown" if not base.resolved else "lan"
-    import ipaddress
-
-    for text in base.addresses:
-        if not ipaddress.ip_address(text).is_global:
-            return "lan"
-    return "wan"
 
 
 _DEVICE_KEYS: Final = ("gpu_id", "device", "gpu")

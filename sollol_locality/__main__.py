@@ -1,0 +1,7 @@
+"""``python -m sollol_locality`` runs the ``sollol-locality`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
