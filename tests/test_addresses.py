@@ -148,12 +148,14 @@ _label = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
 
 
 @given(
-    labels=st.lists(_label, min_size=1, max_size=4),
+    labels=st.lists(_label, min_size=0, max_size=3),
+    top=st.from_regex(r"[a-z][a-z0-9]{0,8}", fullmatch=True),
     port=st.integers(1, 65535),
     scheme=st.sampled_from(["http", "https"]),
 )
-def test_format_parse_round_trip(labels, port, scheme):
-    host = ".".join(labels)
+def test_format_parse_round_trip(labels, top, port, scheme):
+    # The last label starts with a letter: an all-numeric name is an IPv4 literal (RFC 1123).
+    host = ".".join([*labels, top])
     address = parse_node_address(f"{scheme}://{host}:{port}")
     assert isinstance(address, NodeAddress)
     assert parse_node_address(address.url) == address
