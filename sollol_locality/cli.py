@@ -121,7 +121,7 @@ def _cmd_hosts(args: argparse.Namespace, out: TextIO) -> int:
     identities = topology.describe_many(args.nodes)
     groups: dict[str, list[dict[str, Any]]] = {}
     invalid: list[dict[str, str]] = []
-    for raw, identity in zip(args.nodes, identities):
+    for raw, identity in zip(args.nodes, identities, strict=True):
         if isinstance(identity, InvalidNodeAddress):
             invalid.append({"node": describe_input(raw).strip("'"), "reason": identity.reason})
         else:

@@ -11,7 +11,7 @@ min_speedup        ``SOLLOL_LOCALITY_MIN_SPEEDUP``  ``1.0``
 topology_file      ``SOLLOL_LOCALITY_TOPOLOGY``     none
 dns_timeout        ``SOLLOL_LOCALITY_DNS_TIMEOUT``  ``1.0`` second for one whole decision
 nameservers        ``SOLLOL_LOCALITY_NAMESERVERS``  the system's (``ip[:port],...``)
-calibration_file   ``SOLLOL_LOCALITY_CALIBRATION``  ``$XDG_CACHE_HOME/sollol-locality/calibration.json``
+calibration_file   ``SOLLOL_LOCALITY_CALIBRATION``  ``~/.cache/sollol-locality/calibration.json``
 =================  ===============================  =========================================
 
 A bad value raises :class:`~sollol_locality.ConfigError` at construction, naming the variable (or
@@ -190,14 +190,14 @@ class LocalityConfig:
 
 
 def _check_mode(value: object, variable: str | None) -> Mode:
-    text = value.strip().lower() if isinstance(value, str) else value
+    text = value.strip().lower() if isinstance(value, str) else None
     if text not in _MODES:
         name = variable or "mode"
         raise ConfigError(
             f"{name}={value!r} is not a valid mode (expected one of auto, parallel, sequential)",
             variable=name, value=value,
         )
-    return text  # type: ignore[return-value]
+    return text  # type: ignore[return-value]  # narrowed by the membership test
 
 
 def _check_float(value: object, name: str, *, low: float, allow_low: bool,
@@ -364,7 +364,8 @@ def parse_topology(text: str, path: str = "<topology>") -> TopologyOverrides:
             alias_index[normalised] = host_name
             aliases.add(normalised)
         alias_index.setdefault(host_name, host_name)
-        hosts[host_name] = HostOverride(host_name, frozenset(aliases), zone.strip() if zone else None)
+        hosts[host_name] = HostOverride(host_name, frozenset(aliases),
+                                        zone.strip() if zone else None)
     nodes: dict[tuple[str, int], NodeOverride] = {}
     raw_nodes = data.get("nodes", {})
     if not isinstance(raw_nodes, dict):

@@ -45,7 +45,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeGuard
 
 from ._errors import CalibrationError, InvalidNodeAddress
 from .config import LocalityConfig
@@ -161,12 +161,12 @@ def node_latency(node: object, min_samples: int) -> float | None:
         return None
     if isinstance(node, Mapping):
         count = node.get("total_requests", node.get("requests"))
-        if count is not None and (not _is_number(count) or count < min_samples):
+        if count is not None and not (_is_number(count) and float(count) >= min_samples):
             return None
         for key, scale in (("latency_ms", 1e-3), ("avg_latency_ms", 1e-3),
                            ("avg_response_time", 1.0)):
             value = node.get(key)
-            if _is_number(value) and value > 0:
+            if _is_number(value) and float(value) > 0:
                 return float(value) * scale
         return None
     metrics = _attr(node, "metrics")
@@ -184,7 +184,7 @@ def node_latency(node: object, min_samples: int) -> float | None:
     return None
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)
             and math.isfinite(value))
 
@@ -290,17 +290,17 @@ class ParallelismCostModel:
                  ) -> tuple[list[NodeProfile], str]:
         """Node profiles for described nodes (invalid ones skipped) and the time unit."""
         priors = self.priors
-        raw: list[tuple[int, HostIdentity, tuple[str, int], tuple[str, str], float | None, str]] = []
+        raw: list[tuple[int, HostIdentity, tuple[str, int], tuple[str, str], float | None,
+                        str]] = []
         for index, identity in enumerate(identities):
             if isinstance(identity, InvalidNodeAddress):
                 continue
             unit = identity.unit
-            measured = self.measured_task_seconds(unit)
-            if measured is not None:
-                seconds, source = measured, "calibration"
-            else:
-                reported = node_latency(identity.node, priors.min_samples)
-                seconds, source = (reported, "metrics") if reported is not None else (None, "prior")
+            seconds: float | None = self.measured_task_seconds(unit)
+            source = "calibration"
+            if seconds is None:
+                seconds = node_latency(identity.node, priors.min_samples)
+                source = "metrics" if seconds is not None else "prior"
             instance = (identity.physical_host_id, identity.address.port)
             raw.append((index, identity, instance, unit, seconds, source))
         # The reference speed for nodes without data: the median over distinct instances, so
@@ -317,10 +317,11 @@ class ParallelismCostModel:
         else:
             time_unit, reference = "tasks", 1.0
         result = []
-        for index, identity, instance, unit, seconds, source in raw:
-            if seconds is None:
-                seconds = reference / priors.gpu_speed_factor if unit[1] != "cpu" else reference
-            result.append(NodeProfile(index, identity, instance, unit, seconds, source))
+        for index, identity, instance, unit, known_seconds, source in raw:
+            task_time = known_seconds
+            if task_time is None:
+                task_time = reference / priors.gpu_speed_factor if unit[1] != "cpu" else reference
+            result.append(NodeProfile(index, identity, instance, unit, task_time, source))
         return result, time_unit
 
     # -- prediction -------------------------------------------------------------------------
@@ -433,11 +434,11 @@ class ParallelismCostModel:
                                    (0,) * len(identities))
         sequential = self.sequential_makespan(num_tasks, profiles)
         parallel, shares = self.parallel_makespan(num_tasks, profiles)
-        used = [p for p, n in zip(profiles, shares) if n > 0]
+        used = [p for p, n in zip(profiles, shares, strict=True) if n > 0]
         units = tuple(dict.fromkeys(p.unit_label for p in used))
         speedup = sequential / parallel if parallel > 0 else 1.0
         per_node = [0] * len(identities)
-        for profile, share in zip(profiles, shares):
+        for profile, share in zip(profiles, shares, strict=True):
             per_node[profile.index] = share
         reason = self._explain(num_tasks, profiles, used, speedup)
         if invalid:
@@ -535,19 +536,20 @@ class ParallelismCostModel:
                          k, c)
             return
         # Several units: compare with the model's prediction without the overhead being learned.
-        times = [self.measured_task_seconds(m.unit) for m in members]
-        if any(t is None for t in times):
+        measured = [self.measured_task_seconds(m.unit) for m in members]
+        times = [t for t in measured if t is not None]
+        if len(times) != len(measured):
             return
         if len(hosts) == 1 and len(units) == len(members):
             host = next(iter(hosts))
             rounds = math.ceil(num_tasks / k)
-            ideal = max(times) * rounds  # type: ignore[type-var]
+            ideal = max(times) * rounds
             overhead = (wall / ideal - 1.0) / max(1, len(units) - 1)
             _push(cal.host_overhead, host, max(0.0, overhead))
             return
         if len(units) == len(members) and len(hosts) == len(members):
-            shares = _assign(num_tasks, list(enumerate(times)))  # type: ignore[arg-type]
-            ideal = max(shares[i] * times[i] for i in shares if shares[i])  # type: ignore[operator]
+            shares = _assign(num_tasks, list(enumerate(times)))
+            ideal = max(shares[i] * times[i] for i in shares if shares[i])
             cal.dispatch.append(max(0.0, wall / ideal - 1.0))
 
     # -- persistence ------------------------------------------------------------------------

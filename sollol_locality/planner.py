@@ -346,10 +346,10 @@ class ExecutionPlanner:
             if num_tasks >= 2 and naive < 1.0:
                 warnings.append(f"forced parallel is predicted slower than sequential "
                                 f"({naive:.2f}x)")
-            used = sum(1 for s in shares if s > 0)
+            working = sum(1 for s in shares if s > 0)
             return par(streams, shares, makespan,
                        f"Parallel forced by configuration ({ENV_MODE}=parallel): "
-                       f"{_tasks(num_tasks)} across {used} node(s), predicted "
+                       f"{_tasks(num_tasks)} across {working} node(s), predicted "
                        f"{(sequential / makespan if makespan else 1.0):.2f}x.",
                        "forced-parallel", forced=True)
         if num_tasks < 2:
@@ -396,7 +396,7 @@ class ExecutionPlanner:
         if best is None:  # pragma: no cover - len(ordered) >= 2 guarantees a candidate
             return seq("Sequential: no parallel plan is possible.", "below-threshold")
         speedup, chosen, shares, makespan = best
-        used = [p for p, s in zip(chosen, shares) if s > 0]
+        used = [p for p, s in zip(chosen, shares, strict=True) if s > 0]
         if speedup > self.config.min_speedup and len(used) >= 2:
             used_hosts = list(dict.fromkeys(p.unit[0] for p in used))
             used_units = {p.unit for p in used}

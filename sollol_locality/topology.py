@@ -193,7 +193,7 @@ class NodeTopology:
         """
         node_list = nodes if isinstance(nodes, list) else list(nodes)
         groups: dict[str, list[Any]] = {}
-        for node, host_id in zip(node_list, self._host_ids(node_list)):
+        for node, host_id in zip(node_list, self._host_ids(node_list), strict=True):
             groups.setdefault(host_id, []).append(node)
         return groups
 
@@ -215,7 +215,7 @@ class NodeTopology:
         ids = self._merge(bases)
         overrides = self._overrides
         results: list[HostIdentity | InvalidNodeAddress] = []
-        for node, address, base, host_id in zip(node_list, parsed, bases, ids):
+        for node, address, base, host_id in zip(node_list, parsed, bases, ids, strict=True):
             if base is None:
                 results.append(address)  # type: ignore[arg-type]
                 continue
@@ -278,8 +278,9 @@ class NodeTopology:
             wait = self.config.dns_timeout if timeout is None else timeout
             resolutions = self.resolver.resolve_many(sorted(names), timeout=wait)
         for index in pending:
-            address = parsed[index]
-            assert isinstance(address, NodeAddress)
+            pending_address = parsed[index]
+            assert isinstance(pending_address, NodeAddress)
+            address = pending_address
             resolution = resolutions.get(address.host) if address.ip is None else None
             key = (address.host, address.port)
             entry = memo.get(key)
