@@ -26,7 +26,9 @@ from .planner import ExecutionPlan, ExecutionPlanner
 from .topology import HostIdentity, NodeTopology
 
 if TYPE_CHECKING:
+    from ._install import install, uninstall
     from .balancer import LocalityAwareLoadBalancer
+    from .pool import LocalityAwarePool, LocalityAwarePoolMixin
 
 __version__ = "0.1.0"
 
@@ -40,6 +42,8 @@ __all__ = [
     "InvalidNodeAddress",
     "LocalityAwareLoadBalancer",
     "LocalityAwareMixin",
+    "LocalityAwarePool",
+    "LocalityAwarePoolMixin",
     "LocalityConfig",
     "LocalityError",
     "NodeAddress",
@@ -47,11 +51,18 @@ __all__ = [
     "ParallelismCostModel",
     "SpeedupEstimate",
     "TopologyFileError",
+    "install",
     "parse_node_address",
+    "uninstall",
 ]
 
+# Loaded on first use: these import sollol (Ray, Dask), which `import sollol_locality` must not.
 _LAZY = {
     "LocalityAwareLoadBalancer": ".balancer",
+    "LocalityAwarePool": ".pool",
+    "LocalityAwarePoolMixin": ".pool",
+    "install": "._install",
+    "uninstall": "._install",
 }
 
 

@@ -49,7 +49,8 @@ _LABEL_RE: Final = re.compile(r"^[a-z0-9_](?:[a-z0-9_\-]*[a-z0-9_])?$")
 _NUMERIC_HOST_RE: Final = re.compile(r"^[0-9.]+$|^0[xX][0-9a-fA-F]+$")
 _ZONE_RE: Final = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _BAD_CHARS_RE: Final = re.compile(r"[\s\x00-\x1f\x7f]")
-_USERINFO_RE: Final = re.compile(r"(?<=//)[^/?#@]*@|^[^/?#@:]*:[^/?#@]*@")
+# Everything up to the *last* "@" of the authority: a password may itself contain "@".
+_USERINFO_RE: Final = re.compile(r"(?<=//)[^/?#]*@|^[^/?#]*@")
 
 
 @runtime_checkable
@@ -123,6 +124,19 @@ def describe_input(node: object, limit: int = 80) -> str:
     return repr(text)
 
 
+def _describe_scalar(node: object, limit: int = 80) -> str:
+    """``repr`` of None, a number or bytes for messages: credentials in bytes masked, long input
+    shortened, and never an error (an int too long for ``repr`` is described by its size)."""
+    if isinstance(node, bytes):
+        return "b" + describe_input(node.decode("ascii", "backslashreplace"), limit)
+    try:
+        text = repr(node)
+    except ValueError:  # more digits than sys.get_int_max_str_digits() allows
+        bits = node.bit_length() if isinstance(node, int) else 0
+        return f"<{type(node).__name__} of {bits} bits>"
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} characters)"
+
+
 def node_reference(node: object) -> str | None:
     """The address text a node carries (its URL, or ``host:port``), without parsing it.
 
@@ -165,7 +179,8 @@ def parse_node_address(node: object, *, default_port: int = DEFAULT_PORT) -> Nod
         return _parse_mapping(node, default_port)
     if node is None or isinstance(node, (bytes, int, float, bool)):
         raise InvalidNodeAddress(
-            repr(node), f"expected a URL string, mapping or node object, got {type(node).__name__}"
+            _describe_scalar(node),
+            f"expected a URL string, mapping or node object, got {type(node).__name__}",
         )
     try:
         url = getattr(node, "url", None)

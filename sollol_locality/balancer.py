@@ -6,8 +6,6 @@ takes about a second); ``import sollol_locality`` loads it only when the name is
 
 from __future__ import annotations
 
-from typing import Any
-
 from sollol.integration import SOLLOLLoadBalancer
 
 from .mixin import LocalityAwareMixin

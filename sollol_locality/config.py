@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from ._errors import ConfigError, InvalidNodeAddress, TopologyFileError
-from .addresses import parse_node_address
+from .addresses import describe_input, parse_node_address
 
 __all__ = [
     "ENV_CALIBRATION",
@@ -356,11 +356,12 @@ def parse_topology(text: str, path: str = "<topology>") -> TopologyOverrides:
             try:
                 normalised = normalise_host(alias)
             except InvalidNodeAddress as exc:
-                raise fail(f"[hosts.{name}]: invalid alias {alias!r}: {exc.reason}",
+                raise fail(f"[hosts.{name}]: invalid alias {describe_input(alias)}: {exc.reason}",
                            alias) from None
             owner = alias_index.get(normalised)
             if owner is not None and owner != host_name:
-                raise fail(f"alias {alias!r} is given to both {owner!r} and {host_name!r}", alias)
+                raise fail(f"alias {describe_input(alias)} is given to both {owner!r} and "
+                           f"{host_name!r}", alias)
             alias_index[normalised] = host_name
             aliases.add(normalised)
         alias_index.setdefault(host_name, host_name)
@@ -371,25 +372,26 @@ def parse_topology(text: str, path: str = "<topology>") -> TopologyOverrides:
     if not isinstance(raw_nodes, dict):
         raise fail("'nodes' must be a table of [nodes.\"URL\"] tables", "nodes")
     for url, table in raw_nodes.items():
+        shown = describe_input(url)  # a node URL may carry credentials: never show them
         if not isinstance(table, dict):
-            raise fail(f"[nodes.{url!r}] must be a table", url)
+            raise fail(f"[nodes.{shown}] must be a table", url)
         try:
             address = parse_node_address(url)
         except InvalidNodeAddress as exc:
-            raise fail(f"[nodes.{url!r}]: {exc.reason}", url) from None
+            raise fail(f"[nodes.{shown}]: {exc.reason}", url) from None
         extra = set(table) - {"host", "gpu", "zone"}
         if extra:
             key = sorted(extra)[0]
-            raise fail(f"[nodes.{url!r}]: unknown key {key!r} (expected host, gpu, zone)", key)
+            raise fail(f"[nodes.{shown}]: unknown key {key!r} (expected host, gpu, zone)", key)
         host = table.get("host")
         if host is not None and (not isinstance(host, str) or not host.strip()):
-            raise fail(f"[nodes.{url!r}]: 'host' must be a non-empty string", "host")
+            raise fail(f"[nodes.{shown}]: 'host' must be a non-empty string", "host")
         gpu = table.get("gpu")
         if gpu is not None and not isinstance(gpu, (str, int)) or isinstance(gpu, bool):
-            raise fail(f"[nodes.{url!r}]: 'gpu' must be a string or integer GPU id", "gpu")
+            raise fail(f"[nodes.{shown}]: 'gpu' must be a string or integer GPU id", "gpu")
         zone = table.get("zone")
         if zone is not None and (not isinstance(zone, str) or not zone.strip()):
-            raise fail(f"[nodes.{url!r}]: 'zone' must be a non-empty string", "zone")
+            raise fail(f"[nodes.{shown}]: 'zone' must be a non-empty string", "zone")
         nodes[(address.host, address.port)] = NodeOverride(
             address.url,
             host.strip().lower() if isinstance(host, str) else None,

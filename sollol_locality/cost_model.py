@@ -64,6 +64,16 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _SAMPLES_KEPT: Final = 25
+_MIN_CONTENTION: Final = -0.9  # the most a unit can gain from concurrency, as observe() learns it
+# What a calibration file's priors may hold: (bound, whether the bound itself is excluded).
+_PRIOR_BOUNDS: Final[dict[str, tuple[float, bool]]] = {
+    "cpu_contention": (_MIN_CONTENTION, False),
+    "gpu_contention": (_MIN_CONTENTION, False),
+    "same_host_overhead": (0.0, False),
+    "dispatch_overhead": (0.0, False),
+    "gpu_speed_factor": (0.0, True),
+    "min_samples": (0.0, False),
+}
 _FORMAT_VERSION: Final = 1
 
 
@@ -255,7 +265,8 @@ class ParallelismCostModel:
     def contention(self, unit: tuple[str, str], k: int) -> float:
         """``c`` for ``k`` concurrent nodes on ``unit``: measured if known (nearest measured
         ``k``), else the CPU or GPU prior."""
-        by_k = self._cal.contention.get(unit_label(unit))
+        # A copy: observe() may add a stream count from another thread while this one decides.
+        by_k = dict(self._cal.contention.get(unit_label(unit)) or {})
         if by_k:
             nearest = min(by_k, key=lambda known: (abs(known - k), -known))
             value = _median(by_k[nearest])
@@ -265,7 +276,7 @@ class ParallelismCostModel:
 
     def gains_from_concurrency(self, unit: tuple[str, str]) -> int:
         """The largest measured number of concurrent nodes that made ``unit`` faster (1 if none)."""
-        by_k = self._cal.contention.get(unit_label(unit), {})
+        by_k = dict(self._cal.contention.get(unit_label(unit)) or {})  # a copy, as above
         best = 1
         for k, samples in by_k.items():
             value = _median(samples)
@@ -301,7 +312,7 @@ class ParallelismCostModel:
             if seconds is None:
                 seconds = node_latency(identity.node, priors.min_samples)
                 source = "metrics" if seconds is not None else "prior"
-            instance = (identity.physical_host_id, identity.address.port)
+            instance = identity.instance
             raw.append((index, identity, instance, unit, seconds, source))
         # The reference speed for nodes without data: the median over distinct instances, so
         # that listing one instance under several names never shifts it.
@@ -516,7 +527,7 @@ class ParallelismCostModel:
             return
         instances: dict[tuple[str, int], HostIdentity] = {}
         for identity in identities:
-            instances.setdefault((identity.physical_host_id, identity.address.port), identity)
+            instances.setdefault(identity.instance, identity)
         members = list(instances.values())
         units = {m.unit for m in members}
         hosts = {m.unit[0] for m in members}
@@ -531,7 +542,7 @@ class ParallelismCostModel:
             rounds = math.ceil(num_tasks / k)
             # each of the k streams ran `rounds` tasks at base * k * (1 + c)
             c = wall / (rounds * base * k) - 1.0
-            _push_nested(cal.contention, unit_label(unit), k, max(-0.9, c))
+            _push_nested(cal.contention, unit_label(unit), k, max(_MIN_CONTENTION, c))
             logger.debug("calibration: %s with %d streams: contention %.3f", unit_label(unit),
                          k, c)
             return
@@ -548,8 +559,11 @@ class ParallelismCostModel:
             _push(cal.host_overhead, host, max(0.0, overhead))
             return
         if len(units) == len(members) and len(hosts) == len(members):
-            shares = _assign(num_tasks, list(enumerate(times)))
-            ideal = max(shares[i] * times[i] for i in shares if shares[i])
+            if num_tasks == len(members):  # one task each, as the run dispatched them
+                ideal = max(times)
+            else:
+                shares = _assign(num_tasks, list(enumerate(times)))
+                ideal = max(shares[i] * times[i] for i in shares if shares[i])
             cal.dispatch.append(max(0.0, wall / ideal - 1.0))
 
     # -- persistence ------------------------------------------------------------------------
@@ -609,12 +623,20 @@ class ParallelismCostModel:
             raise CalibrationError(
                 f"calibration file {shown} is not valid JSON (line {exc.lineno}): {exc.msg}"
             ) from exc
+        except RecursionError as exc:
+            raise CalibrationError(f"calibration file {shown} is nested too deeply") from exc
         cal = _parse_calibration(data, shown)
         priors = self.priors
         raw_priors = data.get("priors")
         if isinstance(raw_priors, dict):
             known = {f.name for f in fields(CostPriors)}
             values = {k: v for k, v in raw_priors.items() if k in known and _is_number(v)}
+            for name, value in values.items():
+                low, strict = _PRIOR_BOUNDS.get(name, (-math.inf, False))
+                if value < low or (strict and value == low):
+                    raise CalibrationError(f"{shown}: prior {name} = {value!r} is out of range "
+                                           f"(expected {'more than' if strict else 'at least'} "
+                                           f"{low:g})")
             try:
                 priors = CostPriors(**{**asdict(self.priors), **values})
             except TypeError:
@@ -666,9 +688,13 @@ def _push_nested(store: dict[str, dict[int, deque[float]]], key: str, k: int,
     store.setdefault(key, {}).setdefault(k, deque(maxlen=_SAMPLES_KEPT)).append(value)
 
 
-def _samples(value: object, where: str) -> deque[float]:
+def _samples(value: object, where: str, low: float | None = None) -> deque[float]:
     if not isinstance(value, list) or not all(_is_number(v) for v in value):
         raise CalibrationError(f"{where} must be a list of numbers")
+    if low is not None and any(v < low for v in value):
+        # Outside what observe() can learn: a hand-edited or damaged file, which would make
+        # predictions meaningless (or divide by zero).
+        raise CalibrationError(f"{where} must be at least {low:g}")
     return deque((float(v) for v in value[-_SAMPLES_KEPT:]), maxlen=_SAMPLES_KEPT)
 
 
@@ -685,13 +711,17 @@ def _parse_calibration(data: object, shown: str) -> _Calibration:
         for unit, by_k in (data.get("contention") or {}).items():
             if not isinstance(by_k, dict):
                 raise CalibrationError(f"{shown}: contention[{unit!r}] must be a table")
+            if any(int(k) < 2 for k in by_k):
+                raise CalibrationError(f"{shown}: contention[{unit!r}] stream counts must be "
+                                       "at least 2")
             cal.contention[str(unit)] = {
-                int(k): _samples(v, f"{shown}: contention[{unit!r}][{k!r}]")
+                int(k): _samples(v, f"{shown}: contention[{unit!r}][{k!r}]", _MIN_CONTENTION)
                 for k, v in by_k.items()
             }
         for host, values in (data.get("host_overhead") or {}).items():
-            cal.host_overhead[str(host)] = _samples(values, f"{shown}: host_overhead[{host!r}]")
-        cal.dispatch = _samples(data.get("dispatch_overhead") or [], f"{shown}: dispatch")
+            cal.host_overhead[str(host)] = _samples(values, f"{shown}: host_overhead[{host!r}]",
+                                                    0.0)
+        cal.dispatch = _samples(data.get("dispatch_overhead") or [], f"{shown}: dispatch", 0.0)
         observations = data.get("observations", 0)
         cal.observations = int(observations) if _is_number(observations) else 0
     except (AttributeError, TypeError, ValueError) as exc:

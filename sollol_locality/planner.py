@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
 from ._errors import InvalidNodeAddress
+from .addresses import describe_input
 from .config import ENV_MODE, LocalityConfig
 from .cost_model import NodeProfile, ParallelismCostModel, unit_label
 from .topology import HostIdentity, NodeTopology
@@ -67,6 +68,13 @@ class ExecutionPlan:
     forced: bool
     _detail: _Template | None = field(default=None, repr=False, compare=False)
     _candidates: tuple[Any, ...] = field(default=(), repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        # ``nodes`` are the caller's objects; their URLs may carry credentials: shown masked.
+        nodes = ", ".join(describe_input(node) for node in self.nodes)
+        return (f"ExecutionPlan(mode={self.mode!r}, speedup={self.speedup!r}, nodes=[{nodes}], "
+                f"unique_hosts={self.unique_hosts!r}, reason={self.reason!r}, "
+                f"warnings={self.warnings!r}, forced={self.forced!r})")
 
     @property
     def parallel(self) -> bool:
@@ -420,11 +428,13 @@ class ExecutionPlanner:
                    "below-threshold")
 
 
-def _rank(profile: NodeProfile) -> tuple[float, bool, str, int, int]:
-    """Best first: fastest; among equals this machine (no network hop), then by host id and
-    port, so the choice does not depend on the order nodes were listed in."""
-    return (profile.task_time, not profile.identity.is_local, profile.instance[0],
-            profile.instance[1], profile.index)
+def _rank(profile: NodeProfile) -> tuple[float, bool, bool, str, int, int]:
+    """Best first: fastest; among equals this machine (no network hop) and its own servers
+    before its containers, then by host id and port, so the choice does not depend on the
+    order nodes were listed in."""
+    identity = profile.identity
+    return (profile.task_time, not identity.is_local, identity.source == "container",
+            profile.instance[0], profile.instance[1], profile.index)
 
 
 def _distinct_instances(profiles: Iterable[NodeProfile]) -> list[NodeProfile]:

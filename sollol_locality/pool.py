@@ -20,7 +20,8 @@
   cost model, not "two or more addresses"); ``plan_execution(num_tasks)`` gives the whole plan.
 * ``_deduplicate_nodes()`` (run by ``OllamaPool.__init__``) merges only nodes that are the same
   machine *and* the same port (one Ollama instance named twice); instances of one machine on
-  different ports are all kept. Every merge is logged.
+  different ports are all kept, and so is a container on this machine (its own network namespace,
+  its own ports) even on the host instance's port. Every merge is logged.
 * ``_normalize_node()`` parses every node shape with :func:`parse_node_address` (``[::1]:11434``,
   ``http://[fe80::1%eth0]:11434``, a trailing ``/``, objects with ``.url``) into the pool's own
   ``{"host": ..., "port": ...}`` dict. OllamaPool builds URLs as ``f"http://{host}:{port}"``, so an
@@ -54,10 +55,7 @@ from .planner import ExecutionPlan, ExecutionPlanner
 from .topology import HostIdentity, NodeTopology
 
 if TYPE_CHECKING:
-    from sollol.pool import OllamaPool
-
-    class LocalityAwarePool(OllamaPool):  # noqa: D101 - documented where it is built
-        ...
+    LocalityAwarePool: type[Any]  # built on first use by the module __getattr__ below
 
 __all__ = ["LocalityAwarePool", "LocalityAwarePoolMixin", "normalize_pool_node"]
 
@@ -156,7 +154,7 @@ def _new_state(options: tuple[Any, Any, Any, Any]) -> tuple[_LocalityState, bool
 
 def _state_for(pool: Any) -> _LocalityState:
     """The locality state ``pool`` decides with (created on first use for mixin instances)."""
-    state = pool.__dict__.get(_STATE_KEY)
+    state: _LocalityState | None = pool.__dict__.get(_STATE_KEY)
     if state is not None:
         return state
     if isinstance(pool, LocalityAwarePoolMixin):
@@ -167,6 +165,7 @@ def _state_for(pool: Any) -> _LocalityState:
                 state, owns = _new_state(options)
                 pool.__dict__[_OWNS_KEY] = owns
                 pool.__dict__[_STATE_KEY] = state
+        assert state is not None
         return state
     from ._install import shared_state
 
@@ -188,6 +187,19 @@ def _node_text(node: Any, identity: HostIdentity | InvalidNodeAddress | None = N
     if isinstance(node, Mapping) and "host" in node:
         return f"{node.get('host')}:{node.get('port')}"
     return describe_input(node)
+
+
+def _instance_key(topology: NodeTopology, identity: HostIdentity) -> tuple[str, str, int]:
+    """What makes two nodes one Ollama instance: the machine and the port, except that a
+    container on this machine has its own network namespace (its own ports) and so is keyed by
+    its address."""
+    port = identity.address.port
+    if identity.is_local:
+        classify = topology.local_machine.classify_ip
+        containers = sorted(a for a in identity.addresses if classify(a) == "container")
+        if containers:
+            return ("container", containers[0], port)
+    return ("host", identity.physical_host_id, port)
 
 
 class LocalityAwarePoolMixin:
@@ -244,7 +256,7 @@ class LocalityAwarePoolMixin:
         topology = _state_for(self).planner.topology
         nodes = _pool_nodes(self)
         hosts = set()
-        for node, identity in zip(nodes, _describe(topology, nodes)):
+        for node, identity in zip(nodes, _describe(topology, nodes), strict=True):
             if isinstance(identity, InvalidNodeAddress):
                 logger.debug("node %s not counted: %s", _node_text(node), identity.reason)
                 continue
@@ -284,40 +296,44 @@ class LocalityAwarePoolMixin:
         return normalize_pool_node(node)
 
     def _deduplicate_nodes(self) -> None:
-        """Merge nodes that are one Ollama instance (same machine *and* same port); keep every
-        instance of one machine on different ports. The first node named of each instance stays
-        (the caller's own dict); each merge is logged."""
+        """Merge nodes that are one Ollama instance (same machine *and* same port; a container on
+        this machine has its own ports); keep every other instance of a machine. The first node
+        named of each instance stays (the caller's own dict); each merge is logged."""
         nodes = _pool_nodes(self)
         if len(nodes) < 2:
             return
         topology = _state_for(self).planner.topology
         identities = _describe(topology, nodes)
         kept: list[Any] = []
-        first: dict[tuple[str, int], tuple[Any, HostIdentity]] = {}
-        ports_by_host: dict[str, list[str]] = {}
-        for node, identity in zip(nodes, identities):
+        first: dict[tuple[str, str, int], tuple[Any, HostIdentity]] = {}
+        instances_by_host: dict[str, list[str]] = {}
+        for node, identity in zip(nodes, identities, strict=True):
             if isinstance(identity, InvalidNodeAddress):
                 logger.warning("pool node %s kept as given: %s", _node_text(node),
                                identity.reason, extra={"event": "pool_node_unparsed"})
                 kept.append(node)
                 continue
-            key = (identity.physical_host_id, identity.address.port)
+            key = _instance_key(topology, identity)
+            where = (identity.physical_host_id if key[0] == "host"
+                     else f"{identity.physical_host_id}, container {key[1]}")
             if key in first:
                 survivor, survivor_identity = first[key]
                 logger.info(
                     "pool nodes %s and %s are one Ollama instance (machine %s, port %d); "
                     "keeping %s", _node_text(survivor, survivor_identity),
-                    _node_text(node, identity), key[0], key[1],
+                    _node_text(node, identity), where, key[2],
                     _node_text(survivor, survivor_identity),
-                    extra={"event": "pool_node_merged", "host": key[0], "port": key[1]})
+                    extra={"event": "pool_node_merged", "host": identity.physical_host_id,
+                           "port": key[2]})
                 continue
             first[key] = (node, identity)
             kept.append(node)
-            ports_by_host.setdefault(key[0], []).append(_node_text(node, identity))
-        for host, members in ports_by_host.items():
+            instances_by_host.setdefault(identity.physical_host_id, []).append(
+                _node_text(node, identity))
+        for host, members in instances_by_host.items():
             if len(members) > 1:
-                logger.info("pool nodes %s run on one machine (%s) on different ports; all are "
-                            "kept as separate instances", ", ".join(members), host,
+                logger.info("pool nodes %s are separate Ollama instances on one machine (%s); "
+                            "all are kept", ", ".join(members), host,
                             extra={"event": "pool_nodes_share_machine", "host": host})
         if len(kept) != len(nodes):
             lock = getattr(self, "_lock", None)
@@ -345,7 +361,7 @@ class LocalityAwarePoolMixin:
 def _build_pool_class() -> type:
     from sollol.pool import OllamaPool
 
-    class LocalityAwarePool(LocalityAwarePoolMixin, OllamaPool):  # type: ignore[misc,valid-type]
+    class LocalityAwarePool(LocalityAwarePoolMixin, OllamaPool):  # type: ignore[misc]
         """``sollol.pool.OllamaPool`` with :class:`LocalityAwarePoolMixin`: every OllamaPool
         option works as before, plus the keyword-only ``locality_config``, ``topology``,
         ``cost_model`` and ``planner``."""

@@ -31,11 +31,11 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Final
 
 from ._errors import InvalidNodeAddress, TopologyFileError
-from .addresses import NodeAddress, parse_node_address
+from .addresses import NodeAddress, describe_input, parse_node_address
 from .config import LocalityConfig, TopologyOverrides, load_topology_file
 
 __all__ = ["HostIdentity", "NodeTopology", "LOCALHOST_ID"]
@@ -85,6 +85,21 @@ class HostIdentity:
     resolved: bool
     source: str
     has_gpu: bool = False
+
+    def __repr__(self) -> str:
+        # ``node`` is the caller's object; its URL may carry credentials, so it is shown masked.
+        parts = [f"node={describe_input(self.node)}"]
+        parts += [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.name != "node"]
+        return f"HostIdentity({', '.join(parts)})"
+
+    @property
+    def instance(self) -> tuple[str, int]:
+        """The Ollama server the node reaches: ``(physical_host_id, port)``. A container on this
+        machine has its own network namespace, so its address stands in for the host there:
+        ``localhost:11434`` and a container's ``:11434`` are two servers on one machine."""
+        if self.source == "container" and self.addresses:
+            return (min(self.addresses), self.address.port)
+        return (self.physical_host_id, self.address.port)
 
     @property
     def unit(self) -> tuple[str, str]:

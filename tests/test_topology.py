@@ -104,11 +104,19 @@ def test_own_host_name_and_fqdn_are_this_machine(topology):
         assert identity.source in ("hostname", "loopback"), name
 
 
-@pytest.mark.parametrize("ip", _own_addresses())
-def test_each_own_interface_address_is_this_machine(topology, ip):
-    identity = topology.describe(f"http://{_bracket(ip)}:11434")
-    assert identity.physical_host_id == "localhost"
-    assert identity.source in ("interface", "loopback")
+def test_each_own_interface_address_is_this_machine(lab):
+    # Read at test time, with a fresh probe, so the table is this machine's as it is now.
+    machine = LocalMachine(refresh_interval=0)
+    topology = NodeTopology(offline_config(nameservers=lab.nameserver, hosts_file=None),
+                            local_machine=machine)
+    current = {ip.compressed for ip in machine.snapshot().addresses}
+    addresses = [ip for ip in _own_addresses() if ip in current]
+    assert addresses, "psutil lists no interface address"
+    for ip in addresses:
+        identity = topology.describe(f"http://{_bracket(ip)}:11434")
+        assert identity.physical_host_id == "localhost", ip
+        assert identity.source in ("interface", "loopback"), (ip, identity.source)
+    assert topology.count_unique_hosts([f"{_bracket(ip)}:1" for ip in addresses]) == 1
 
 
 def test_own_link_local_address_with_zone_id(topology):

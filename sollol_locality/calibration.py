@@ -1,0 +1,239 @@
+"""Calibration: measure live Ollama nodes and teach the cost model this cluster.
+
+``sollol-locality calibrate [--model M] NODE...`` runs, for real:
+
+1. a check that every node answers (``GET /api/version``) and has the model; if one does not,
+   nothing is measured and nothing is written;
+2. one untimed generate per node, so each node has the model loaded;
+3. each node alone, ``--rounds`` times: the time per task of its execution unit;
+4. the nodes of each execution unit together (two instances on one CPU or GPU): the unit's
+   contention; the units of each host together (several GPUs): the same-host overhead; one node
+   per host together: the dispatch overhead between machines;
+
+then writes the calibration file (atomically) that later decisions load automatically.
+Progress goes to stderr, one line per measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from ._errors import CalibrationError, InvalidNodeAddress
+from .config import LocalityConfig
+from .cost_model import ParallelismCostModel, unit_label
+from .topology import HostIdentity, NodeTopology
+
+__all__ = ["CalibrationReport", "add_calibrate_parser", "calibrate"]
+
+_PROMPT = "Write one long paragraph about the history of distributed computing."
+
+
+@dataclass
+class CalibrationReport:
+    """What a calibration run measured and where it was written."""
+
+    path: Path | None
+    model: str
+    solo_seconds: dict[str, float] = field(default_factory=dict)  # node url -> median s/task
+    together: list[dict[str, Any]] = field(default_factory=list)
+    observations: int = 0
+
+
+def _request(url: str, *, payload: dict[str, Any] | None = None, timeout: float) -> Any:
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, method="POST" if data else "GET",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - http(s) only
+        return json.loads(response.read().decode() or "null")
+
+
+def _generate(identity: HostIdentity, model: str, num_predict: int, timeout: float) -> float:
+    start = time.perf_counter()
+    _request(f"{identity.address.url}/api/generate",
+             payload={"model": model, "prompt": _PROMPT, "stream": False,
+                      "options": {"num_predict": num_predict}},
+             timeout=timeout)
+    return time.perf_counter() - start
+
+
+def _together(identities: Sequence[HostIdentity], model: str, num_predict: int,
+              timeout: float) -> float:
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(identities) + 1)
+
+    def work(identity: HostIdentity) -> None:
+        barrier.wait()
+        try:
+            _generate(identity, model, num_predict, timeout)
+        except (OSError, ValueError) as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in identities]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    if errors:
+        raise CalibrationError(f"a node failed during a concurrent run: {errors[0]}")
+    return wall
+
+
+def calibrate(
+    nodes: Sequence[Any],
+    *,
+    model: str | None = None,
+    num_predict: int = 32,
+    rounds: int = 3,
+    timeout: float = 120.0,
+    output: str | Path | None = None,
+    config: LocalityConfig | None = None,
+    topology: NodeTopology | None = None,
+    cost_model: ParallelismCostModel | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> CalibrationReport:
+    """Measure ``nodes`` and write the calibration file; see the module docstring.
+
+    Raises:
+        CalibrationError: a node cannot be parsed, does not answer or lacks the model (nothing
+            is written), or a measurement fails.
+    """
+    if rounds < 1 or num_predict < 1:
+        raise CalibrationError("rounds and num_predict must be at least 1")
+    config = config if config is not None else LocalityConfig()
+    topology = topology if topology is not None else NodeTopology(config)
+    model_ = cost_model if cost_model is not None else ParallelismCostModel(config)
+    say = progress or (lambda line: None)
+    identities: list[HostIdentity] = []
+    seen: set[tuple[str, int]] = set()
+    for result in topology.describe_many(list(nodes)):
+        if isinstance(result, InvalidNodeAddress):
+            raise CalibrationError(str(result))
+        instance = result.instance
+        if instance not in seen:  # aliases of one instance are measured once
+            seen.add(instance)
+            identities.append(result)
+    if not identities:
+        raise CalibrationError("no nodes to calibrate")
+    # 1. every node answers and has the model, before anything is measured or written
+    chosen_model = model
+    for identity in identities:
+        url = identity.address.url
+        try:
+            _request(f"{url}/api/version", timeout=min(timeout, 5.0))
+            tags = _request(f"{url}/api/tags", timeout=min(timeout, 5.0))
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise CalibrationError(f"node {url} does not answer: {reason}") from exc
+        names = [m.get("name") for m in (tags or {}).get("models", []) if isinstance(m, dict)]
+        if chosen_model is None:
+            if not names:
+                raise CalibrationError(f"node {url} has no model; pass --model")
+            chosen_model = names[0]
+        elif names and chosen_model not in names and f"{chosen_model}:latest" not in names:
+            raise CalibrationError(f"node {url} does not have model {chosen_model!r} "
+                                   f"(it has {', '.join(map(str, names))})")
+    assert chosen_model is not None
+    report = CalibrationReport(path=None, model=chosen_model)
+    try:
+        # 2. load the model everywhere
+        for identity in identities:
+            say(f"warming {identity.address.url} ({chosen_model})")
+            _generate(identity, chosen_model, num_predict, timeout)
+        # 3. alone
+        for identity in identities:
+            times = []
+            for round_ in range(rounds):
+                wall = _generate(identity, chosen_model, num_predict, timeout)
+                times.append(wall)
+                model_.observe("sequential", [identity.node], 1, wall, identities=[identity])
+                say(f"{identity.address.url} alone, round {round_ + 1}/{rounds}: {wall:.3f}s")
+            report.solo_seconds[identity.address.url] = sorted(times)[len(times) // 2]
+        # 4. together: per unit, per host, across hosts
+        groups: list[tuple[str, list[HostIdentity]]] = []
+        by_unit: dict[tuple[str, str], list[HostIdentity]] = {}
+        by_host: dict[str, dict[tuple[str, str], HostIdentity]] = {}
+        for identity in identities:
+            by_unit.setdefault(identity.unit, []).append(identity)
+            by_host.setdefault(identity.physical_host_id, {}).setdefault(identity.unit, identity)
+        for unit, members in by_unit.items():
+            if len(members) > 1:
+                groups.append((f"{len(members)} nodes on {unit_label(unit)}", members))
+        for host, units in by_host.items():
+            if len(units) > 1:
+                groups.append((f"{len(units)} units of {host}", list(units.values())))
+        if len(by_host) > 1:
+            groups.append((f"one node on each of {len(by_host)} machines",
+                           [next(iter(u.values())) for u in by_host.values()]))
+        for label, members in groups:
+            for round_ in range(rounds):
+                wall = _together(members, chosen_model, num_predict, timeout)
+                model_.observe("parallel", [m.node for m in members], len(members), wall,
+                               identities=members)
+                say(f"{label} together, round {round_ + 1}/{rounds}: {wall:.3f}s")
+                report.together.append({"group": label, "nodes": len(members), "wall": wall})
+    except (OSError, ValueError) as exc:
+        raise CalibrationError(f"calibration failed, nothing written: {exc}") from exc
+    target = Path(output) if output is not None else config.calibration_file
+    if target is None:
+        raise CalibrationError("no calibration file configured; pass --output")
+    report.path = model_.save(target)
+    report.observations = model_.observations
+    say(f"wrote {report.path}")
+    return report
+
+
+def add_calibrate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Register ``sollol-locality calibrate`` on the command's sub-parsers."""
+    parser = sub.add_parser(
+        "calibrate", parents=[common], help="measure live nodes and write the calibration file",
+        description="Probe live Ollama nodes (alone, then together where they share a machine) "
+                    "and write the calibration file later decisions use.")
+    parser.add_argument("--model", "-m", help="model to run (default: the first the node has)")
+    parser.add_argument("--tokens", type=int, default=32, metavar="N",
+                        help="tokens per generate (num_predict; default 32)")
+    parser.add_argument("--rounds", type=int, default=3, metavar="R",
+                        help="repetitions of each measurement (default 3)")
+    parser.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                        help="seconds one request may take (default 120)")
+    parser.add_argument("--output", "-o", metavar="FILE",
+                        help="where to write (default $SOLLOL_LOCALITY_CALIBRATION or the user "
+                             "cache)")
+    parser.add_argument("nodes", nargs="+", metavar="NODE", help="node address")
+    parser.set_defaults(handler=_cmd_calibrate)
+
+
+def _cmd_calibrate(args: argparse.Namespace, out: TextIO) -> int:
+    from .cli import _config
+
+    config = _config(args)
+    if args.output is None and config.calibration_file is None:
+        raise CalibrationError("the calibration file is turned off; pass --output FILE")
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    report = calibrate(args.nodes, model=args.model, num_predict=args.tokens, rounds=args.rounds,
+                       timeout=args.timeout, output=args.output, config=config,
+                       progress=progress)
+    if args.json:
+        json.dump({"path": str(report.path), "model": report.model,
+                   "solo_seconds": report.solo_seconds, "together": report.together,
+                   "observations": report.observations}, out, indent=2)
+        out.write("\n")
+    else:
+        out.write(f"calibrated {len(report.solo_seconds)} node(s) with {report.model}; "
+                  f"wrote {report.path}\n")
+    return 0
