@@ -184,10 +184,11 @@ class LocalityAwareMixin:
                 sum(len(v) for v in plan.hosts.values()), plan.shared_host, plan.num_tasks,
                 plan.naive_speedup, extra=extra)
         elif plan.mode == "parallel":
+            machines = list(dict.fromkeys(i.physical_host_id for i in plan.identities))
             logger.info("parallel execution enabled: %d tasks on %d node(s) across %d "
-                        "machine(s), estimated %.2fx speedup", plan.num_tasks, len(plan.nodes),
-                        len({i.physical_host_id for i in plan.identities}) or len(plan.nodes),
-                        plan.speedup, extra=extra)
+                        "machine(s) (%s), estimated %.2fx speedup", plan.num_tasks,
+                        len(plan.nodes), len(machines), ", ".join(machines), plan.speedup,
+                        extra=extra)
         else:
             logger.info("%s", plan.reason, extra=extra)
 

@@ -195,8 +195,8 @@ def test_logging_info_when_parallel_is_enabled(sollol_balancer, caplog):
     lb = sollol_balancer([OllamaNode("http://10.0.0.5:11434"), OllamaNode("http://10.0.0.6:11434")])
     with caplog.at_level(logging.INFO, logger="sollol_locality"):
         lb.should_parallelize(2)
-    assert ("parallel execution enabled: 2 tasks on 2 node(s) across 2 machine(s), estimated "
-            "1.90x speedup") in caplog.text
+    assert ("parallel execution enabled: 2 tasks on 2 node(s) across 2 machine(s) "
+            "(10.0.0.5, 10.0.0.6), estimated 1.90x speedup") in caplog.text
 
 
 def test_record_execution_moves_the_model(sollol_balancer):
