@@ -51,6 +51,7 @@ _ZONE_RE: Final = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _BAD_CHARS_RE: Final = re.compile(r"[\s\x00-\x1f\x7f]")
 # Everything up to the *last* "@" of the authority: a password may itself contain "@".
 _USERINFO_RE: Final = re.compile(r"(?<=//)[^/?#]*@|^[^/?#]*@")
+_QUERY_RE: Final = re.compile(r"([?#]).*", re.DOTALL)  # may carry a token (?key=...)
 
 
 @runtime_checkable
@@ -104,24 +105,30 @@ class NodeAddress:
 
 
 def describe_input(node: object, limit: int = 80) -> str:
-    """A safe ``repr`` of a node for messages: credentials masked, long input shortened."""
+    """A safe ``repr`` of a node for messages: credentials (userinfo, query, fragment) masked,
+    long input shortened."""
     if isinstance(node, str):
-        text = _USERINFO_RE.sub("***@", node)
+        text = _mask(node)
     elif isinstance(node, Mapping):
         url = node.get("url")
         if isinstance(url, str):
-            text = _USERINFO_RE.sub("***@", url)
+            text = _mask(url)
         else:
             return f"<mapping with keys {sorted(map(str, node.keys()))[:6]!r}>"
     else:
         url = _safe_getattr(node, "url")
         if isinstance(url, str):
-            text = _USERINFO_RE.sub("***@", url)
+            text = _mask(url)
         else:
             return f"<{type(node).__name__} object>"
     if len(text) > limit:
         return repr(text[:limit]) + f"...({len(text)} characters)"
     return repr(text)
+
+
+def _mask(text: str) -> str:
+    """``text`` with its userinfo and its query and fragment masked."""
+    return _QUERY_RE.sub(r"\1***", _USERINFO_RE.sub("***@", text))
 
 
 def _describe_scalar(node: object, limit: int = 80) -> str:
@@ -359,7 +366,13 @@ def _build(
         return NodeAddress(scheme, text, port, zone, path, mapped or ip)
     if zone is not None:
         raise InvalidNodeAddress(shown, "a zone id is only valid on an IPv6 address")
-    return NodeAddress(scheme, _normalise_name(shown, host), port, None, path, None)
+    name = _normalise_name(shown, host)
+    if not host.isascii() and _NUMERIC_HOST_RE.match(name):
+        # IDNA mapped it to digits ("１２７.０.０.１", "¹"): an address, as if typed in ASCII.
+        ip = _parse_ip(shown, name)
+        assert ip is not None
+        return NodeAddress(scheme, ip.compressed, port, None, path, ip)
+    return NodeAddress(scheme, name, port, None, path, None)
 
 
 def _parse_ip(shown: str, host: str) -> IPAddress | None:

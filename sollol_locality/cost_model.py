@@ -42,7 +42,7 @@ import statistics
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeGuard
@@ -73,6 +73,7 @@ _PRIOR_BOUNDS: Final[dict[str, tuple[float, bool]]] = {
     "dispatch_overhead": (0.0, False),
     "gpu_speed_factor": (0.0, True),
     "min_samples": (0.0, False),
+    "min_concurrency_gain": (0.0, False),
 }
 _FORMAT_VERSION: Final = 1
 
@@ -104,6 +105,7 @@ class CostPriors:
     dispatch_overhead: float = 0.05
     gpu_speed_factor: float = 4.0
     min_samples: int = 3
+    min_concurrency_gain: float = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +219,59 @@ class _Calibration:
     observations: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class _Trial:
+    """A candidate value for one figure while :meth:`ParallelismCostModel._learn` fits it:
+    ``kind`` ``"contention"`` (``key`` a unit label, for ``k`` streams) or ``"host"`` (``key`` a
+    host id, the same-host overhead)."""
+
+    kind: str
+    key: str
+    k: int
+    value: float
+
+
+def _fit(predict: Callable[[float], float], target: float, *, low: float) -> float | None:
+    """The ``x >= low`` at which the non-decreasing ``predict(x)`` equals ``target``
+    (``low`` when even ``low`` predicts too much), or ``None`` when ``predict`` does not depend
+    on ``x`` (the run says nothing about the figure).
+
+    Regula falsi with the Illinois modification: exact in one step where ``predict`` is linear in
+    ``x`` (as it is between the model's event boundaries), never leaving the bracket.
+    """
+    f_low = predict(low) - target
+    high = max(1.0, low + 1.0)
+    f_high = predict(high) - target
+    if f_high - f_low <= 1e-12 * max(1.0, abs(target)):
+        return None
+    if f_low >= 0:
+        return low
+    while f_high < 0:
+        if high > 1e6:  # a stalled run; the bound keeps the figure finite
+            return high
+        low, f_low = high, f_high
+        high *= 2.0
+        f_high = predict(high) - target
+    side = 0
+    x = high
+    for _ in range(100):
+        x = (low * f_high - high * f_low) / (f_high - f_low)
+        f_x = predict(x) - target
+        if abs(f_x) <= 1e-12 * max(1.0, abs(target)) or high - low <= 1e-12 * max(1.0, abs(x)):
+            return x
+        if f_x < 0:
+            low, f_low = x, f_x
+            if side == -1:
+                f_high /= 2.0
+            side = -1
+        else:
+            high, f_high = x, f_x
+            if side == 1:
+                f_low /= 2.0
+            side = 1
+    return x
+
+
 def _median(samples: Iterable[float] | None) -> float | None:
     values = list(samples or ())
     return statistics.median(values) if values else None
@@ -262,11 +317,14 @@ class ParallelismCostModel:
         cal = self._cal
         return bool(cal.task_seconds or cal.contention or cal.host_overhead or cal.dispatch)
 
-    def contention(self, unit: tuple[str, str], k: int) -> float:
+    def contention(self, unit: tuple[str, str], k: int, *, trial: _Trial | None = None) -> float:
         """``c`` for ``k`` concurrent nodes on ``unit``: measured if known (nearest measured
-        ``k``), else the CPU or GPU prior."""
+        ``k``), else the CPU or GPU prior. ``trial`` (learning only) stands a candidate value in
+        for one stream count of one unit, as if it had been measured."""
         # A copy: observe() may add a stream count from another thread while this one decides.
-        by_k = dict(self._cal.contention.get(unit_label(unit)) or {})
+        by_k: dict[int, Any] = dict(self._cal.contention.get(unit_label(unit)) or {})
+        if trial is not None and trial.kind == "contention" and trial.key == unit_label(unit):
+            by_k[trial.k] = (trial.value,)
         if by_k:
             nearest = min(by_k, key=lambda known: (abs(known - k), -known))
             value = _median(by_k[nearest])
@@ -275,16 +333,20 @@ class ParallelismCostModel:
         return self.priors.cpu_contention if unit[1] == "cpu" else self.priors.gpu_contention
 
     def gains_from_concurrency(self, unit: tuple[str, str]) -> int:
-        """The largest measured number of concurrent nodes that made ``unit`` faster (1 if none)."""
+        """The largest measured number of concurrent nodes that made ``unit`` faster (1 if none)
+        by more than noise: their contention must be at most ``-priors.min_concurrency_gain``."""
         by_k = dict(self._cal.contention.get(unit_label(unit)) or {})  # a copy, as above
         best = 1
+        margin = self.priors.min_concurrency_gain
         for k, samples in by_k.items():
             value = _median(samples)
-            if value is not None and value < 0 and k > best:
+            if value is not None and value < 0 and value <= -margin and k > best:
                 best = k
         return best
 
-    def host_overhead(self, host: str) -> float:
+    def host_overhead(self, host: str, *, trial: _Trial | None = None) -> float:
+        if trial is not None and trial.kind == "host" and trial.key == host:
+            return trial.value
         value = _median(self._cal.host_overhead.get(host))
         return self.priors.same_host_overhead if value is None else value
 
@@ -380,7 +442,8 @@ class ParallelismCostModel:
         return best
 
     def _per_task_times(self, profiles: Sequence[NodeProfile], active: set[int],
-                        targets: Iterable[int]) -> dict[int, float]:
+                        targets: Iterable[int], trial: _Trial | None = None
+                        ) -> dict[int, float]:
         """Time per task of each target while the ``active`` nodes (plus itself) are busy."""
         streams: dict[tuple[str, str], int] = {}
         host_units: dict[str, set[tuple[str, str]]] = {}
@@ -389,26 +452,66 @@ class ParallelismCostModel:
             streams[unit] = streams.get(unit, 0) + 1
             host_units.setdefault(unit[0], set()).add(unit)
         times = {}
+        factors: dict[tuple[tuple[str, str], int], float] = {}  # every node of a unit shares it
         for i in targets:
             profile = profiles[i]
             unit = profile.unit
             k = streams.get(unit, 0) + (0 if i in active else 1)
-            factor = 1.0
-            if k > 1:
-                factor = k * max(0.05, 1.0 + self.contention(unit, k))
-            units_busy = host_units.get(unit[0], set()) | {unit}
-            if len(units_busy) > 1:
-                factor *= 1.0 + self.host_overhead(unit[0]) * (len(units_busy) - 1)
+            factor = factors.get((unit, k))
+            if factor is None:
+                factor = 1.0
+                if k > 1:
+                    factor = k * max(0.05, 1.0 + self.contention(unit, k, trial=trial))
+                units_busy = host_units.get(unit[0], set()) | {unit}
+                if len(units_busy) > 1:
+                    factor *= (1.0 + self.host_overhead(unit[0], trial=trial)
+                               * (len(units_busy) - 1))
+                factors[(unit, k)] = factor
             times[i] = profile.task_time * factor
         return times
 
-    def _simulate(self, profiles: Sequence[NodeProfile], shares: Mapping[int, int]) -> float:
+    def dispatch_all_makespan(self, num_tasks: int, profiles: Sequence[NodeProfile]) -> float:
+        """Makespan of dispatching to every node at once, as "parallel whenever two nodes are
+        healthy" does: the first ``num_tasks`` distinct instances (in the order given) start one
+        task each, and whenever a node finishes a task it takes the next one left, however slow
+        it is. Contention is simulated as in :meth:`parallel_makespan`; unlike it, no node is
+        spared, so a node many times slower than the rest still holds up the batch."""
+        seen: set[tuple[str, int]] = set()
+        workers = []
+        for i, profile in enumerate(profiles):
+            if profile.instance not in seen:
+                seen.add(profile.instance)
+                workers.append(i)
+        if not workers or num_tasks <= 0:
+            return 0.0
+        busy = {i: 0.0 for i in workers[:num_tasks]}  # node -> progress through its task
+        waiting = num_tasks - len(busy)
+        hosts = {profiles[i].unit[0] for i in busy}
+        clock = 0.0
+        while busy:
+            times = self._per_task_times(profiles, set(busy), busy)
+            step = min((1.0 - busy[i]) * times[i] for i in busy)
+            clock += step
+            for i in list(busy):
+                busy[i] += step / times[i]
+                if busy[i] >= 1.0 - 1e-9:
+                    if waiting > 0:
+                        waiting -= 1
+                        busy[i] = 0.0
+                    else:
+                        del busy[i]
+        if len(hosts) > 1:
+            clock *= 1.0 + self.dispatch_overhead()
+        return clock
+
+    def _simulate(self, profiles: Sequence[NodeProfile], shares: Mapping[int, int],
+                  trial: _Trial | None = None) -> float:
         """Wall time until every node has worked through its share, contention included."""
         left = {i: n for i, n in shares.items() if n > 0}
         progress = dict.fromkeys(left, 0.0)
         clock = 0.0
         while left:
-            times = self._per_task_times(profiles, set(left), left)
+            times = self._per_task_times(profiles, set(left), left, trial)
             step = min((1.0 - progress[i]) * times[i] for i in left)
             clock += step
             for i in list(left):
@@ -518,6 +621,14 @@ class ParallelismCostModel:
 
     def _learn(self, mode: str, identities: list[HostIdentity], num_tasks: int,
                wall: float) -> None:
+        """Move the calibration toward one finished run.
+
+        Every figure is learned the same way: it is the value at which the model, simulating
+        the run it was told about (same nodes, same task count, the other figures as they
+        are), predicts exactly the measured wall time. So a run of 3 tasks on 2 nodes of one
+        unit, where the third task runs alone at full speed, teaches the same contention as a
+        run of 2 tasks would, and the figures stay consistent with how the model predicts.
+        """
         cal = self._cal
         if mode == "sequential" or len(identities) == 1:
             unit = identities[0].unit
@@ -532,39 +643,65 @@ class ParallelismCostModel:
         units = {m.unit for m in members}
         hosts = {m.unit[0] for m in members}
         k = len(members)
-        if len(units) == 1:
-            (unit,) = units
-            base = self.measured_task_seconds(unit)
-            if base is None:
+        by_unit: dict[tuple[str, str], float] = {}
+        for unit in units:
+            seconds = self.measured_task_seconds(unit)
+            if seconds is None:
                 logger.debug("calibration: no solo time for %s yet; parallel run not used",
                              unit_label(unit))
                 return
-            rounds = math.ceil(num_tasks / k)
-            # each of the k streams ran `rounds` tasks at base * k * (1 + c)
-            c = wall / (rounds * base * k) - 1.0
-            _push_nested(cal.contention, unit_label(unit), k, max(_MIN_CONTENTION, c))
-            logger.debug("calibration: %s with %d streams: contention %.3f", unit_label(unit),
-                         k, c)
+            by_unit[unit] = seconds
+        profiles = [NodeProfile(i, m, m.instance, m.unit, by_unit[m.unit], "calibration")
+                    for i, m in enumerate(members)]
+        if num_tasks <= k:  # one task each on the first nodes, as such a run is dispatched
+            shares = {i: int(i < num_tasks) for i in range(k)}
+        else:
+            times = self._per_task_times(profiles, set(range(k)), range(k))
+            shares = _assign(num_tasks, [(i, times[i]) for i in range(k)])
+        streams = sum(1 for n in shares.values() if n > 0)
+        if streams < 2:  # one node did everything: nothing ran concurrently
             return
-        # Several units: compare with the model's prediction without the overhead being learned.
-        measured = [self.measured_task_seconds(m.unit) for m in members]
-        times = [t for t in measured if t is not None]
-        if len(times) != len(measured):
+
+        def simulated(trial: _Trial | None = None) -> float:
+            return self._simulate(profiles, shares, trial)
+
+        if len(units) == 1:
+            label = unit_label(next(iter(units)))
+            c = _fit(lambda x: simulated(_Trial("contention", label, streams, x)), wall,
+                     low=_MIN_CONTENTION)
+            if c is not None:
+                _push_nested(cal.contention, label, streams, c)
+                logger.debug("calibration: %s with %d streams: contention %.3f", label,
+                             streams, c)
             return
-        if len(hosts) == 1 and len(units) == len(members):
+        if len(hosts) == 1 and len(units) == k:
             host = next(iter(hosts))
-            rounds = math.ceil(num_tasks / k)
-            ideal = max(times) * rounds
-            overhead = (wall / ideal - 1.0) / max(1, len(units) - 1)
-            _push(cal.host_overhead, host, max(0.0, overhead))
+            overhead = _fit(lambda x: simulated(_Trial("host", host, 0, x)), wall, low=0.0)
+            if overhead is not None:
+                _push(cal.host_overhead, host, overhead)
+                logger.debug("calibration: %d units of %s: same-host overhead %.3f", streams,
+                             host, overhead)
             return
-        if len(units) == len(members) and len(hosts) == len(members):
-            if num_tasks == len(members):  # one task each, as the run dispatched them
-                ideal = max(times)
-            else:
-                shares = _assign(num_tasks, list(enumerate(times)))
-                ideal = max(shares[i] * times[i] for i in shares if shares[i])
-            cal.dispatch.append(max(0.0, wall / ideal - 1.0))
+        if len(units) == k and len(hosts) == k:
+            ideal = simulated()
+            if ideal > 0:
+                cal.dispatch.append(max(0.0, wall / ideal - 1.0))
+
+    def _forget(self, *, units: Iterable[str] = (), hosts: Iterable[str] = (),
+                dispatch: bool = False) -> None:
+        """Drop what was learned about these units (time per task, contention) and hosts
+        (same-host overhead), and the dispatch overhead when ``dispatch``: a calibration run
+        about to measure them again replaces them instead of mixing old samples in."""
+        with self._lock:
+            cal = self._cal
+            for label in units:
+                cal.task_seconds.pop(label, None)
+                cal.contention.pop(label, None)
+            for host in hosts:
+                cal.host_overhead.pop(host, None)
+            if dispatch:
+                cal.dispatch.clear()
+            self._version += 1
 
     # -- persistence ------------------------------------------------------------------------
 

@@ -201,6 +201,7 @@ class LocalMachine:
         self._lock = threading.Lock()
         self._snapshot: LocalSnapshot | None = None
         self._version = 0
+        self._stamped: tuple[LocalSnapshot, int] | None = None
 
     @property
     def refresh_interval(self) -> float:
@@ -239,11 +240,13 @@ class LocalMachine:
         with self._lock:
             return self._refresh_locked()
 
-    def classify_ip(self, ip: IPAddress | str) -> IPKind | None:
+    def classify_ip(self, ip: IPAddress | str, *,
+                    snapshot: LocalSnapshot | None = None) -> IPKind | None:
         """``"loopback"``, ``"interface"``, ``"container"`` or ``None``; never raises.
 
         IPv4-mapped IPv6 addresses are unwrapped and zone ids ignored. A string is parsed;
-        one that is not an IP address gives ``None``.
+        one that is not an IP address gives ``None``. ``snapshot``: judge against this one
+        instead of the current one (see :meth:`pinned`).
         """
         try:
             addr = _coerce_ip(ip)
@@ -251,7 +254,7 @@ class LocalMachine:
                 return None
             if addr.is_loopback or addr.is_unspecified:
                 return "loopback"
-            snap = self.snapshot()
+            snap = snapshot if snapshot is not None else self.snapshot()
             if addr in snap.addresses:
                 return "interface"
             for network in snap.container_networks:
@@ -263,7 +266,8 @@ class LocalMachine:
                            extra={"event": "local_classify_failed"})
             return None
 
-    def classify_name(self, name: str) -> NameKind | IPKind | None:
+    def classify_name(self, name: str, *,
+                      snapshot: LocalSnapshot | None = None) -> NameKind | IPKind | None:
         """``"loopback"`` for localhost and its aliases, ``"hostname"`` for this machine's own
         names, else ``None``; never raises. An IP literal is classified as by :meth:`classify_ip`.
         """
@@ -275,16 +279,28 @@ class LocalMachine:
                 return None
             literal = _coerce_ip(normalised.removeprefix("[").removesuffix("]"))
             if literal is not None:
-                return self.classify_ip(literal)
+                return self.classify_ip(literal, snapshot=snapshot)
             if normalised in LOOPBACK_NAMES or normalised.endswith(".localhost"):
                 return "loopback"
-            if normalised in self.snapshot().hostnames:
+            if normalised in (snapshot if snapshot is not None else self.snapshot()).hostnames:
                 return "hostname"
             return None
         except Exception:
             logger.warning("classifying name %r as local failed", name, exc_info=True,
                            extra={"event": "local_classify_failed"})
             return None
+
+    def pinned(self) -> _Pinned:
+        """This machine as its current snapshot shows it, with that snapshot's ``version``.
+
+        The view's ``classify_ip`` / ``classify_name`` never re-probe, so every node of one
+        decision is judged against the same state of the machine even when a refresh lands in
+        the middle of the decision.
+        """
+        self.snapshot()
+        stamped = self._stamped  # (snapshot, version), replaced together by each refresh
+        assert stamped is not None
+        return _Pinned(self, *stamped)
 
     def _stale(self, snap: LocalSnapshot) -> bool:
         age = self._clock() - snap.taken_at
@@ -311,7 +327,28 @@ class LocalMachine:
             self._version += 1
             _log_change(previous, fresh, self._version)
         self._snapshot = fresh
+        self._stamped = (fresh, self._version)
         return fresh
+
+
+class _Pinned:
+    """:class:`LocalMachine` answering from one snapshot (see :meth:`LocalMachine.pinned`)."""
+
+    __slots__ = ("_machine", "_snapshot", "version")
+
+    def __init__(self, machine: LocalMachine, snapshot: LocalSnapshot, version: int) -> None:
+        self._machine = machine
+        self._snapshot = snapshot
+        self.version = version
+
+    def snapshot(self) -> LocalSnapshot:
+        return self._snapshot
+
+    def classify_ip(self, ip: IPAddress | str) -> IPKind | None:
+        return self._machine.classify_ip(ip, snapshot=self._snapshot)
+
+    def classify_name(self, name: str) -> NameKind | IPKind | None:
+        return self._machine.classify_name(name, snapshot=self._snapshot)
 
 
 class SystemProbe:

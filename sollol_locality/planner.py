@@ -318,7 +318,8 @@ class ExecutionPlanner:
                              **common)  # type: ignore[arg-type]
         fastest = min(profiles, key=_rank)
         sequential = model.sequential_makespan(num_tasks, profiles)
-        naive_time, _ = model.parallel_makespan(num_tasks, profiles)
+        # What "parallel whenever two nodes are healthy" does: every node gets tasks.
+        naive_time = model.dispatch_all_makespan(num_tasks, profiles)
         naive = sequential / naive_time if naive_time > 0 else 1.0
 
         def seq(reason: str, cause: Cause, *, shared: str | None = None,

@@ -571,6 +571,13 @@ class DnsResolver:
                     batch = list(self._refresh_pending)
                     self._refresh_pending.clear()
                     self._refresh_active = set(batch)
+                now = self._clock()
+                with self._lock:  # a caller that saw a name stale may queue it just after the
+                    # previous batch refreshed it: do not ask again for what is fresh now
+                    batch = [name for name in batch if (entry := self._cache.get(name)) is None
+                             or now >= entry.expires]
+                if not batch:
+                    continue
                 logger.debug("refreshing %d names in the background", len(batch))
                 deadline = time.monotonic() + self._refresh_timeout
                 outcomes = self._resolve_dns(batch, deadline, self._stop)

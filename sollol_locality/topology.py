@@ -46,7 +46,7 @@ LOCALHOST_ID: Final = "localhost"
 """The physical host id of this machine, whatever address a node uses for it."""
 
 _SIBLINGS_MAX: Final = 65536
-_MEMO_MAX: Final = 262144
+_MEMO_MAX: Final = 65536  # (host, port) entries; about 1 KB each when names resolve
 _RELOAD_CHECK_SECONDS: Final = 2.0
 
 
@@ -263,7 +263,13 @@ class NodeTopology:
         self._maybe_reload()
         overrides = self._overrides
         local = self.local_machine
-        local.snapshot()
+        pin = getattr(local, "pinned", None)
+        if pin is not None:
+            # One state of this machine for the whole decision: a refresh landing in the middle
+            # must not judge one node by the old interfaces and the next by the new ones.
+            local = pin()
+        else:
+            local.snapshot()
         world = (getattr(local, "version", 0), id(overrides))
         memo = self._memo
         parsed: list[NodeAddress | InvalidNodeAddress] = []
@@ -284,7 +290,7 @@ class NodeTopology:
                 continue
             bases.append(None)
             pending.append(len(parsed) - 1)
-            if address.ip is None and self._needs_dns(address, overrides):
+            if address.ip is None and self._needs_dns(address, overrides, local):
                 names.add(address.host)
         if not pending:
             return parsed, bases
@@ -302,28 +308,27 @@ class NodeTopology:
             if entry is not None and entry[0] == world and entry[1] is resolution:
                 bases[index] = entry[2]
                 continue
-            base = self._base(address, resolution, overrides)
+            base = self._base(address, resolution, overrides, local)
             if len(memo) > _MEMO_MAX:
                 memo.clear()
             memo[key] = (world, resolution, base)
             bases[index] = base
         return parsed, bases
 
-    def _needs_dns(self, address: NodeAddress, overrides: TopologyOverrides) -> bool:
+    def _needs_dns(self, address: NodeAddress, overrides: TopologyOverrides, local: Any) -> bool:
         node_override = overrides.nodes.get((address.host, address.port))
         if node_override is not None and node_override.host is not None:
             return False
         if address.host in overrides.alias_index:
             return False
-        return self.local_machine.classify_name(address.host) is None
+        return local.classify_name(address.host) is None
 
     def _base(self, address: NodeAddress, resolution: Any,
-              overrides: TopologyOverrides) -> _Base:
+              overrides: TopologyOverrides, local: Any) -> _Base:
         node_override = overrides.nodes.get((address.host, address.port))
         override_host = node_override.host if node_override is not None else None
         device = node_override.gpu if node_override is not None else None
         zone = node_override.zone if node_override is not None else None
-        local = self.local_machine
         alias_host: str | None = None
         if address.ip is not None:
             text = address.ip.compressed
