@@ -195,58 +195,57 @@ class LocalityAwareMixin:
     # -- unit-aware routing -----------------------------------------------------------------
 
     def route_request(self, *args: Any, **kwargs: Any) -> Any:
-        """The base's routing, then moved off a busy execution unit when an idle one exists."""
+        """The base's routing, then moved off a busy execution unit when an idle one exists.
+
+        The chosen node and, while anything is in flight, its alternatives are described in one
+        batch, so a routing call waits on DNS for at most one ``dns_timeout``.
+        """
         decision = super().route_request(*args, **kwargs)  # type: ignore[misc]
         node = getattr(decision, "node", None)
         if node is None:
             return decision
         state = self._locality()
-        try:
-            unit = self.topology.describe(node).unit
-        except InvalidNodeAddress:
+        with state.lock:
+            anything_busy = bool(state.inflight)
+        candidates = self._locality_alternatives(decision, node) if anything_busy else []
+        described = self.topology.describe_many([node, *candidates])
+        chosen = described[0]
+        if isinstance(chosen, InvalidNodeAddress):
             return decision
+        unit = chosen.unit
         with state.lock:
             busy = state.inflight.get(unit, 0)
-        if busy:
-            alternative = self._locality_idle_alternative(decision, node, state)
-            if alternative is not None:
-                other, other_unit = alternative
-                note = (f" Locality: moved from {self.topology.describe(node).address.url} "
-                        f"(its execution unit {unit[0]}/{unit[1]} is busy with {busy} "
-                        f"request(s)) to {self.topology.describe(other).address.url} on an "
-                        "idle unit.")
-                try:
-                    decision.node = other
-                    if hasattr(decision, "reasoning"):
-                        decision.reasoning = f"{decision.reasoning}{note}"
-                    fallbacks = getattr(decision, "fallback_nodes", None)
-                    if isinstance(fallbacks, list):
-                        decision.fallback_nodes = [node] + [n for n in fallbacks if n is not other]
-                    unit = other_unit
-                    logger.debug("%s", note.strip(), extra={"event": "routing_moved"})
-                except AttributeError:
-                    pass  # an immutable decision object: keep the base's choice
+            idle = next((i for i in described[1:] if not isinstance(i, InvalidNodeAddress)
+                         and i.node is not node and state.inflight.get(i.unit, 0) == 0), None)
+        if busy and idle is not None:
+            note = (f" Locality: moved from {chosen.address.url} (its execution unit "
+                    f"{unit[0]}/{unit[1]} is busy with {busy} request(s)) to "
+                    f"{idle.address.url} on an idle unit.")
+            try:
+                decision.node = idle.node
+                if hasattr(decision, "reasoning"):
+                    decision.reasoning = f"{decision.reasoning}{note}"
+                fallbacks = getattr(decision, "fallback_nodes", None)
+                if isinstance(fallbacks, list):
+                    decision.fallback_nodes = [node] + [n for n in fallbacks
+                                                        if n is not idle.node]
+                unit = idle.unit
+                logger.debug("%s", note.strip(), extra={"event": "routing_moved"})
+            except AttributeError:
+                pass  # an immutable decision object: keep the base's choice
         with state.lock:
             state.inflight[unit] = state.inflight.get(unit, 0) + 1
             state.decision_units[id(decision)] = unit
         return decision
 
-    def _locality_idle_alternative(self, decision: Any, node: Any, state: _LocalityState
-                                   ) -> tuple[Any, tuple[str, str]] | None:
+    def _locality_alternatives(self, decision: Any, node: Any) -> list[Any]:
         candidates = getattr(decision, "fallback_nodes", None)
-        if not candidates:
-            try:
-                candidates = [n for n in self._locality_candidates(None) if n is not node]
-            except LocalityError:
-                return None
-        identities = self.topology.describe_many(list(candidates))
-        with state.lock:
-            for identity in identities:
-                if isinstance(identity, InvalidNodeAddress):
-                    continue
-                if state.inflight.get(identity.unit, 0) == 0:
-                    return identity.node, identity.unit
-        return None
+        if candidates:
+            return list(candidates)
+        try:
+            return [n for n in self._locality_candidates(None) if n is not node]
+        except LocalityError:
+            return []
 
     def record_performance(self, decision: Any, *args: Any, **kwargs: Any) -> Any:
         """The base's performance recording; also ends the request's in-flight count."""

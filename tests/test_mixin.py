@@ -292,3 +292,26 @@ def test_decisions_from_many_threads(sollol_balancer):
     for t in threads:
         t.join()
     assert not errors and set(results) == {True} and len(results) == 1600
+
+
+def test_routing_waits_on_dns_for_at_most_one_deadline(make_dns_server):
+    """The chosen node and its alternatives are described in one batch, under one deadline."""
+    import time
+
+    from dnsserver import soa
+
+    from sollol_locality import LocalityAwareLoadBalancer
+
+    server = make_dns_server({"slow.test": [soa()]})
+    server.set_behaviour("silent")
+    config = offline_config(nameservers=server.nameserver, dns_timeout=0.4, hosts_file=None)
+    nodes = [OllamaNode(f"http://n{i}.slow.test:11434") for i in range(3)]
+    lb = LocalityAwareLoadBalancer(Registry(nodes), locality_config=config)
+    lb.intelligence.select_optimal_node = lambda context, hosts: (
+        nodes[0].url, {"score": 90.0, "reasoning": "pinned"})
+    lb.route_request({"prompt": "a"})  # one request in flight: the next one looks for idle units
+    lb.intelligence.select_optimal_node = lambda context, hosts: (
+        nodes[1].url, {"score": 90.0, "reasoning": "pinned"})  # a node not described yet
+    start = time.monotonic()
+    lb.route_request({"prompt": "b"})
+    assert time.monotonic() - start <= 0.4 * 1.25
