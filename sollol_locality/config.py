@@ -31,7 +31,6 @@ The topology file (TOML) states what no probe can know::
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import os
 import re
@@ -83,37 +82,16 @@ def default_calibration_file(environ: Mapping[str, str] | None = None) -> Path:
 
 
 def parse_nameserver(text: str, *, variable: str = "nameservers") -> tuple[str, int]:
-    """Parse ``ip``, ``ip:port`` or ``[v6]:port`` into ``(ip, port)``; port 53 by default."""
-    raw = text.strip()
-    host, port = raw, 53
-    if raw.startswith("["):
-        close = raw.find("]")
-        if close == -1:
-            raise ConfigError(f"{variable}: invalid nameserver {text!r}: unclosed '['",
-                              variable=variable, value=text)
-        host, rest = raw[1:close], raw[close + 1:]
-        if rest:
-            if not rest.startswith(":") or not rest[1:].isdigit():
-                raise ConfigError(f"{variable}: invalid nameserver {text!r}: bad port",
-                                  variable=variable, value=text)
-            port = int(rest[1:])
-    elif raw.count(":") == 1:
-        host, _, port_text = raw.partition(":")
-        if not port_text.isdigit():
-            raise ConfigError(f"{variable}: invalid nameserver {text!r}: bad port",
-                              variable=variable, value=text)
-        port = int(port_text)
+    """Parse ``ip``, ``ip:port``, ``[v6]:port`` (IPv6 may carry ``%zone``) into ``(ip, port)``;
+    port 53 by default. The zone, when given, stays on the address (``fe80::1%eth0``)."""
+    from .resolver import parse_nameserver as parse
+
     try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        raise ConfigError(
-            f"{variable}: invalid nameserver {text!r}: expected an IP address, optionally with "
-            f":port", variable=variable, value=text,
-        ) from None
-    if not 1 <= port <= 65535:
-        raise ConfigError(f"{variable}: invalid nameserver {text!r}: port out of range",
-                          variable=variable, value=text)
-    return ip.compressed, port
+        server = parse(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{variable}: {exc}", variable=variable, value=text) from None
+    ip = server.ip.compressed + (f"%{server.zone}" if server.zone else "")
+    return ip, server.port
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,8 +214,9 @@ def _check_nameservers(value: object, name: str) -> tuple[tuple[str, int], ...]:
     servers: list[tuple[str, int]] = []
     for item in items:
         if isinstance(item, tuple) and len(item) == 2:
-            servers.append(parse_nameserver(f"[{item[0]}]:{item[1]}" if ":" in str(item[0])
-                                            else f"{item[0]}:{item[1]}", variable=name))
+            host = str(item[0])
+            servers.append(parse_nameserver(f"[{host}]:{item[1]}" if ":" in host
+                                            else f"{host}:{item[1]}", variable=name))
         elif isinstance(item, str):
             servers.append(parse_nameserver(item, variable=name))
         else:

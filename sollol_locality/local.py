@@ -65,6 +65,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
 from ._errors import ConfigError
+from ._hostsfile import normalise_name as _normalise_name
+from ._hostsfile import parse_hosts_entries
+from ._hostsfile import unwrap_ip as _unwrap
 from .addresses import IPAddress
 
 __all__ = [
@@ -466,17 +469,7 @@ class SystemProbe:
             logger.debug("hosts file %r not read: %s", self.hosts_file, exc,
                          extra={"event": "local_hosts_file_unread"})
             return []
-        entries: list[tuple[IPAddress, list[str]]] = []
-        for line in text.splitlines():
-            fields = line.partition("#")[0].split()
-            if len(fields) < 2:
-                continue
-            try:
-                ip = _unwrap(ipaddress.ip_address(fields[0].partition("%")[0]))
-            except ValueError:
-                continue
-            entries.append((ip, [_normalise_name(n) for n in fields[1:]]))
-        return entries
+        return parse_hosts_entries(text)
 
     # -- container networks -----------------------------------------------------------------
 
@@ -577,16 +570,6 @@ class _Sysfs:
         return None
 
 
-def _unwrap(ip: IPAddress) -> IPAddress:
-    """IPv4-mapped IPv6 to IPv4; a zone id (scope) dropped."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return ip.ipv4_mapped
-        if ip.scope_id is not None:
-            return ipaddress.IPv6Address(int(ip))
-    return ip
-
-
 def _coerce_ip(value: object) -> IPAddress | None:
     if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
         return _unwrap(value)
@@ -596,11 +579,6 @@ def _coerce_ip(value: object) -> IPAddress | None:
         except ValueError:
             return None
     return None
-
-
-def _normalise_name(name: str) -> str:
-    name = name.strip().lower()
-    return name[:-1] if name.endswith(".") else name
 
 
 def _with_short_form(name: str | None) -> set[str]:

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal, Protocol, runtime_checkable
 
 from ._errors import ConfigError
+from ._hostsfile import normalise_name as _normalise
+from ._hostsfile import parse_hosts_entries
 from .addresses import IPAddress
 
 if TYPE_CHECKING:
@@ -657,11 +659,6 @@ def _clamp(value: float | None, low: float, high: float, *, default: float) -> f
     return min(max(value, low), high)
 
 
-def _normalise(name: str) -> str:
-    name = name.strip().lower()
-    return name[:-1] if name.endswith(".") else name
-
-
 def _literal_resolution(name: str) -> Resolution | None:
     """Callers handle IP literals themselves; answer them without a query if they do not."""
     text = name[1:-1] if name.startswith("[") and name.endswith("]") else name
@@ -755,16 +752,9 @@ class _HostsFile:
 def parse_hosts(text: str) -> dict[str, frozenset[IPAddress]]:
     """Names (lower case, no trailing dot) to addresses, from hosts-file text."""
     names: dict[str, set[IPAddress]] = {}
-    for line in text.splitlines():
-        fields = line.partition("#")[0].split()
-        if len(fields) < 2:
-            continue
-        try:
-            ip = _unwrap(ipaddress.ip_address(fields[0].partition("%")[0]))
-        except ValueError:
-            continue
-        for alias in fields[1:]:
-            names.setdefault(_normalise(alias), set()).add(ip)
+    for ip, aliases in parse_hosts_entries(text):
+        for alias in aliases:
+            names.setdefault(alias, set()).add(ip)
     return {name: frozenset(ips) for name, ips in names.items()}
 
 

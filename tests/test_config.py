@@ -66,10 +66,11 @@ def test_calibration_can_be_turned_off(value):
          "SOLLOL_LOCALITY_DNS_TIMEOUT='nan' is out of range (expected a number greater than 0 and "
          "at most 60)"),
         ({"SOLLOL_LOCALITY_NAMESERVERS": "dns.example"},
-         "SOLLOL_LOCALITY_NAMESERVERS: invalid nameserver 'dns.example': expected an IP address, "
-         "optionally with :port"),
+         "SOLLOL_LOCALITY_NAMESERVERS: Invalid nameserver 'dns.example': expected an IP address, "
+         "ip:port or [ipv6]:port (port 1 to 65535)"),
         ({"SOLLOL_LOCALITY_NAMESERVERS": "127.0.0.1:99999"},
-         "SOLLOL_LOCALITY_NAMESERVERS: invalid nameserver '127.0.0.1:99999': port out of range"),
+         "SOLLOL_LOCALITY_NAMESERVERS: Invalid nameserver '127.0.0.1:99999': expected an IP "
+         "address, ip:port or [ipv6]:port (port 1 to 65535)"),
     ],
 )
 def test_bad_environment_values_name_variable_and_value(env, message):
