@@ -87,16 +87,42 @@ class CostPriors:
     (0.8x, "30 to 50% overhead" at its upper end relative to ideal); different GPUs of one host:
     5 to 10% overhead; different hosts: near-ideal, minus a dispatch overhead.
 
+    Beside each prior below: what ``python -m benchmarks.dispatch`` measured (docs/benchmark.md;
+    Ollama emulators on a 2-core VM, one pinned CPU per simulated machine, 256 MB of weights,
+    4 chunks of 32 tokens). The emulator is one cluster, not the clusters these priors are for,
+    so no prior was changed to match it; ``sollol-locality calibrate`` measures the cluster it
+    runs on and replaces them.
+
     Attributes:
         cpu_contention: ``c`` for nodes sharing one host's CPU (1.0: two nodes run at 0.5x).
-        gpu_contention: ``c`` for nodes sharing one GPU (0.25: two nodes run at 0.8x).
+            Emulator: c = +0.011 to +0.020 for two nodes time-sharing one core (sequential and
+            all-parallel makespans within 2%), so the prior predicted 0.50x where 0.98x to 0.99x
+            happened. Kept: each emulator is one thread pinned to one core, which shows
+            time-sharing but not the thread oversubscription of two llama.cpp instances that
+            each start a thread per core (published llama.cpp measurements: 20% to 3.6x
+            slower); 0.5x is inside that range, and this is the figure calibration exists to
+            replace.
+        gpu_contention: ``c`` for nodes sharing one GPU (0.25: two nodes run at 0.8x). Not
+            measured (no GPU here).
         same_host_overhead: slowdown of each busy unit per other busy unit of the same host
-            (0.075, the middle of "5 to 10%").
+            (0.075, the middle of "5 to 10%"). Not measured (no GPU here).
         dispatch_overhead: fraction of a parallel makespan lost to dispatching to and collecting
-            from several machines (0.05: two tasks on two hosts give 1.90x).
+            from several machines (0.05: two tasks on two hosts give 1.90x). Emulator: 0.001 to
+            0.020 between namespaces on separate cores (two machines: 1.95x measured, 1.98x
+            predicted after calibration); 0.98 for two namespaces sharing one core (scenario
+            (f): "two machines" that are one; calibration absorbs it here, and the plan runs
+            sequentially). Kept: a real LAN adds request latency that loopback and veth links
+            do not.
         gpu_speed_factor: how many times faster a GPU node without data is assumed to be than a
-            CPU node without data.
+            CPU node without data. Not measured (no GPU here).
         min_samples: requests a node's own latency needs before it is trusted.
+        min_concurrency_gain: how much faster (as a fraction) ``k`` nodes of one unit must have
+            been measured running together than one after another (``c <= -0.05``) before
+            the planner runs several streams on that unit. Set from the benchmark: calibrations
+            of two nodes on one core, whose true ``c`` is close to 0, learned from -0.04 to +0.07
+            across six runs (``python -m benchmarks.dispatch [--quick]``, some with other
+            processes busy on the VM); with no margin, one of them (-0.009) sent a job parallel
+            on one core and it ran 3% slower.
     """
 
     cpu_contention: float = 1.0
@@ -593,8 +619,11 @@ class ParallelismCostModel:
         ``mode`` is ``"sequential"`` (all tasks one after another on ``nodes[0]``) or
         ``"parallel"`` (concurrently across ``nodes``). A sequential run teaches the unit's time
         per task; a parallel run on one unit teaches its contention; on units of one host, the
-        same-host overhead; on separate hosts, the dispatch overhead. Each figure is the median
-        of the last 25 samples, so a few outliers do not move it.
+        same-host overhead; on separate hosts, the dispatch overhead. A parallel sample is the
+        value at which the model, simulating that very run (its nodes, its task count, the
+        units' measured times), predicts the measured wall time, so runs of any task count
+        teach the same figure; a run in which nothing ran concurrently teaches nothing. Each
+        figure is the median of the last 25 samples, so a few outliers do not move it.
 
         Raises:
             ValueError: an impossible observation (unknown mode, no nodes, non-positive time).

@@ -387,7 +387,10 @@ class ExecutionPlanner:
                 f"Sequential: all {len(profiles)} nodes run on one machine "
                 f"({unit[0]}) and share {kind}; {_tasks(num_tasks)} in parallel there are "
                 f"predicted to run at {naive:.2f}x the speed of running them one after "
-                f"another on {fastest_url}."
+                f"another on {fastest_url}"
+                + (f", a gain under the {model.priors.min_concurrency_gain:.0%} that "
+                   "calibration must measure before it is trusted over noise." if naive > 1.0
+                   else ".")
                 if instances > 1 else
                 f"Sequential: the {len(profiles)} nodes given are aliases of one instance "
                 f"({fastest_url}).",
