@@ -89,8 +89,7 @@ def sollol_pool(nodes: list[str]) -> Any:
 
 
 def run(quick: bool) -> dict[str, Any]:
-    from sollol_locality import ExecutionPlanner, LocalityConfig, NodeTopology, \
-        ParallelismCostModel
+    from sollol_locality import ExecutionPlanner, LocalityConfig, NodeTopology, ParallelismCostModel
 
     config = LocalityConfig(calibration_file=None, nameservers="127.0.0.1:9", environ={})
     topology = NodeTopology(config)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sollol_locality import LocalityConfig, NodeTopology
+from sollol_locality import LocalityAwareMixin, LocalityConfig, NodeTopology
 
 # Nothing listens here: a test that resolved a name by mistake would fail fast, on loopback.
 CLOSED_NAMESERVER = ("127.0.0.1", 9)
@@ -74,3 +74,35 @@ def gpu_node(url: str, device: str | None = None, **metrics: Any) -> OllamaNode:
 
 def timed_node(url: str, seconds: float, requests: int = 10) -> OllamaNode:
     return OllamaNode(url, metrics=Metrics(avg_response_time=seconds, total_requests=requests))
+
+
+class FakeClock:
+    """A monotonic clock that moves only when told to (cachetools' test idiom)."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def tick(self, seconds: float = 1.0) -> None:
+        self.now += seconds
+
+
+class Registry:
+    """A node registry: ``get_healthy_nodes()`` returns the nodes it holds."""
+
+    def __init__(self, nodes: list[Any] | None = None) -> None:
+        self.nodes: list[Any] = [] if nodes is None else nodes
+
+    def get_healthy_nodes(self) -> list[Any]:
+        return list(self.nodes)
+
+
+class _BareBalancer:
+    def __init__(self, registry: Any) -> None:
+        self.registry = registry
+
+
+class MinimalBalancer(LocalityAwareMixin, _BareBalancer):
+    """The mixin on a minimal SynapticLlamas-shaped balancer (a registry and nothing else)."""

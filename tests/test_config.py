@@ -56,7 +56,8 @@ def test_calibration_can_be_turned_off(value):
         ({"SOLLOL_LOCALITY_MODE": "fast"},
          "SOLLOL_LOCALITY_MODE='fast' is not a valid mode (expected one of auto, parallel, "
          "sequential)"),
-        ({"SOLLOL_LOCALITY_MIN_SPEEDUP": "abc"}, "SOLLOL_LOCALITY_MIN_SPEEDUP='abc' is not a number"),
+        ({"SOLLOL_LOCALITY_MIN_SPEEDUP": "abc"},
+         "SOLLOL_LOCALITY_MIN_SPEEDUP='abc' is not a number"),
         ({"SOLLOL_LOCALITY_MIN_SPEEDUP": "-1"},
          "SOLLOL_LOCALITY_MIN_SPEEDUP='-1' is out of range (expected a number greater than 0)"),
         ({"SOLLOL_LOCALITY_DNS_TIMEOUT": "0"},

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from helpers import OllamaNode, gpu_node, offline_config, offline_topology, timed_node
+
 from sollol_locality import CalibrationError, CostPriors, ParallelismCostModel
 
 
@@ -50,7 +50,8 @@ def test_estimate_fields(model, topology):
     assert estimate.units == ("localhost/cpu",)
     assert estimate.time_unit == "tasks"
     assert estimate.tasks_per_node == (1, 1)
-    assert estimate.reason == "2 nodes share one CPU on localhost and contend for it (predicted 0.50x)"
+    assert estimate.reason == (
+        "2 nodes share one CPU on localhost and contend for it (predicted 0.50x)")
 
 
 def test_uneven_split_lets_a_lone_stream_speed_back_up(model, topology):
@@ -195,7 +196,8 @@ def test_corrupt_calibration_is_set_aside_and_priors_used(tmp_path, caplog):
 
 @pytest.mark.parametrize(
     "content",
-    ['{"format": "other"}', '{"format": "sollol-locality-calibration", "task_seconds": {"a": [-1]}}',
+    ['{"format": "other"}',
+     '{"format": "sollol-locality-calibration", "task_seconds": {"a": [-1]}}',
      '{"format": "sollol-locality-calibration", "contention": {"a": [1]}}', "[]"],
 )
 def test_load_rejects_malformed_files(tmp_path, content):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import gpu_node, offline_config, offline_topology
+from helpers import FakeClock, gpu_node, offline_config, offline_topology
 
 from sollol_locality import (
     CalibrationError,
@@ -274,13 +274,6 @@ BROKEN: dict[str, tuple[str | bytes | None, int | None, str]] = {
     "deleted": (None, None, "cannot be read"),
 }
 
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _rewrite(path: Path, content: str | bytes | None) -> None:

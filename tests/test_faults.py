@@ -25,11 +25,12 @@ from typing import Any
 
 import pytest
 from dnsserver import DnsTestServer, soa
-from helpers import offline_config
+from helpers import FakeClock, offline_config
+from helpers import MinimalBalancer as Balancer
+from helpers import Registry as _Registry
 
 from sollol_locality import (
     ExecutionPlanner,
-    LocalityAwareMixin,
     NodeTopology,
     ParallelismCostModel,
 )
@@ -53,18 +54,6 @@ ZONES: dict[str, Any] = {
     "hop12.f.test": [("A", SHARED, 60)],  # 12 CNAME hops: more than MAX_CNAME_HOPS (8)
 }
 
-
-class FakeClock:
-    """The resolver's cache clock: moves only when told to (deadlines use the real clock)."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def tick(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def static_machine() -> LocalMachine:
@@ -124,21 +113,6 @@ CASES = [
 APIS = ["plan", "count", "should_parallelize"]
 
 
-class _Base:
-    def __init__(self, registry: Any) -> None:
-        self.registry = registry
-
-
-class _Registry:
-    def __init__(self, nodes: list[Any]) -> None:
-        self.nodes = nodes
-
-    def get_healthy_nodes(self) -> list[Any]:
-        return list(self.nodes)
-
-
-class Balancer(LocalityAwareMixin, _Base):
-    pass
 
 
 @dataclass

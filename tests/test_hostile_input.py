@@ -23,14 +23,15 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from helpers import MinimalBalancer as Balancer
 from helpers import OllamaNode, offline_config
+from helpers import Registry as _Registry
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sollol_locality import (
     ExecutionPlanner,
     InvalidNodeAddress,
-    LocalityAwareMixin,
     NodeAddress,
     NodeTopology,
     ParallelismCostModel,
@@ -82,21 +83,6 @@ TOPOLOGY = NodeTopology(CONFIG, resolver=NameResolver(), local_machine=LocalMach
 PLANNER = ExecutionPlanner(TOPOLOGY, ParallelismCostModel(CONFIG), CONFIG)
 
 
-class _Base:
-    def __init__(self, registry: Any) -> None:
-        self.registry = registry
-
-
-class _Registry:
-    def __init__(self, nodes: list[Any]) -> None:
-        self.nodes = nodes
-
-    def get_healthy_nodes(self) -> list[Any]:
-        return list(self.nodes)
-
-
-class Balancer(LocalityAwareMixin, _Base):
-    pass
 
 
 # -- odd objects ----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+from helpers import FakeClock
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -37,18 +38,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 # -- helpers ---------------------------------------------------------------------------------
 
-
-class FakeClock:
-    """A monotonic clock that only moves when told to."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def tick(self, seconds: float = 1.0) -> None:
-        self.now += seconds
 
 
 def snap(

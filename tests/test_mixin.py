@@ -7,8 +7,8 @@ import threading
 from typing import Any
 
 import pytest
-
 from helpers import OllamaNode, gpu_node, offline_config, timed_node
+
 from sollol_locality import (
     ExecutionPlanner,
     LocalityAwareMixin,

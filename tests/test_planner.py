@@ -5,10 +5,10 @@ from __future__ import annotations
 import copy
 
 import pytest
+from helpers import OllamaNode, gpu_node, offline_config, offline_topology, timed_node
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import OllamaNode, gpu_node, offline_config, offline_topology, timed_node
 from sollol_locality import ExecutionPlan, ExecutionPlanner, ParallelismCostModel
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from dnsserver import DnsTestServer, soa
+from helpers import FakeClock
 
 from sollol_locality import resolver as resolver_module
 from sollol_locality._errors import ConfigError
@@ -36,18 +37,6 @@ from sollol_locality.resolver import (
 
 REFRESH_THREAD = "sollol-locality-dns-refresh"
 
-
-class FakeClock:
-    """A monotonic clock that moves only when told to."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def tick(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from dnsserver import DnsTestServer
+from helpers import MinimalBalancer as Balancer
+from helpers import Registry as _Registry
 from helpers import offline_config, offline_topology
 
 from benchmarks.reliability import (
@@ -21,7 +22,7 @@ from benchmarks.reliability import (
     churn_resolver_cache,
     churn_topology,
 )
-from sollol_locality import ExecutionPlanner, LocalityAwareMixin, ParallelismCostModel
+from sollol_locality import ExecutionPlanner, ParallelismCostModel
 from sollol_locality.addresses import _parse_string
 from sollol_locality.planner import _MEMO_MAX as PLANNER_MEMO_MAX
 from sollol_locality.topology import _MEMO_MAX as TOPOLOGY_MEMO_MAX
@@ -56,21 +57,6 @@ def test_a_ten_thousand_node_decision(tmp_path: Path) -> None:
     assert result["same_again"]
 
 
-class _Base:
-    def __init__(self, registry: Any) -> None:
-        self.registry = registry
-
-
-class _Registry:
-    def __init__(self) -> None:
-        self.nodes: list[Any] = []
-
-    def get_healthy_nodes(self) -> list[Any]:
-        return self.nodes
-
-
-class Balancer(LocalityAwareMixin, _Base):
-    pass
 
 
 def test_decision_caches_stay_bounded() -> None:

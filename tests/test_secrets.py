@@ -22,12 +22,13 @@ from typing import Any
 
 import pytest
 from dnsserver import DnsTestServer, soa
+from helpers import MinimalBalancer as Balancer
 from helpers import OllamaNode, offline_config
+from helpers import Registry as _Registry
 
 from sollol_locality import (
     ExecutionPlanner,
     InvalidNodeAddress,
-    LocalityAwareMixin,
     LocalityError,
     NodeTopology,
     ParallelismCostModel,
@@ -80,21 +81,6 @@ def invalid_nodes() -> list[Any]:
     ]
 
 
-class _Base:
-    def __init__(self, registry: Any) -> None:
-        self.registry = registry
-
-
-class _Registry:
-    def __init__(self, nodes: list[Any]) -> None:
-        self.nodes = nodes
-
-    def get_healthy_nodes(self) -> list[Any]:
-        return list(self.nodes)
-
-
-class Balancer(LocalityAwareMixin, _Base):
-    pass
 
 
 class Outputs:

@@ -14,10 +14,10 @@ from types import SimpleNamespace
 import psutil
 import pytest
 from dnsserver import soa
+from helpers import FakeClock, OllamaNode, offline_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import OllamaNode, offline_config
 from sollol_locality import InvalidNodeAddress, LocalityConfig, NodeTopology
 from sollol_locality.local import LocalMachine
 
@@ -242,7 +242,8 @@ def test_fifty_names_behind_a_silent_server(make_dns_server):
 
 
 def test_local_names_and_literals_never_send_a_query(topology, lab):
-    topology.count_unique_hosts(["localhost", "127.0.0.1", "[::1]", "10.0.0.5", socket.gethostname()])
+    topology.count_unique_hosts(
+        ["localhost", "127.0.0.1", "[::1]", "10.0.0.5", socket.gethostname()])
     assert lab.total == 0
 
 
@@ -269,16 +270,6 @@ host = "gpu-box-2"
 gpu = "0"
 """
 
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def tick(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture
@@ -348,7 +339,8 @@ _SPELLINGS = st.sampled_from([
 ])
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(nodes=st.lists(_SPELLINGS, max_size=12), data=st.data())
 def test_grouping_is_a_partition_independent_of_order(topology, nodes, data):
     objects = [OllamaNode(n) if i % 2 else n for i, n in enumerate(nodes)]
