@@ -105,7 +105,11 @@ def test_calibrate_writes_the_file_the_next_decision_uses(
         plan = json.loads(text)
         assert code == 0
         assert plan["time_unit"] == "seconds"
-        assert plan["mode"] == "sequential" and plan["cause"] == "one-unit"
+        # The decision is the one the file implies. (Which one it is depends on two noisy
+        # contention samples from tiny emulators on one core: usually sequential, but a median
+        # gain above the 5% threshold legitimately makes it parallel.)
+        assert (plan["mode"], plan["cause"]) == (expected.mode, expected.cause)
+        assert plan["speedup"] == pytest.approx(expected.speedup, abs=1e-4)
         assert plan["sequential_seconds"] == pytest.approx(
             4 * learned.measured_task_seconds(LOCAL), rel=1e-4)
         assert plan["naive_speedup"] == pytest.approx(expected.naive_speedup, abs=1e-4)
