@@ -164,20 +164,21 @@ class LocalityAwareMixin:
 
     def _locality_log(self, plan: ExecutionPlan) -> None:
         state = self._locality()
-        key = frozenset(map(str, plan.hosts))
-        summary = (plan.mode, tuple(i.address.url for i in plan.identities))
+        detail = plan._detail  # the decision's immutable template: its log key is precomputed
+        key = detail.host_ids if detail is not None else frozenset()
+        summary = (plan.mode, detail.chosen_urls if detail is not None else ())
         changed = state.last_logged.get(key) != summary
-        if changed:
-            if len(state.last_logged) > 256:
-                state.last_logged.clear()
-            state.last_logged[key] = summary
-        extra = {"event": "parallel_decision", "mode": plan.mode, "speedup": plan.speedup,
-                 "hosts": sorted(plan.hosts), "cause": plan.cause}
-        for warning in plan.warnings if changed else ():
+        if not changed:  # the warm path: a repeated decision costs no log work unless asked
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("%s", plan.reason, extra=self._locality_extra(plan))
+            return
+        if len(state.last_logged) > 256:
+            state.last_logged.clear()
+        state.last_logged[key] = summary
+        extra = self._locality_extra(plan)
+        for warning in plan.warnings:
             logger.warning("%s", warning, extra={"event": "candidate_warning"})
-        if not changed:
-            logger.debug("%s", plan.reason, extra=extra)
-        elif plan.mode == "sequential" and plan.shared_host is not None:
+        if plan.mode == "sequential" and plan.shared_host is not None:
             logger.warning(
                 "parallel execution refused: %d nodes share one machine (%s); %d tasks in "
                 "parallel there are estimated at %.2fx, so they run sequentially",
@@ -191,6 +192,11 @@ class LocalityAwareMixin:
                         extra=extra)
         else:
             logger.info("%s", plan.reason, extra=extra)
+
+    @staticmethod
+    def _locality_extra(plan: ExecutionPlan) -> dict[str, Any]:
+        return {"event": "parallel_decision", "mode": plan.mode, "speedup": plan.speedup,
+                "hosts": sorted(plan.hosts), "cause": plan.cause}
 
     # -- unit-aware routing -----------------------------------------------------------------
 

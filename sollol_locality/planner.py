@@ -213,6 +213,14 @@ class _Template:
     excluded: tuple[tuple[int, str], ...]
     shared_host: str | None
     identities: tuple[HostIdentity, ...]
+    # What a decision is, for telling a changed decision from a repeated one (computed once).
+    host_ids: frozenset[str] = field(init=False, repr=False, compare=False)
+    chosen_urls: tuple[str, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "host_ids", frozenset(host for host, _ in self.hosts))
+        object.__setattr__(self, "chosen_urls",
+                           tuple(i.address.url for i in self.identities))
 
     def build(self, nodes: Sequence[Any]) -> ExecutionPlan:
         """A plan for this call: fresh lists, this call's node objects."""
