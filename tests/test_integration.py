@@ -10,7 +10,6 @@ seconds); the namespace scenarios need root and are skipped with the reason othe
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,6 @@ import pytest
 pytest.importorskip("numpy", reason="the emulator needs numpy (the bench extra)")
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) does not put the root on the path
-    sys.path.insert(0, str(ROOT))
 
 from benchmarks.dispatch import (  # noqa: E402
     Arm,

@@ -19,8 +19,6 @@ import pytest
 pytest.importorskip("numpy", reason="the emulator needs numpy (the bench extra)")
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) does not put the root on the path
-    sys.path.insert(0, str(ROOT))
 
 from benchmarks.machines import (  # noqa: E402
     AUTO_SUBNETS,
