@@ -516,6 +516,14 @@ class ColocationFacts:
     pairs: Mapping[tuple[str, str], PairFact] = field(
         default_factory=lambda: MappingProxyType({}))
 
+    def __post_init__(self) -> None:
+        for key, fact in self.pairs.items():
+            if not isinstance(fact, PairFact) or key != fact.pair:
+                raise CalibrationError(f"ColocationFacts.pairs[{key!r}] is {_short(fact)}: "
+                                       "expected the PairFact of that pair")
+        if not isinstance(self.pairs, MappingProxyType):
+            object.__setattr__(self, "pairs", MappingProxyType(dict(self.pairs)))
+
     @classmethod
     def of(cls, facts: Iterable[PairFact]) -> ColocationFacts:
         """Facts from a list; of two facts about one pair the newer is kept."""
@@ -648,16 +656,28 @@ def facts_from_report(report: ColocationReport[str], measured_at: float, *,
 
 def describe_colocation(facts: ColocationFacts, key: str, *, now: float,
                         max_age: float = DEFAULT_MAX_AGE) -> tuple[str, ...]:
-    """One line per measured partner of ``key``, for ``sollol-locality hosts``:
-    ``"shares a unit with 10.0.0.6:11434 (measured 2026-12-01, 1.93x)"``, with ``", stale"``
-    when the measurement is older than ``max_age`` seconds at ``now`` (epoch seconds)."""
+    """One line per other member of ``key``'s measured unit, for ``sollol-locality hosts``.
+
+    A partner measured with ``key`` directly:
+    ``"shares a unit with 10.0.0.6:11434 (measured 2026-12-01, 1.93x)"`` (``", from 3 recorded
+    runs"`` when learned from production runs), with ``", stale"`` when the measurement is older
+    than ``max_age`` seconds at ``now`` (epoch seconds). A member joined only through others:
+    ``"shares a unit with 10.0.0.7:11434 (through 10.0.0.6:11434)"``.
+    """
     lines = []
+    direct = set()
     for fact in facts.partners(key):
+        direct.add(fact.other(key))
         day = datetime.fromtimestamp(fact.measured_at, UTC).strftime("%Y-%m-%d")
         extra = f", {fact.strength:.2f}x" if fact.strength is not None else ""
         how = "" if fact.source == "calibrate" else f", from {fact.runs} recorded runs"
         stale = ", stale" if fact.is_stale(now, max_age) else ""
         lines.append(f"shares a unit with {fact.other(key)} (measured {day}{extra}{how}{stale})")
+    unit = next((g for g in facts.groups() if key in g), frozenset())
+    for other in sorted(unit - direct - {key}):
+        via = sorted(k for k in direct
+                     if (link := facts.fact(k, other)) is not None and link.colocated)
+        lines.append(f"shares a unit with {other} (through {', '.join(via) or 'others'})")
     return tuple(lines)
 
 
@@ -671,7 +691,7 @@ class PairEvidence:
         slowed: runs where the two overlapped and both slowed beyond the tolerance, each the
             other's only unexplained suspect.
         contradicting: runs where they overlapped and did not both slow.
-        strengths: the pair's mean slowdown in each ``slowed`` run.
+        strengths: the pair's mean slowdown in each ``slowed`` run (the latest 15).
     """
 
     slowed: int = 0
@@ -698,6 +718,9 @@ def _overlap(x: Sequence[tuple[float, float]], y: Sequence[tuple[float, float]])
         else:
             j += 1
     return total
+
+
+_KEPT_STRENGTHS = 15  # the latest slowdowns kept per pair: a pair's strength is their median
 
 
 class RecordedEvidence:
@@ -850,8 +873,8 @@ class RecordedEvidence:
             if both:
                 if unexplained(a, b) or unexplained(b, a):
                     continue  # ambiguous: no evidence either way
-                evidence = PairEvidence(evidence.slowed + 1, evidence.contradicting,
-                                        (*evidence.strengths, (sa + sb) / 2))
+                strengths = (*evidence.strengths, (sa + sb) / 2)[-_KEPT_STRENGTHS:]
+                evidence = PairEvidence(evidence.slowed + 1, evidence.contradicting, strengths)
             else:
                 evidence = PairEvidence(evidence.slowed, evidence.contradicting + 1,
                                         evidence.strengths)

@@ -363,6 +363,19 @@ def test_the_hosts_text_names_the_partner_and_the_date():
         "stale)",
     )
     assert describe_colocation(facts, "10.0.0.7:11434", now=T0) == ()
+    assert describe_colocation(facts, "10.0.0.6:11434", now=T0 + DAY) == (
+        "shares a unit with 10.0.0.5:11434 (measured 2025-12-01, 1.93x)",
+        "shares a unit with 10.0.0.4:11434 (through 10.0.0.5:11434)",
+    )
+
+
+def test_facts_built_directly_are_checked_and_read_only():
+    facts = ColocationFacts({("a", "b"): fact("a", "b")})
+    with pytest.raises(TypeError):
+        facts.pairs[("a", "c")] = fact("a", "c")
+    with pytest.raises(CalibrationError) as info:
+        ColocationFacts({("a", "c"): fact("a", "b")})
+    assert str(info.value).startswith("ColocationFacts.pairs[('a', 'c')] is PairFact(a='a', ")
 
 
 def test_a_detector_report_becomes_facts():
@@ -523,8 +536,8 @@ def test_a_known_unit_explains_its_own_slowdown():
     evidence = RecordedEvidence(known=known)
     timings = [(n, 0.0, 2.0) for n in "abcd"]
     expected = dict.fromkeys("abcd", 1.0)
-    # c and d slow each other (known); a and b only have each other left as the explanation...
-    # ...but a still sees c and d slowed: they are not explained away for a, so no evidence.
+    # c and d slow each other (a known unit), but a and b also see c and d slowed, and c or d
+    # may be what slows them: ambiguous, no evidence for any pair.
     for i in range(3):
         evidence.add_run(timings, expected, measured_at=T0 + i)
     assert evidence.facts().groups() == (frozenset("cd"),)
