@@ -139,13 +139,16 @@ class ColocationRun(Generic[K]):
             of each unit found so far) or ``"confirm"`` (a suspected pair alone).
         members: the nodes run together, in the order given to ``measure``.
         slowdowns: ``(node, time together / solo time)`` for each member.
-        slowed: the members that slowed beyond the tolerance.
+        slowed: the members whose slowdown, divided by ``baseline``, reaches the tolerance.
+        baseline: the slowdown every member of the run shared (1.0 unless the run held two or
+            more representatives: see :func:`detect_colocation`).
     """
 
     purpose: str
     members: tuple[K, ...]
     slowdowns: tuple[tuple[K, float], ...]
     slowed: frozenset[K]
+    baseline: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +240,17 @@ class _UnionFind(Generic[K]):
             self.parent[rb] = ra
 
 
+def _baseline(independent: Sequence[float]) -> float:
+    """The slowdown a run imposed on members that share nothing with each other.
+
+    At most one of them shares a unit with the node under test, so the highest is left out and
+    the lower median of the rest is taken (the lowest, for two); never below 1.0.
+    """
+    if len(independent) < 2:
+        return 1.0
+    return max(1.0, statistics.median_low(sorted(independent)[:-1]))
+
+
 def detect_colocation(
     nodes: Sequence[K],
     solo: Mapping[K, float],
@@ -262,6 +276,9 @@ def detect_colocation(
        representatives share nothing with each other). If it shares a unit with one of them,
        exactly that representative slows with it; if nothing slows, it shares with none of them
        and starts a unit of its own. One run places a node, however many units exist.
+       A big run can slow every member a little (the machine sending the requests, a shared
+       network link): slowdowns in a test run are measured against the one its representatives
+       share (see :attr:`ColocationRun.baseline`), so that slowdown is not taken for sharing.
     3. **Confirmation.** A suspected pair is confirmed by running the two alone, which also
        measures the pair's interference strength. When the test run held a single
        representative it was that pair run already, and is not repeated. At most
@@ -313,7 +330,8 @@ def detect_colocation(
     confirmed: dict[frozenset[K], float] = {}
     worst: dict[K, float] = {k: solo[k] for k in order}  # longest time seen, for estimates
 
-    def run(purpose: str, members: Sequence[K]) -> ColocationRun[K]:
+    def run(purpose: str, members: Sequence[K],
+            independent_of_each_other: Sequence[K] = ()) -> ColocationRun[K]:
         members = tuple(members)
         times = measure(members)
         budget.runs += 1
@@ -323,7 +341,8 @@ def detect_colocation(
                 raise CalibrationError(f"measure() gave {value!r} for node {key!r} in a run of "
                                        f"{list(members)!r}: expected its time in seconds")
         factors = slowdowns(solo, {k: times[k] for k in members})
-        slowed = frozenset(slowed_nodes(factors, tolerance))
+        baseline = _baseline([factors[k] for k in independent_of_each_other])
+        slowed = frozenset(k for k, f in factors.items() if f / baseline >= tolerance)
         for key in members:
             worst[key] = max(worst[key], times[key])
         # An unslowed member shares with nobody in this run: all its pairs here are independent.
@@ -331,7 +350,7 @@ def detect_colocation(
             for b in members[i + 1:]:
                 if a not in slowed or b not in slowed:
                     independent.add(_pair(a, b))
-        record = ColocationRun(purpose, members, tuple(factors.items()), slowed)
+        record = ColocationRun(purpose, members, tuple(factors.items()), slowed, baseline)
         runs.append(record)
         return record
 
@@ -358,7 +377,7 @@ def detect_colocation(
                 exhausted = True
                 untested = suspects[index:]
                 break
-            test = run("test", members)
+            test = run("test", members, representatives)
             factors = dict(test.slowdowns)
             hits = sorted((r for r in representatives if r in test.slowed and node in test.slowed),
                           key=lambda r: -factors[r])[:max_confirmations_per_node]
@@ -465,6 +484,16 @@ class PairFact:
     def is_stale(self, now: float, max_age: float = DEFAULT_MAX_AGE) -> bool:
         """Whether the measurement is older than ``max_age`` seconds at ``now`` (epoch seconds)."""
         return now - self.measured_at > max_age
+
+    def describe(self, now: float, max_age: float = DEFAULT_MAX_AGE) -> str:
+        """How it was measured, for a plan's reason or the hosts listing:
+        ``"measured 2026-12-01, 1.93x, from 3 recorded runs, stale"`` (the date in UTC; the
+        source only for recorded runs; ``stale`` when older than ``max_age`` at ``now``)."""
+        day = datetime.fromtimestamp(self.measured_at, UTC).strftime("%Y-%m-%d")
+        strength = f", {self.strength:.2f}x" if self.strength is not None else ""
+        how = f", from {self.runs} recorded runs" if self.source == "recorded" else ""
+        stale = ", stale" if self.is_stale(now, max_age) else ""
+        return f"measured {day}{strength}{how}{stale}"
 
     def other(self, key: str) -> str:
         """The other instance of the pair."""
@@ -668,11 +697,7 @@ def describe_colocation(facts: ColocationFacts, key: str, *, now: float,
     direct = set()
     for fact in facts.partners(key):
         direct.add(fact.other(key))
-        day = datetime.fromtimestamp(fact.measured_at, UTC).strftime("%Y-%m-%d")
-        extra = f", {fact.strength:.2f}x" if fact.strength is not None else ""
-        how = "" if fact.source == "calibrate" else f", from {fact.runs} recorded runs"
-        stale = ", stale" if fact.is_stale(now, max_age) else ""
-        lines.append(f"shares a unit with {fact.other(key)} (measured {day}{extra}{how}{stale})")
+        lines.append(f"shares a unit with {fact.other(key)} ({fact.describe(now, max_age)})")
     unit = next((g for g in facts.groups() if key in g), frozenset())
     for other in sorted(unit - direct - {key}):
         via = sorted(k for k in direct
@@ -800,8 +825,10 @@ class RecordedEvidence:
         """Take one recorded run; return the decisions it changed (merges and undone merges).
 
         ``timings``: one ``(node, start_s, end_s)`` per task, seconds from the batch's start;
-        ``expected``: per node, the seconds one task takes there alone; ``measured_at``: when the
-        run happened, wall-clock seconds since the epoch.
+        ``expected``: per node, the seconds one task takes there with no other node busy (at the
+        concurrency the plan gave that node: its solo time, or its batching curve's time when it
+        was sent several tasks at once); ``measured_at``: when the run happened, wall-clock
+        seconds since the epoch.
 
         Raises:
             CalibrationError: a timing is malformed (end before start, not finite) or a node

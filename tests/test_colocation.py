@@ -149,6 +149,35 @@ def test_a_node_slowed_only_by_noise_is_not_merged():
     assert report.run_count == 2
 
 
+def test_a_slowdown_shared_by_every_run_makes_no_false_unit():
+    # the dispatching machine slows every member of a big run a little (2% per member: 1.6x at
+    # 30), so every node looks slowed in the all-nodes run; the test runs clear them
+    n = 30
+    nodes, solo, simulated = cluster({f"n{i}": i for i in range(n)})
+
+    def measure(group):
+        return {k: t * (1 + 0.02 * len(group)) for k, t in simulated(group).items()}
+
+    report = detect_colocation(nodes, solo, measure)
+    assert report.groups == ()
+    assert report.independent == pairs_of(nodes)
+    assert report.run_count == n
+    assert report.runs[-1].baseline > 1.5
+
+
+def test_a_slowdown_shared_by_every_run_hides_no_real_unit():
+    n = 16
+    nodes, solo, simulated = cluster({f"n{i}": i // 4 for i in range(n)}, seed=3)
+
+    def measure(group):
+        return {k: t * (1 + 0.02 * len(group)) for k, t in simulated(group).items()}
+
+    report = detect_colocation(nodes, solo, measure)
+    assert {g.members for g in report.groups} == {
+        frozenset(f"n{i}" for i in range(u * 4, u * 4 + 4)) for u in range(4)}
+    assert report.run_count <= 2 * n - 1
+
+
 @pytest.mark.parametrize("n", [4, 8, 16, 30])
 @pytest.mark.parametrize("layout", ["independent", "one_pair", "two_units", "pairs"])
 def test_the_run_count_is_linear_and_the_units_are_exact(n, layout):
@@ -362,6 +391,8 @@ def test_the_hosts_text_names_the_partner_and_the_date():
         "shares a unit with 10.0.0.4:11434 (measured 2025-11-22, 1.90x, from 3 recorded runs, "
         "stale)",
     )
+    assert facts.fact("10.0.0.5:11434", "10.0.0.7:11434").describe(T0) == (
+        "measured 2025-12-01, 1.90x")
     assert describe_colocation(facts, "10.0.0.7:11434", now=T0) == ()
     assert describe_colocation(facts, "10.0.0.6:11434", now=T0 + DAY) == (
         "shares a unit with 10.0.0.5:11434 (measured 2025-12-01, 1.93x)",
