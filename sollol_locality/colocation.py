@@ -295,9 +295,10 @@ def detect_colocation(
 
     **Budget.** ``max_runs`` caps the number of runs; ``max_seconds`` caps the time spent, read
     from ``clock`` (monotonic seconds): a run is started only when the time spent so far plus its
-    estimate fits. A run's estimate is the longest time its members took in the all-nodes run
-    (monotonicity: no member is slower in a smaller run); the first run's is the longest solo
-    time. What was not reached is reported in ``untested_nodes`` and ``untested_pairs``.
+    estimate fits. A run's estimate is the longest time any of its members has taken so far,
+    which the all-nodes run bounds (monotonicity: no member is slower in a smaller run); the
+    first run's is the longest solo time. What was not reached is reported in
+    ``untested_nodes`` (the slowed nodes whose unit was not settled) and ``untested_pairs``.
 
     Raises:
         ConfigError: bad arguments (duplicate nodes, a tolerance not above 1, a negative budget).
@@ -402,8 +403,8 @@ def detect_colocation(
             elif len(joined) > 1:  # the node bridges two units: they are one now
                 keep = joined[0]
                 representatives = [r for r in representatives if r == keep or r not in joined]
-            if exhausted:
-                untested = suspects[index + 1:]
+            if exhausted:  # this node's suspects were not all confirmed: it is left too
+                untested = suspects[index:]
                 break
     return _report(order, units, confirmed, independent, untested, runs, tolerance, exhausted)
 

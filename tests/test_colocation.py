@@ -249,6 +249,18 @@ def test_a_time_budget_reads_the_injected_clock():
     assert detect_colocation(nodes, solo, measure, max_seconds=0.5, clock=clock).runs == ()
 
 
+def test_a_budget_reached_before_a_confirmation_leaves_that_node_untested():
+    layout = {"a1": "A", "b1": "B", "a2": "A", "b2": "B"}
+    nodes, solo, measure = cluster(layout, jitter=0.0)
+    report = detect_colocation(nodes, solo, measure, max_runs=3)
+    assert [r.purpose for r in report.runs] == ["all", "test", "test"]  # no run left to confirm
+    assert report.untested_nodes == ("a2", "b2")
+    assert report.untested_pairs == {frozenset(p) for p in
+                                     [("a1", "a2"), ("a1", "b2"), ("b1", "b2"), ("a2", "b2")]}
+    assert report.independent == {frozenset({"a1", "b1"}), frozenset({"a2", "b1"})}
+    assert report.groups == ()
+
+
 def test_no_budget_for_the_first_run_leaves_everything_untested():
     nodes, solo, measure = cluster({"a": 0, "b": 1})
     report = detect_colocation(nodes, solo, measure, max_runs=0)
