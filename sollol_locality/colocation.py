@@ -282,7 +282,9 @@ def detect_colocation(
     3. **Confirmation.** A suspected pair is confirmed by running the two alone, which also
        measures the pair's interference strength. When the test run held a single
        representative it was that pair run already, and is not repeated. At most
-       ``max_confirmations_per_node`` suspects (the most slowed) are confirmed per node.
+       ``max_confirmations_per_node`` suspects (the most slowed) are confirmed per node. A unit
+       therefore always rests on two runs in which both nodes slowed (the all-nodes run and the
+       pair run), never on one.
 
     **Bound.** With ``s`` slowed nodes in the first run (``s <= N``) and ``u`` units found among
     them, the search takes at most ``1 + (s - 1) + (s - u) <= 2 * N - 1`` runs when sharing is
@@ -803,6 +805,12 @@ class RecordedEvidence:
         self._known = known if known is not None else ColocationFacts()
         self._decided: dict[tuple[str, str], PairFact] = {}
         self._evidence: dict[tuple[str, str], PairEvidence] = {}
+
+    def know(self, facts: ColocationFacts) -> None:
+        """Take facts learned elsewhere (the calibration file as another process saved it);
+        where they and this accumulator's decisions know a pair, the newer wins."""
+        with self._lock:
+            self._known = self._known.merge(facts)
 
     def evidence(self, a: str, b: str) -> PairEvidence:
         """The evidence gathered about ``a`` and ``b`` since their last decision."""

@@ -549,6 +549,17 @@ def test_a_later_clean_run_undoes_a_stale_merge():
     assert known.merge(evidence.facts()).groups() == ()
 
 
+def test_facts_saved_by_another_process_are_taken_newest_first():
+    evidence = RecordedEvidence()
+    for i in range(3):
+        evidence.add_run(*run_of(2.0, 2.0), measured_at=T0 + i)
+    evidence.know(ColocationFacts.of([fact("a", "b", False, at=T0 - DAY, strength=None),
+                                      fact("c", "d", at=T0 - DAY)]))
+    assert evidence.facts().groups() == (frozenset("ab"), frozenset("cd"))
+    evidence.know(ColocationFacts.of([fact("a", "b", False, at=T0 + DAY, strength=None)]))
+    assert evidence.facts().groups() == (frozenset("cd"),)
+
+
 def test_an_undone_recorded_merge_needs_three_new_runs():
     evidence = RecordedEvidence()
     for i in range(3):
