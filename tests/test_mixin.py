@@ -156,7 +156,7 @@ def test_state_is_lazy_when_the_mixin_init_never_runs(config):
             SynapticLlamasBalancer.__init__(self, registry)  # skips the mixin entirely
 
     lb = Direct(Registry([OllamaNode("http://10.0.0.5:11434"), OllamaNode("http://10.0.0.6:11434")]))
-    assert "_locality_state" not in lb.__dict__
+    assert "_locality_decider" not in lb.__dict__
     lb.__dict__["_locality_options"] = (config, None, None, None)
     assert lb.should_parallelize(2) is True
     assert isinstance(lb.topology, NodeTopology)
@@ -183,7 +183,7 @@ def test_logging_warns_naming_the_machine_once_then_debug(sollol_balancer, caplo
     with caplog.at_level(logging.DEBUG, logger="sollol_locality"):
         lb.should_parallelize(3)
         lb.should_parallelize(3)
-    records = [r for r in caplog.records if r.name.startswith("sollol_locality.mixin")]
+    records = [r for r in caplog.records if r.name.startswith("sollol_locality.decider")]
     assert [r.levelname for r in records] == ["WARNING", "DEBUG"]
     assert records[0].getMessage() == (
         "parallel execution refused: 2 nodes share one machine (localhost); 3 tasks in parallel "
@@ -245,7 +245,7 @@ def test_routing_moves_off_a_busy_unit_to_an_idle_one(sollol_balancer):
     assert lb.topology.describe(second.node).unit != first_unit
     lb.record_performance(first, 10.0, True)
     lb.record_performance(second, 10.0, True)
-    assert lb._locality().inflight == {}
+    assert lb.decider.in_flight() == {}
 
 
 def test_routing_reasoning_says_why_it_moved(sollol_balancer):
