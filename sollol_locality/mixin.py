@@ -10,9 +10,10 @@
     ...
     lb.record_execution(plan, wall_seconds)       # the model moves toward what happened
 
-Locality options (``locality_config=``, ``topology=``, ``cost_model=``, ``planner=``) are
-keyword-only and taken out before the base constructor runs. The mixin's state is created lazily
-on first use, so a subclass whose ``__init__`` never reaches the mixin still works.
+Locality options (``locality_config=``, ``topology=``, ``cost_model=``, ``planner=``, or a whole
+``decider=`` to share) are keyword-only and taken out before the base constructor runs. The
+mixin's decider is created lazily on first use, so a subclass whose ``__init__`` never reaches the
+mixin still works.
 
 When the base has SOLLOL's own ``should_use_parallel()`` / ``suggest_execution_mode()``
 (``sollol.integration.SOLLOLLoadBalancer`` does), the mixin overrides them with the
@@ -37,7 +38,7 @@ from typing import Any, Final, Protocol
 from ._errors import LocalityError
 from .config import LocalityConfig
 from .cost_model import ParallelismCostModel
-from .decider import OPTIONS_KEY, Decider, attached_decider
+from .decider import DECIDER_KEY, OPTIONS_KEY, Decider, attached_decider
 from .planner import ExecutionPlan, ExecutionPlanner
 from .topology import NodeTopology
 
@@ -84,8 +85,11 @@ class LocalityAwareMixin:
     def __init__(self, *args: Any, locality_config: LocalityConfig | None = None,
                  topology: NodeTopology | None = None,
                  cost_model: ParallelismCostModel | None = None,
-                 planner: ExecutionPlanner | None = None, **kwargs: Any) -> None:
+                 planner: ExecutionPlanner | None = None, decider: Decider | None = None,
+                 **kwargs: Any) -> None:
         self.__dict__[OPTIONS_KEY] = (locality_config, topology, cost_model, planner)
+        if decider is not None:
+            self.__dict__[DECIDER_KEY] = decider
         super().__init__(*args, **kwargs)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

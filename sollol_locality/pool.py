@@ -145,7 +145,7 @@ class LocalityAwarePoolMixin:
 
     Use it before the pool class: ``class MyPool(LocalityAwarePoolMixin, OllamaPool)`` (or the
     ready :class:`LocalityAwarePool`). Locality options are keyword-only and taken out before the
-    base constructor runs; the state is created on first use (which is OllamaPool's own
+    base constructor runs; the decider is created on first use (which is OllamaPool's own
     de-duplication, inside its constructor):
 
     Args:
@@ -153,6 +153,8 @@ class LocalityAwarePoolMixin:
         topology, cost_model, planner: share existing ones, for example one
             :class:`ExecutionPlanner` across many short-lived pools (its DNS cache and
             calibration then serve them all).
+        decider: a whole :class:`~sollol_locality.decider.Decider` to share (the options above
+            are then not used).
     """
 
     nodes: list[Any]
@@ -160,8 +162,11 @@ class LocalityAwarePoolMixin:
     def __init__(self, *args: Any, locality_config: LocalityConfig | None = None,
                  topology: NodeTopology | None = None,
                  cost_model: ParallelismCostModel | None = None,
-                 planner: ExecutionPlanner | None = None, **kwargs: Any) -> None:
+                 planner: ExecutionPlanner | None = None, decider: Decider | None = None,
+                 **kwargs: Any) -> None:
         self.__dict__[OPTIONS_KEY] = (locality_config, topology, cost_model, planner)
+        if decider is not None:
+            self.__dict__[DECIDER_KEY] = decider
         super().__init__(*args, **kwargs)
 
     # -- the decider ------------------------------------------------------------------------
