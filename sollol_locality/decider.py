@@ -273,13 +273,15 @@ class Decider:
         holds none (never routed, already finished or expired) is ignored."""
         token = getattr(decision, _TOKEN_ATTR, None)
         with self._lock:
-            if isinstance(token, _Token):
+            if isinstance(token, _Token) and self._open.get(token.serial) is token:
                 self._end(token.serial)
-            else:  # a decision that could not carry its token: find it by identity
+            elif not isinstance(token, _Token):
+                # A decision that could not carry its token: find it by identity.
                 serial = next((t.serial for t in self._open.values()
                                if _referent(t) is decision), None)
                 if serial is not None:
                     self._end(serial)
+            # (a token of another decider, or one already ended, ends nothing here)
             self._expire()
 
     def in_flight(self) -> dict[Hashable, int]:
@@ -297,17 +299,18 @@ class Decider:
         unit = identity.unit
         deadline = self._clock() + self._timeout(unit)
         serial = next(self._serials)
+        finalizer: weakref.finalize[Any, Any] | None = None
         try:
             # The token ends when the decision is garbage collected. The finalizer holds only
             # the deque and the serial number, not the decision and not this decider.
             reference: Any = weakref.ref(decision)
-            finalizer: weakref.finalize[Any, Any] | None = None
-            finalizer = final = weakref.finalize(decision, self._collected.append, serial)
-            final.atexit = False
         except TypeError:
             # Not weakly referenceable: the token keeps the decision itself, so the timeout (or
             # finish) ends it, and the decision lives at most that long.
-            reference, finalizer = _Strong(decision), None
+            reference = _Strong(decision)
+        else:
+            finalizer = weakref.finalize(decision, self._collected.append, serial)
+            finalizer.atexit = False
         token = _Token(serial, unit, deadline, reference, finalizer)
         try:
             setattr(decision, _TOKEN_ATTR, token)

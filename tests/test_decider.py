@@ -185,3 +185,13 @@ def test_given_planner_is_shared_and_not_closed(clock) -> None:
     decider = Decider(planner=planner, clock=clock)
     assert decider.planner is planner and not decider.owns_topology
     assert Decider(config).owns_topology
+
+
+def test_a_decision_reported_to_another_decider_ends_nothing_there(nodes, clock) -> None:
+    ours, theirs = balancer(nodes, clock), balancer(nodes, clock)
+    mine, other = ours.route_request({}), theirs.route_request({})
+    theirs.record_performance(mine, 1.0, True)  # not routed by `theirs`: its count stays
+    assert theirs.decider.in_flight() == {LOCAL: 1}
+    ours.record_performance(mine, 1.0, True)
+    theirs.record_performance(other, 1.0, True)
+    assert ours.decider.in_flight() == theirs.decider.in_flight() == {}
