@@ -22,8 +22,10 @@
   ``suggest_execution_mode()`` run :class:`LocalityAwareLoadBalancer`'s methods for the patched
   balancer (both gain an optional ``num_tasks``).
 
-Patched objects decide with one shared :class:`ExecutionPlanner` (one DNS cache, one calibration),
-built from ``install(config)`` or given as ``install(planner=...)``. Instances of the locality
+Patched objects decide with one shared :class:`~sollol_locality.decider.Decider` (one
+:class:`ExecutionPlanner`: one DNS cache, one calibration; one log memory; one in-flight count),
+built from ``install(config)`` or around ``install(planner=...)``; each patched class carries it
+as a class attribute while installed. Instances of the locality
 classes themselves (:class:`LocalityAwarePool`, :class:`LocalityAwareLoadBalancer`, any
 :class:`LocalityAwareMixin`) keep their own planner.
 
@@ -49,8 +51,10 @@ from typing import Any, Final
 
 from ._errors import LocalityError
 from .config import LocalityConfig
-from .mixin import LocalityAwareMixin, _LocalityState
+from .decider import INSTALLED_KEY, Decider, installed_decider
+from .mixin import LocalityAwareMixin
 from .planner import ExecutionPlanner
+from .pool import LocalityAwarePoolMixin
 
 __all__ = ["TESTED_SOLLOL_VERSIONS", "Installation", "install", "is_installed", "uninstall"]
 
@@ -101,41 +105,41 @@ class _Patch:
 @dataclass(frozen=True, slots=True)
 class _Active:
     patches: tuple[_Patch, ...]
-    state: _LocalityState
-    owns_topology: bool
+    decider: Decider
+    classes: tuple[type, ...]
     sollol_version: str
 
 
 _LOCK = threading.RLock()
 _ACTIVE: _Active | None = None
-_FALLBACK: _LocalityState | None = None
 
 
 # -- the patched balancer methods (the pool's are LocalityAwarePoolMixin's own functions) ----
 
 
-def _decider(balancer: Any) -> LocalityAwareMixin:
+def _balancer_decision(balancer: Any) -> tuple[Decider, list[Any]]:
+    """The decider and the candidates a patched balancer answers with."""
     if isinstance(balancer, LocalityAwareMixin):
-        return balancer
-    from .pool import _LocalityView
-
-    return _LocalityView(shared_state(), getattr(balancer, "registry", None))
+        return balancer.decider, balancer._locality_candidates(None)
+    registry = getattr(balancer, "registry", None)
+    if registry is None or not hasattr(registry, "get_healthy_nodes"):
+        raise LocalityError(f"{type(balancer).__name__} has no registry with "
+                            "get_healthy_nodes()")
+    return installed_decider(balancer), list(registry.get_healthy_nodes())
 
 
 def _should_use_parallel(self: Any, num_tasks: int | None = None) -> bool:
     """Locality-aware (sollol_locality.install()): whether parallel execution is predicted to be
     faster for ``num_tasks`` tasks (default: one per healthy node, at least two)."""
-    from .balancer import LocalityAwareLoadBalancer
-
-    return LocalityAwareLoadBalancer.should_use_parallel(_decider(self), num_tasks)  # type: ignore[arg-type]
+    decider, nodes = _balancer_decision(self)
+    return decider.should_use_parallel(nodes, num_tasks)
 
 
 def _suggest_execution_mode(self: Any, num_tasks: int | None = None) -> str:
     """Locality-aware (sollol_locality.install()): ``"parallel_multi_node"``, ``"parallel"`` or
     ``"sequential"`` from the locality plan."""
-    from .balancer import LocalityAwareLoadBalancer
-
-    return LocalityAwareLoadBalancer.suggest_execution_mode(_decider(self), num_tasks)  # type: ignore[arg-type]
+    decider, nodes = _balancer_decision(self)
+    return decider.suggest_execution_mode(nodes, num_tasks)
 
 
 _should_use_parallel.__name__ = _should_use_parallel.__qualname__ = "should_use_parallel"
@@ -145,8 +149,6 @@ _suggest_execution_mode.__qualname__ = "suggest_execution_mode"
 
 def _replacement(target: _Target, name: str) -> Callable[..., Any]:
     if target.cls == "OllamaPool":
-        from .pool import LocalityAwarePoolMixin
-
         return LocalityAwarePoolMixin.__dict__[name]  # type: ignore[no-any-return]
     return {"should_use_parallel": _should_use_parallel,
             "suggest_execution_mode": _suggest_execution_mode}[name]
@@ -174,7 +176,12 @@ class Installation:
     @property
     def planner(self) -> ExecutionPlanner:
         """The planner patched pools and balancers decide with."""
-        return self._active.state.planner
+        return self._active.decider.planner
+
+    @property
+    def decider(self) -> Decider:
+        """The decider patched pools and balancers share."""
+        return self._active.decider
 
     @property
     def sollol_version(self) -> str:
@@ -226,8 +233,11 @@ def install(config: LocalityConfig | None = None, *,
                                extra={"event": "install_repeated"})
             return Installation(_ACTIVE, owner=False)
         version, patches = _prepare()
-        state = _LocalityState(config, None, None, planner)
-        active = _Active(patches, state, planner is None, version)
+        decider = Decider(config, planner=planner)
+        classes = tuple(dict.fromkeys(p.cls for p in patches))
+        active = _Active(patches, decider, classes, version)
+        for cls in classes:
+            setattr(cls, INSTALLED_KEY, decider)
         for patch in patches:
             setattr(patch.cls, patch.name, patch.replacement)
         _ACTIVE = active
@@ -253,22 +263,6 @@ def is_installed() -> bool:
     return _ACTIVE is not None
 
 
-def shared_state() -> _LocalityState:
-    """The locality state patched objects decide with: the installation's, or (for a patched
-    method reached after :func:`uninstall`, e.g. through a bound method kept earlier) a default
-    one built from the environment."""
-    global _FALLBACK
-    active = _ACTIVE
-    if active is not None:
-        return active.state
-    with _LOCK:
-        if _ACTIVE is not None:
-            return _ACTIVE.state
-        if _FALLBACK is None:
-            _FALLBACK = _LocalityState(None, None, None, None)
-        return _FALLBACK
-
-
 # -- internals -------------------------------------------------------------------------------
 
 
@@ -288,11 +282,11 @@ def _uninstall(active: _Active) -> bool:
                     delattr(patch.cls, patch.name)
             else:
                 setattr(patch.cls, patch.name, patch.original)
+        for cls in active.classes:
+            if cls.__dict__.get(INSTALLED_KEY) is active.decider:
+                delattr(cls, INSTALLED_KEY)
         _ACTIVE = None
-    if active.owns_topology:
-        close = getattr(active.state.planner.topology.resolver, "close", None)
-        if callable(close):
-            close()
+    active.decider.close()
     logger.info("sollol_locality uninstalled: SOLLOL %s's own methods restored",
                 active.sollol_version, extra={"event": "uninstalled"})
     return True

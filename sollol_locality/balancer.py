@@ -1,7 +1,7 @@
 """`LocalityAwareLoadBalancer`: SOLLOL's load balancer with locality-aware decisions.
 
-This is the only module of the package that imports ``sollol`` (which brings Ray and Dask and
-takes about a second); ``import sollol_locality`` loads it only when the name is first used.
+This module imports ``sollol`` (which brings Ray and Dask and takes about a second);
+``import sollol_locality`` loads it only when the name is first used.
 """
 
 from __future__ import annotations
@@ -17,26 +17,10 @@ class LocalityAwareLoadBalancer(LocalityAwareMixin, SOLLOLLoadBalancer):  # type
     """``sollol.integration.SOLLOLLoadBalancer`` whose parallelism answers know the topology.
 
     Besides :meth:`should_parallelize` and :meth:`plan_execution`, SOLLOL's own
-    :meth:`should_use_parallel` and :meth:`suggest_execution_mode` answer from the planner, so
-    code written against SOLLOL gets the locality-aware answer without changes.
+    :meth:`should_use_parallel` and :meth:`suggest_execution_mode` answer from the planner (as
+    they do for :class:`LocalityAwareMixin` on any base that has them), so code written against
+    SOLLOL gets the locality-aware answer without changes.
     """
-
-    def should_use_parallel(self, num_tasks: int | None = None) -> bool:
-        """Whether parallel execution is predicted to be faster for ``num_tasks`` tasks
-        (default: one task per healthy node, at least two)."""
-        nodes = self._locality_candidates(None)
-        tasks = num_tasks if num_tasks is not None else max(2, len(nodes))
-        return self.should_parallelize(tasks, nodes)
-
-    def suggest_execution_mode(self, num_tasks: int | None = None) -> str:
-        """SOLLOL's vocabulary: ``"parallel_multi_node"`` (three or more nodes to use),
-        ``"parallel"`` or ``"sequential"``, from the locality-aware plan."""
-        nodes = self._locality_candidates(None)
-        tasks = num_tasks if num_tasks is not None else max(2, len(nodes))
-        plan = self.plan_execution(tasks, nodes)
-        if plan.mode == "sequential":
-            return "sequential"
-        return "parallel_multi_node" if len(plan.nodes) >= 3 else "parallel"
 
     def __repr__(self) -> str:
         # No DNS and no planning here: a repr must be cheap and must never raise.

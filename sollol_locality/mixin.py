@@ -10,34 +10,39 @@
     ...
     lb.record_execution(plan, wall_seconds)       # the model moves toward what happened
 
-Locality options (``locality_config=``, ``topology=``, ``cost_model=``, ``planner=``) are
-keyword-only and taken out before the base constructor runs. The mixin's state is created lazily
-on first use, so a subclass whose ``__init__`` never reaches the mixin still works.
+Locality options (``locality_config=``, ``topology=``, ``cost_model=``, ``planner=``, or a whole
+``decider=`` to share) are keyword-only and taken out before the base constructor runs. The
+mixin's decider is created lazily on first use, so a subclass whose ``__init__`` never reaches the
+mixin still works.
+
+When the base has SOLLOL's own ``should_use_parallel()`` / ``suggest_execution_mode()``
+(``sollol.integration.SOLLOLLoadBalancer`` does), the mixin overrides them with the
+locality-aware answers (both gain an optional ``num_tasks``), so code written against SOLLOL gets
+them unchanged. A base without them does not gain them.
 
 When the base has ``route_request`` / ``record_performance`` (SOLLOL's balancer does), routing
-becomes unit-aware: while requests are in flight (from ``route_request`` until
-``record_performance``), a new request moves from a node whose execution unit is busy to a healthy
-fallback node on an idle unit, and the decision's reasoning says so.
+becomes unit-aware: while requests are in flight, a new request moves from a node whose execution
+unit is busy to a healthy fallback node on an idle unit, and the decision's reasoning says so. A
+request stops counting as in flight when ``record_performance`` reports it, when its decision
+object is garbage collected, or after a timeout (see :class:`~sollol_locality.decider.Decider`).
+
+Every decision, log line and in-flight count comes from one
+:class:`~sollol_locality.decider.Decider` per balancer.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Final, Protocol
 
-from ._errors import InvalidNodeAddress, LocalityError
+from ._errors import LocalityError
 from .config import LocalityConfig
 from .cost_model import ParallelismCostModel
+from .decider import DECIDER_KEY, OPTIONS_KEY, Decider, attached_decider
 from .planner import ExecutionPlan, ExecutionPlanner
 from .topology import NodeTopology
 
 __all__ = ["LocalityAwareMixin", "NodeRegistry"]
-
-logger = logging.getLogger(__name__)
-
-_CREATE_LOCK = threading.Lock()
 
 
 class NodeRegistry(Protocol):
@@ -46,67 +51,80 @@ class NodeRegistry(Protocol):
     def get_healthy_nodes(self) -> Sequence[Any]: ...
 
 
-class _LocalityState:
-    """The mixin's per-balancer state, created on first use."""
+def _should_use_parallel(self: LocalityAwareMixin, num_tasks: int | None = None) -> bool:
+    """Locality-aware: whether parallel execution is predicted to be faster for ``num_tasks``
+    tasks (default: one task per healthy node, at least two)."""
+    return self.decider.should_use_parallel(self._locality_candidates(None), num_tasks)
 
-    def __init__(self, config: LocalityConfig | None, topology: NodeTopology | None,
-                 cost_model: ParallelismCostModel | None,
-                 planner: ExecutionPlanner | None) -> None:
-        if planner is not None:
-            config = config or planner.config
-            topology = topology or planner.topology
-            cost_model = cost_model or planner.cost_model
-        config = config or (topology.config if topology is not None else
-                            cost_model.config if cost_model is not None else LocalityConfig())
-        topology = topology or NodeTopology(config)
-        cost_model = cost_model or ParallelismCostModel(config)
-        self.planner = planner or ExecutionPlanner(topology, cost_model, config)
-        self.lock = threading.Lock()
-        self.last_logged: dict[frozenset[str], tuple[str, tuple[str, ...]]] = {}
-        self.inflight: dict[tuple[str, str], int] = {}
-        self.decision_units: dict[int, tuple[str, str]] = {}
+
+def _suggest_execution_mode(self: LocalityAwareMixin, num_tasks: int | None = None) -> str:
+    """Locality-aware, in SOLLOL's vocabulary: ``"parallel_multi_node"`` (three or more nodes to
+    use), ``"parallel"`` or ``"sequential"``, from the plan for ``num_tasks`` tasks (default: one
+    task per healthy node, at least two)."""
+    return self.decider.suggest_execution_mode(self._locality_candidates(None), num_tasks)
+
+
+_should_use_parallel.__name__ = _should_use_parallel.__qualname__ = "should_use_parallel"
+_suggest_execution_mode.__name__ = "suggest_execution_mode"
+_suggest_execution_mode.__qualname__ = "suggest_execution_mode"
+
+SOLLOL_ANSWERS: Final[dict[str, Callable[..., Any]]] = {
+    "should_use_parallel": _should_use_parallel,
+    "suggest_execution_mode": _suggest_execution_mode,
+}
+"""SOLLOL's own parallelism questions and their locality-aware answers."""
 
 
 class LocalityAwareMixin:
     """Adds ``should_parallelize()``, ``plan_execution()`` and ``record_execution()`` to a load
-    balancer whose ``self.registry.get_healthy_nodes()`` lists its nodes."""
+    balancer whose ``self.registry.get_healthy_nodes()`` lists its nodes, and makes the base's
+    ``should_use_parallel()`` / ``suggest_execution_mode()`` (when it has them) locality-aware."""
 
     registry: Any
 
     def __init__(self, *args: Any, locality_config: LocalityConfig | None = None,
                  topology: NodeTopology | None = None,
                  cost_model: ParallelismCostModel | None = None,
-                 planner: ExecutionPlanner | None = None, **kwargs: Any) -> None:
-        self.__dict__["_locality_options"] = (locality_config, topology, cost_model, planner)
+                 planner: ExecutionPlanner | None = None, decider: Decider | None = None,
+                 **kwargs: Any) -> None:
+        self.__dict__[OPTIONS_KEY] = (locality_config, topology, cost_model, planner)
+        if decider is not None:
+            self.__dict__[DECIDER_KEY] = decider
         super().__init__(*args, **kwargs)
 
-    # -- lazily created state ---------------------------------------------------------------
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        after = mro[mro.index(LocalityAwareMixin) + 1:]
+        for name, answer in SOLLOL_ANSWERS.items():
+            if name in cls.__dict__:
+                continue  # the subclass answers itself
+            owner = next((k for k in mro[1:] if name in k.__dict__), None)
+            if owner is not None and owner in after and not issubclass(owner,
+                                                                        LocalityAwareMixin):
+                setattr(cls, name, answer)  # the base's (SOLLOL's) answer, overridden
 
-    def _locality(self) -> _LocalityState:
-        state = self.__dict__.get("_locality_state")
-        if state is None:
-            with _CREATE_LOCK:
-                state = self.__dict__.get("_locality_state")
-                if state is None:
-                    options = self.__dict__.get("_locality_options", (None, None, None, None))
-                    state = _LocalityState(*options)
-                    self.__dict__["_locality_state"] = state
-        return state
+    # -- the decider, created on first use --------------------------------------------------
+
+    @property
+    def decider(self) -> Decider:
+        """The :class:`~sollol_locality.decider.Decider` behind this balancer's answers."""
+        return attached_decider(self)
 
     @property
     def planner(self) -> ExecutionPlanner:
         """The :class:`ExecutionPlanner` deciding for this balancer."""
-        return self._locality().planner
+        return attached_decider(self).planner
 
     @property
     def topology(self) -> NodeTopology:
         """The :class:`NodeTopology` this balancer groups nodes with."""
-        return self._locality().planner.topology
+        return attached_decider(self).topology
 
     @property
     def cost_model(self) -> ParallelismCostModel:
         """The :class:`ParallelismCostModel` this balancer predicts with."""
-        return self._locality().planner.cost_model
+        return attached_decider(self).cost_model
 
     # -- decisions --------------------------------------------------------------------------
 
@@ -127,10 +145,7 @@ class LocalityAwareMixin:
         ``candidate_nodes`` defaults to ``self.registry.get_healthy_nodes()``. A node that cannot
         be parsed is left out with a warning; it never makes this raise.
         """
-        nodes = self._locality_candidates(candidate_nodes)
-        plan = self._locality().planner.plan(num_tasks, nodes)
-        self._locality_log(plan)
-        return plan
+        return attached_decider(self).plan(num_tasks, self._locality_candidates(candidate_nodes))
 
     def should_parallelize(self, num_tasks: int,
                            candidate_nodes: Sequence[Any] | None = None) -> bool:
@@ -148,55 +163,7 @@ class LocalityAwareMixin:
         The model moves toward what happened (see :meth:`ParallelismCostModel.observe`); the
         prediction and the measurement are logged side by side.
         """
-        if not plan.nodes:
-            return
-        model = self.cost_model
-        identities = plan.identities if len(plan.identities) == len(plan.nodes) else None
-        model.observe(plan.mode, plan.nodes, plan.num_tasks, wall_seconds,
-                      topology=self.topology, identities=identities)
-        logger.info(
-            "%s run of %d tasks on %d node(s): predicted %.3g %s, took %.3gs",
-            plan.mode, plan.num_tasks, len(plan.nodes), plan.predicted_seconds, plan.time_unit,
-            wall_seconds,
-            extra={"event": "execution_recorded", "mode": plan.mode,
-                   "predicted": plan.predicted_seconds, "measured": wall_seconds},
-        )
-
-    def _locality_log(self, plan: ExecutionPlan) -> None:
-        state = self._locality()
-        detail = plan._detail  # the decision's immutable template: its log key is precomputed
-        key = detail.host_ids if detail is not None else frozenset()
-        summary = (plan.mode, detail.chosen_urls if detail is not None else ())
-        changed = state.last_logged.get(key) != summary
-        if not changed:  # the warm path: a repeated decision costs no log work unless asked
-            if logger.isEnabledFor(logging.DEBUG):
-                logger.debug("%s", plan.reason, extra=self._locality_extra(plan))
-            return
-        if len(state.last_logged) > 256:
-            state.last_logged.clear()
-        state.last_logged[key] = summary
-        extra = self._locality_extra(plan)
-        for warning in plan.warnings:
-            logger.warning("%s", warning, extra={"event": "candidate_warning"})
-        if plan.mode == "sequential" and plan.shared_host is not None:
-            logger.warning(
-                "parallel execution refused: %d nodes share one machine (%s); %d tasks in "
-                "parallel there are estimated at %.2fx, so they run sequentially",
-                sum(len(v) for v in plan.hosts.values()), plan.shared_host, plan.num_tasks,
-                plan.naive_speedup, extra=extra)
-        elif plan.mode == "parallel":
-            machines = list(dict.fromkeys(i.physical_host_id for i in plan.identities))
-            logger.info("parallel execution enabled: %d tasks on %d node(s) across %d "
-                        "machine(s) (%s), estimated %.2fx speedup", plan.num_tasks,
-                        len(plan.nodes), len(machines), ", ".join(machines), plan.speedup,
-                        extra=extra)
-        else:
-            logger.info("%s", plan.reason, extra=extra)
-
-    @staticmethod
-    def _locality_extra(plan: ExecutionPlan) -> dict[str, Any]:
-        return {"event": "parallel_decision", "mode": plan.mode, "speedup": plan.speedup,
-                "hosts": sorted(plan.hosts), "cause": plan.cause}
+        attached_decider(self).record_execution(plan, wall_seconds)
 
     # -- unit-aware routing -----------------------------------------------------------------
 
@@ -208,41 +175,8 @@ class LocalityAwareMixin:
         """
         decision = super().route_request(*args, **kwargs)  # type: ignore[misc]
         node = getattr(decision, "node", None)
-        if node is None:
-            return decision
-        state = self._locality()
-        with state.lock:
-            anything_busy = bool(state.inflight)
-        candidates = self._locality_alternatives(decision, node) if anything_busy else []
-        described = self.topology.describe_many([node, *candidates])
-        chosen = described[0]
-        if isinstance(chosen, InvalidNodeAddress):
-            return decision
-        unit = chosen.unit
-        with state.lock:
-            busy = state.inflight.get(unit, 0)
-            idle = next((i for i in described[1:] if not isinstance(i, InvalidNodeAddress)
-                         and i.node is not node and state.inflight.get(i.unit, 0) == 0), None)
-        if busy and idle is not None:
-            note = (f" Locality: moved from {chosen.address.url} (its execution unit "
-                    f"{unit[0]}/{unit[1]} is busy with {busy} request(s)) to "
-                    f"{idle.address.url} on an idle unit.")
-            try:
-                decision.node = idle.node
-                if hasattr(decision, "reasoning"):
-                    decision.reasoning = f"{decision.reasoning}{note}"
-                fallbacks = getattr(decision, "fallback_nodes", None)
-                if isinstance(fallbacks, list):
-                    decision.fallback_nodes = [node] + [n for n in fallbacks
-                                                        if n is not idle.node]
-                unit = idle.unit
-                logger.debug("%s", note.strip(), extra={"event": "routing_moved"})
-            except AttributeError:
-                pass  # an immutable decision object: keep the base's choice
-        with state.lock:
-            state.inflight[unit] = state.inflight.get(unit, 0) + 1
-            state.decision_units[id(decision)] = unit
-        return decision
+        return attached_decider(self).route(
+            decision, lambda: self._locality_alternatives(decision, node))
 
     def _locality_alternatives(self, decision: Any, node: Any) -> list[Any]:
         candidates = getattr(decision, "fallback_nodes", None)
@@ -258,12 +192,4 @@ class LocalityAwareMixin:
         try:
             return super().record_performance(decision, *args, **kwargs)  # type: ignore[misc]
         finally:
-            state = self._locality()
-            with state.lock:
-                unit = state.decision_units.pop(id(decision), None)
-                if unit is not None:
-                    remaining = state.inflight.get(unit, 0) - 1
-                    if remaining > 0:
-                        state.inflight[unit] = remaining
-                    else:
-                        state.inflight.pop(unit, None)
+            attached_decider(self).finish(decision)

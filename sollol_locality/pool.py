@@ -28,12 +28,14 @@
   IPv6 host is kept in brackets (``"[::1]"``) and a zone id as ``%eth0`` (what ``getaddrinfo``
   accepts; ``%25`` is not).
 
-The mixin's functions take their locality state from the pool: a :class:`LocalityAwarePoolMixin`
-instance has its own (created on first use from the keyword-only options, like
-:class:`LocalityAwareMixin`); a plain ``OllamaPool`` whose class :func:`sollol_locality.install`
-patched uses the installation's shared state. The decisions themselves are
-:class:`LocalityAwareMixin`'s (logging included), run through a small view whose "registry" is the
-pool's node list.
+The mixin's functions decide with a :class:`~sollol_locality.decider.Decider`: a
+:class:`LocalityAwarePoolMixin` instance has its own (created on first use from the keyword-only
+options, like :class:`LocalityAwareMixin`); a plain ``OllamaPool`` whose class
+:func:`sollol_locality.install` patched uses the installation's shared one. Both see the pool's
+node list as their candidates, and both log as the balancer mixin does.
+
+The start-up de-duplication uses :attr:`HostIdentity.instance`, the same definition of "one
+Ollama instance" as the planner: a pool keeps exactly the instances the planner tells apart.
 
 This module does not import ``sollol``: only touching :class:`LocalityAwarePool` does.
 """
@@ -43,14 +45,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ._errors import InvalidNodeAddress
 from .addresses import NodeAddress, describe_input, parse_node_address
 from .config import LocalityConfig
 from .cost_model import ParallelismCostModel
-from .mixin import LocalityAwareMixin, _LocalityState
+from .decider import DECIDER_KEY, OPTIONS_KEY, Decider, attached_decider, installed_decider
 from .planner import ExecutionPlan, ExecutionPlanner
 from .topology import HostIdentity, NodeTopology
 
@@ -61,10 +63,6 @@ __all__ = ["LocalityAwarePool", "LocalityAwarePoolMixin", "normalize_pool_node"]
 
 logger = logging.getLogger(__name__)
 
-_STATE_KEY: Final = "_locality_state"
-_OPTIONS_KEY: Final = "_locality_options"
-_OWNS_KEY: Final = "_locality_owns_topology"
-_CREATE_LOCK = threading.Lock()
 _BUILD_LOCK = threading.Lock()
 
 
@@ -115,70 +113,22 @@ def normalize_pool_node(node: object) -> dict[str, Any]:
 # -- the mixin ------------------------------------------------------------------------------
 
 
-class _PoolNodes:
-    """A "registry" over a pool's node list, for :class:`LocalityAwareMixin`'s decisions."""
-
-    __slots__ = ("_pool",)
-
-    def __init__(self, pool: Any) -> None:
-        self._pool = pool
-
-    def get_healthy_nodes(self) -> list[Any]:
-        """Every configured node of the pool (as upstream's answers consider them all)."""
-        return _pool_nodes(self._pool)
-
-
-class _LocalityView(LocalityAwareMixin):
-    """:class:`LocalityAwareMixin`'s decisions on behalf of an object that is not one.
-
-    ``state`` is the mixin state to decide with (a pool's own or an installation's shared one),
-    ``registry`` anything with ``get_healthy_nodes()``. Cheap: one is made per call.
-    """
-
-    def __init__(self, state: _LocalityState, registry: Any) -> None:  # no super().__init__
-        self.__dict__[_STATE_KEY] = state
-        self.registry = registry
-
-
 def _pool_nodes(pool: Any) -> list[Any]:
     # A copy without taking pool._lock: OllamaPool's VRAM thread holds that lock across HTTP
     # requests, and a decision must not wait behind them. list() of a list is atomic.
     return list(getattr(pool, "nodes", None) or ())
 
 
-def _new_state(options: tuple[Any, Any, Any, Any]) -> tuple[_LocalityState, bool]:
-    config, topology, cost_model, planner = options
-    owns_topology = topology is None and (planner is None)
-    return _LocalityState(config, topology, cost_model, planner), owns_topology
-
-
-def _state_for(pool: Any) -> _LocalityState:
-    """The locality state ``pool`` decides with (created on first use for mixin instances)."""
-    state: _LocalityState | None = pool.__dict__.get(_STATE_KEY)
-    if state is not None:
-        return state
+def _decider(pool: Any) -> Decider:
+    """The decider ``pool`` decides with: its own for mixin instances (created on first use),
+    else the one :func:`sollol_locality.install` gave its class."""
     if isinstance(pool, LocalityAwarePoolMixin):
-        with _CREATE_LOCK:
-            state = pool.__dict__.get(_STATE_KEY)
-            if state is None:
-                options = pool.__dict__.get(_OPTIONS_KEY, (None, None, None, None))
-                state, owns = _new_state(options)
-                pool.__dict__[_OWNS_KEY] = owns
-                pool.__dict__[_STATE_KEY] = state
-        assert state is not None
-        return state
-    from ._install import shared_state
-
-    return shared_state()
+        return attached_decider(pool)
+    return installed_decider(pool)
 
 
-def _view(pool: Any) -> _LocalityView:
-    return _LocalityView(_state_for(pool), _PoolNodes(pool))
-
-
-def _describe(topology: NodeTopology, nodes: Sequence[Any]
-              ) -> list[HostIdentity | InvalidNodeAddress]:
-    return topology.describe_many(list(nodes))
+def _candidates(pool: Any, candidate_nodes: Sequence[Any] | None) -> list[Any]:
+    return list(candidate_nodes) if candidate_nodes is not None else _pool_nodes(pool)
 
 
 def _node_text(node: Any, identity: HostIdentity | InvalidNodeAddress | None = None) -> str:
@@ -189,26 +139,13 @@ def _node_text(node: Any, identity: HostIdentity | InvalidNodeAddress | None = N
     return describe_input(node)
 
 
-def _instance_key(topology: NodeTopology, identity: HostIdentity) -> tuple[str, str, int]:
-    """What makes two nodes one Ollama instance: the machine and the port, except that a
-    container on this machine has its own network namespace (its own ports) and so is keyed by
-    its address."""
-    port = identity.address.port
-    if identity.is_local:
-        classify = topology.local_machine.classify_ip
-        containers = sorted(a for a in identity.addresses if classify(a) == "container")
-        if containers:
-            return ("container", containers[0], port)
-    return ("host", identity.physical_host_id, port)
-
-
 class LocalityAwarePoolMixin:
     """Locality-aware ``count_unique_physical_hosts()``, ``should_use_parallel_execution()``,
     ``plan_execution()``, node normalisation and de-duplication for ``sollol.pool.OllamaPool``.
 
     Use it before the pool class: ``class MyPool(LocalityAwarePoolMixin, OllamaPool)`` (or the
     ready :class:`LocalityAwarePool`). Locality options are keyword-only and taken out before the
-    base constructor runs; the state is created on first use (which is OllamaPool's own
+    base constructor runs; the decider is created on first use (which is OllamaPool's own
     de-duplication, inside its constructor):
 
     Args:
@@ -216,6 +153,8 @@ class LocalityAwarePoolMixin:
         topology, cost_model, planner: share existing ones, for example one
             :class:`ExecutionPlanner` across many short-lived pools (its DNS cache and
             calibration then serve them all).
+        decider: a whole :class:`~sollol_locality.decider.Decider` to share (the options above
+            are then not used).
     """
 
     nodes: list[Any]
@@ -223,26 +162,34 @@ class LocalityAwarePoolMixin:
     def __init__(self, *args: Any, locality_config: LocalityConfig | None = None,
                  topology: NodeTopology | None = None,
                  cost_model: ParallelismCostModel | None = None,
-                 planner: ExecutionPlanner | None = None, **kwargs: Any) -> None:
-        self.__dict__[_OPTIONS_KEY] = (locality_config, topology, cost_model, planner)
+                 planner: ExecutionPlanner | None = None, decider: Decider | None = None,
+                 **kwargs: Any) -> None:
+        self.__dict__[OPTIONS_KEY] = (locality_config, topology, cost_model, planner)
+        if decider is not None:
+            self.__dict__[DECIDER_KEY] = decider
         super().__init__(*args, **kwargs)
 
-    # -- state ------------------------------------------------------------------------------
+    # -- the decider ------------------------------------------------------------------------
+
+    @property
+    def decider(self) -> Decider:
+        """The :class:`~sollol_locality.decider.Decider` behind this pool's answers."""
+        return _decider(self)
 
     @property
     def planner(self) -> ExecutionPlanner:
         """The :class:`ExecutionPlanner` deciding for this pool."""
-        return _state_for(self).planner
+        return _decider(self).planner
 
     @property
     def topology(self) -> NodeTopology:
         """The :class:`NodeTopology` this pool groups its nodes with."""
-        return _state_for(self).planner.topology
+        return _decider(self).topology
 
     @property
     def cost_model(self) -> ParallelismCostModel:
         """The :class:`ParallelismCostModel` this pool predicts with."""
-        return _state_for(self).planner.cost_model
+        return _decider(self).cost_model
 
     # -- decisions --------------------------------------------------------------------------
 
@@ -253,10 +200,10 @@ class LocalityAwarePoolMixin:
         addresses and containers on its bridges are one machine; two names sharing an address are
         one machine. Nodes that cannot be parsed are not counted (as the plan leaves them out).
         """
-        topology = _state_for(self).planner.topology
         nodes = _pool_nodes(self)
         hosts = set()
-        for node, identity in zip(nodes, _describe(topology, nodes), strict=True):
+        for node, identity in zip(nodes, _decider(self).topology.describe_many(nodes),
+                                  strict=True):
             if isinstance(identity, InvalidNodeAddress):
                 logger.debug("node %s not counted: %s", _node_text(node), identity.reason)
                 continue
@@ -270,23 +217,23 @@ class LocalityAwarePoolMixin:
         Logs a warning naming the shared machine when parallel is refused because the nodes share
         it, and an info line with the estimated speedup when it is enabled (once per change).
         """
-        return _view(self).should_parallelize(num_tasks)
+        return _decider(self).should_parallelize(num_tasks, _pool_nodes(self))
 
     def plan_execution(self, num_tasks: int,
                        candidate_nodes: Sequence[Any] | None = None) -> ExecutionPlan:
         """The full plan for ``num_tasks`` tasks: mode, the pool's node dicts to dispatch to,
         speedup and reason. ``candidate_nodes`` defaults to every node of the pool."""
-        return _view(self).plan_execution(num_tasks, candidate_nodes)
+        return _decider(self).plan(num_tasks, _candidates(self, candidate_nodes))
 
     def should_parallelize(self, num_tasks: int,
                            candidate_nodes: Sequence[Any] | None = None) -> bool:
         """:meth:`LocalityAwareMixin.should_parallelize` over the pool's nodes."""
-        return _view(self).should_parallelize(num_tasks, candidate_nodes)
+        return _decider(self).should_parallelize(num_tasks, _candidates(self, candidate_nodes))
 
     def record_execution(self, plan: ExecutionPlan, wall_seconds: float) -> None:
         """Tell the cost model how long a planned batch really took (see
         :meth:`LocalityAwareMixin.record_execution`)."""
-        _view(self).record_execution(plan, wall_seconds)
+        _decider(self).record_execution(plan, wall_seconds)
 
     # -- start-up: normalisation and de-duplication ----------------------------------------
 
@@ -296,16 +243,16 @@ class LocalityAwarePoolMixin:
         return normalize_pool_node(node)
 
     def _deduplicate_nodes(self) -> None:
-        """Merge nodes that are one Ollama instance (same machine *and* same port; a container on
-        this machine has its own ports); keep every other instance of a machine. The first node
-        named of each instance stays (the caller's own dict); each merge is logged."""
+        """Merge nodes that are one Ollama instance (:attr:`HostIdentity.instance`, as the
+        planner sees it: same machine *and* same port; a container on this machine has its own
+        ports); keep every other instance of a machine. The first node named of each instance
+        stays (the caller's own dict); each merge is logged."""
         nodes = _pool_nodes(self)
         if len(nodes) < 2:
             return
-        topology = _state_for(self).planner.topology
-        identities = _describe(topology, nodes)
+        identities = _decider(self).topology.describe_many(nodes)
         kept: list[Any] = []
-        first: dict[tuple[str, str, int], tuple[Any, HostIdentity]] = {}
+        first: dict[Hashable, tuple[Any, HostIdentity]] = {}
         instances_by_host: dict[str, list[str]] = {}
         for node, identity in zip(nodes, identities, strict=True):
             if isinstance(identity, InvalidNodeAddress):
@@ -313,18 +260,19 @@ class LocalityAwarePoolMixin:
                                identity.reason, extra={"event": "pool_node_unparsed"})
                 kept.append(node)
                 continue
-            key = _instance_key(topology, identity)
-            where = (identity.physical_host_id if key[0] == "host"
-                     else f"{identity.physical_host_id}, container {key[1]}")
+            key = identity.instance
+            port = identity.address.port
+            where = (identity.physical_host_id if identity.container is None
+                     else f"{identity.physical_host_id}, container {identity.container}")
             if key in first:
                 survivor, survivor_identity = first[key]
                 logger.info(
                     "pool nodes %s and %s are one Ollama instance (machine %s, port %d); "
                     "keeping %s", _node_text(survivor, survivor_identity),
-                    _node_text(node, identity), where, key[2],
+                    _node_text(node, identity), where, port,
                     _node_text(survivor, survivor_identity),
                     extra={"event": "pool_node_merged", "host": identity.physical_host_id,
-                           "port": key[2]})
+                           "port": port})
                 continue
             first[key] = (node, identity)
             kept.append(node)
@@ -348,11 +296,9 @@ class LocalityAwarePoolMixin:
         try:
             super().stop()  # type: ignore[misc]
         finally:
-            state = self.__dict__.get(_STATE_KEY)
-            if state is not None and self.__dict__.get(_OWNS_KEY):
-                close = getattr(state.planner.topology.resolver, "close", None)
-                if callable(close):
-                    close()
+            decider = self.__dict__.get(DECIDER_KEY)
+            if isinstance(decider, Decider):
+                decider.close()
 
 
 # -- LocalityAwarePool, built on first use (importing sollol is slow) -----------------------

@@ -73,6 +73,9 @@ class HostIdentity:
             ``"container"``, ``"dns"``, ``"hosts-file"``, ``"override"``, ``"address"`` (a remote
             IP literal: the address is the identity) or ``"unresolved"``.
         has_gpu: whether the node runs on a GPU (a device is declared, or the node reports one).
+        container: the address of the container on this machine that the node runs in (by IP
+            literal or by a name that resolves there), else ``None``. A container has its own
+            network namespace and so its own ports.
     """
 
     node: Any
@@ -85,6 +88,7 @@ class HostIdentity:
     resolved: bool
     source: str
     has_gpu: bool = False
+    container: str | None = None
 
     def __repr__(self) -> str:
         # ``node`` is the caller's object; its URL may carry credentials, so it is shown masked.
@@ -96,9 +100,11 @@ class HostIdentity:
     def instance(self) -> tuple[str, int]:
         """The Ollama server the node reaches: ``(physical_host_id, port)``. A container on this
         machine has its own network namespace, so its address stands in for the host there:
-        ``localhost:11434`` and a container's ``:11434`` are two servers on one machine."""
-        if self.source == "container" and self.addresses:
-            return (min(self.addresses), self.address.port)
+        ``localhost:11434`` and a container's ``:11434`` are two servers on one machine, whether
+        the container is named by its address or by a name (hosts file, DNS) that resolves to
+        it."""
+        if self.container is not None:
+            return (self.container, self.address.port)
         return (self.physical_host_id, self.address.port)
 
     @property
@@ -122,6 +128,7 @@ class _Base:
     device: str | None
     fallback_id: str
     group: str
+    container: str | None = None
 
 
 class NodeTopology:
@@ -244,6 +251,7 @@ class NodeTopology:
                 node, address, host_id, base.is_local, base.addresses,  # type: ignore[arg-type]
                 device, group, base.resolved, base.source,
                 device is not None or (type(node) is not str and _node_has_gpu(node)),
+                base.container,
             ))
         return results
 
@@ -335,7 +343,8 @@ class NodeTopology:
             kind = local.classify_ip(address.ip)
             addresses = frozenset((text,))
             if kind is not None:
-                return _make_base(True, addresses, True, kind, None, zone, device, LOCALHOST_ID)
+                return _make_base(True, addresses, True, kind, None, zone, device, LOCALHOST_ID,
+                                  container=text if kind == "container" else None)
             alias_host = overrides.alias_index.get(text)
             resolved, source, fallback = True, "address", text
         else:
@@ -349,9 +358,11 @@ class NodeTopology:
                 ips = resolution.addresses
                 addresses = frozenset(ip.compressed for ip in ips)
                 resolved, source = True, resolution.source
-                if any(local.classify_ip(ip) is not None for ip in ips):
+                kinds = [(local.classify_ip(ip), ip.compressed) for ip in ips]
+                if any(kind is not None for kind, _ in kinds):
+                    inside = sorted(text for kind, text in kinds if kind == "container")
                     return _make_base(True, addresses, True, source, None, zone, device,
-                                      LOCALHOST_ID)
+                                      LOCALHOST_ID, container=inside[0] if inside else None)
                 fallback = _canonical(addresses)
                 if len(addresses) > 1:
                     self._remember_siblings(addresses)
@@ -466,7 +477,7 @@ class NodeTopology:
 
 def _make_base(is_local: bool, addresses: frozenset[str], resolved: bool, source: str,
                override_host: str | None, zone: str | None, device: str | None,
-               fallback_id: str) -> _Base:
+               fallback_id: str, *, container: str | None = None) -> _Base:
     if is_local:
         group = "local"
     elif zone is not None:
@@ -476,7 +487,7 @@ def _make_base(is_local: bool, addresses: frozenset[str], resolved: bool, source
     else:
         group = "lan" if any(not ipaddress.ip_address(a).is_global for a in addresses) else "wan"
     return _Base(is_local, addresses, resolved, source, override_host, zone, device,
-                 fallback_id, group)
+                 fallback_id, group, container)
 
 
 def _mtime(path: os.PathLike[str] | str) -> float | None:

@@ -452,3 +452,21 @@ def test_the_tested_version_is_the_installed_one() -> None:
 
     assert sollol.__version__ == SOLLOL_VERSION
     assert SOLLOL_VERSION in TESTED_SOLLOL_VERSIONS
+
+
+def test_one_shared_decider_for_every_patched_object(harness: PoolHarness,
+                                                     config: LocalityConfig) -> None:
+    from sollol_locality.decider import INSTALLED_KEY, Decider
+
+    pool = harness.make(OllamaPool, ["http://localhost:11434", "http://localhost:11435"])
+    balancer = SOLLOLLoadBalancer(Registry(["http://localhost:11434", "http://localhost:11435"]))
+    with install(config) as handle:
+        assert isinstance(handle.decider, Decider) and handle.planner is handle.decider.planner
+        assert OllamaPool.__dict__[INSTALLED_KEY] is handle.decider
+        assert SOLLOLLoadBalancer.__dict__[INSTALLED_KEY] is handle.decider
+        assert pool.should_use_parallel_execution(3) is False
+        assert balancer.should_use_parallel() is False
+        # One log memory: the balancer's identical decision after the pool's is not logged again.
+        assert len(handle.decider._last_logged) == 1
+    assert INSTALLED_KEY not in OllamaPool.__dict__
+    assert INSTALLED_KEY not in SOLLOLLoadBalancer.__dict__

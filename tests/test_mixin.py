@@ -156,7 +156,7 @@ def test_state_is_lazy_when_the_mixin_init_never_runs(config):
             SynapticLlamasBalancer.__init__(self, registry)  # skips the mixin entirely
 
     lb = Direct(Registry([OllamaNode("http://10.0.0.5:11434"), OllamaNode("http://10.0.0.6:11434")]))
-    assert "_locality_state" not in lb.__dict__
+    assert "_locality_decider" not in lb.__dict__
     lb.__dict__["_locality_options"] = (config, None, None, None)
     assert lb.should_parallelize(2) is True
     assert isinstance(lb.topology, NodeTopology)
@@ -183,7 +183,7 @@ def test_logging_warns_naming_the_machine_once_then_debug(sollol_balancer, caplo
     with caplog.at_level(logging.DEBUG, logger="sollol_locality"):
         lb.should_parallelize(3)
         lb.should_parallelize(3)
-    records = [r for r in caplog.records if r.name.startswith("sollol_locality.mixin")]
+    records = [r for r in caplog.records if r.name.startswith("sollol_locality.decider")]
     assert [r.levelname for r in records] == ["WARNING", "DEBUG"]
     assert records[0].getMessage() == (
         "parallel execution refused: 2 nodes share one machine (localhost); 3 tasks in parallel "
@@ -245,7 +245,7 @@ def test_routing_moves_off_a_busy_unit_to_an_idle_one(sollol_balancer):
     assert lb.topology.describe(second.node).unit != first_unit
     lb.record_performance(first, 10.0, True)
     lb.record_performance(second, 10.0, True)
-    assert lb._locality().inflight == {}
+    assert lb.decider.in_flight() == {}
 
 
 def test_routing_reasoning_says_why_it_moved(sollol_balancer):
@@ -315,3 +315,55 @@ def test_routing_waits_on_dns_for_at_most_one_deadline(make_dns_server):
     start = time.monotonic()
     lb.route_request({"prompt": "b"})
     assert time.monotonic() - start <= 0.4 * 1.25
+
+
+# -- the mixin on SOLLOL's own balancer ----------------------------------------------------------
+
+
+def test_mixin_on_sollols_balancer_overrides_its_own_answers(config):
+    """The README's ``class B(LocalityAwareMixin, SOLLOLLoadBalancer)``: three localhost nodes
+    are one machine, so SOLLOL's own questions answer sequential too."""
+    import inspect
+
+    from sollol.integration import SOLLOLLoadBalancer
+
+    class B(LocalityAwareMixin, SOLLOLLoadBalancer):
+        pass
+
+    nodes = [OllamaNode(f"http://localhost:{port}") for port in (11434, 11435, 11436)]
+    b = B(Registry(nodes), locality_config=config)
+    assert b.should_use_parallel() is False
+    assert b.suggest_execution_mode() == "sequential"
+    assert b.should_use_parallel(1) is False and b.suggest_execution_mode(num_tasks=3) == (
+        "sequential")
+    assert SOLLOLLoadBalancer(Registry(nodes)).should_use_parallel() is True  # upstream's answer
+
+    remote = B(Registry([OllamaNode(f"http://10.0.0.{i}:11434") for i in (5, 6, 7)]),
+               locality_config=config)
+    assert remote.should_use_parallel() is True
+    assert remote.suggest_execution_mode() == "parallel_multi_node"
+
+    # Compatible with SOLLOL's signatures: every call SOLLOL accepts still works.
+    for name in ("should_use_parallel", "suggest_execution_mode"):
+        ours = inspect.signature(getattr(B, name)).parameters
+        theirs = inspect.signature(getattr(SOLLOLLoadBalancer, name)).parameters
+        assert list(ours)[:len(theirs)] == list(theirs)
+        assert all(p.default is None for p in list(ours.values())[len(theirs):])
+
+
+def test_a_base_without_sollols_questions_does_not_gain_them(synaptic_balancer):
+    lb = synaptic_balancer([OllamaNode("http://localhost:11434")])
+    assert not hasattr(lb, "should_use_parallel") and not hasattr(lb, "suggest_execution_mode")
+
+
+def test_a_subclass_keeps_its_own_answer(config):
+    from sollol.integration import SOLLOLLoadBalancer
+
+    class Own(LocalityAwareMixin, SOLLOLLoadBalancer):
+        def should_use_parallel(self) -> bool:
+            return True
+
+    lb = Own(Registry([OllamaNode("http://localhost:11434"), OllamaNode("http://localhost:11435")]),
+             locality_config=config)
+    assert lb.should_use_parallel() is True  # its own, not the mixin's
+    assert lb.suggest_execution_mode() == "sequential"

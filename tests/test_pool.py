@@ -62,6 +62,7 @@ from sollol_locality import (  # noqa: E402
     LocalityConfig,
     NodeTopology,
 )
+from sollol_locality.local import LocalMachine, LocalSnapshot  # noqa: E402
 from sollol_locality.pool import (  # noqa: E402
     LocalityAwarePool,
     LocalityAwarePoolMixin,
@@ -816,3 +817,43 @@ def test_importing_the_pool_module_does_not_import_sollol() -> None:
                           timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
                           check=False)
     assert done.returncode == 0, done.stderr
+
+
+# -- one definition of an Ollama instance, shared with the planner ------------------------------
+
+
+class _ContainerHost:
+    """A probe of this machine faked as hosting a container bridge (172.30.0.0/16), so the test
+    needs no root: 172.30.0.5 is a container here, with its own network namespace."""
+
+    def __call__(self) -> LocalSnapshot:
+        return LocalSnapshot(
+            hostnames=frozenset({"localhost"}),
+            addresses=frozenset(ipaddress.ip_address(a) for a in ("127.0.0.1", "::1",
+                                                                 "172.30.0.1")),
+            container_networks=(ipaddress.ip_network("172.30.0.0/16"),))
+
+
+@pytest.mark.parametrize(("nodes", "instances"), [
+    # A hosts-file name of the container, and the host's own instance on the same port: two.
+    (["http://localhost:11434", "http://ollama-box:11434"], 2),
+    # The container by its hosts-file name and by its address: one instance named twice.
+    (["http://ollama-box:11434", "http://172.30.0.5:11434"], 1),
+])
+def test_the_pool_and_the_planner_agree_on_instances(
+        harness: PoolHarness, tmp_path: Path, nodes: list[str], instances: int) -> None:
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n172.30.0.5 ollama-box\n")
+    config = LocalityConfig(calibration_file=None, nameservers=(("127.0.0.1", 9),),
+                            hosts_file=hosts, dns_timeout=0.3)
+    topology = NodeTopology(config, local_machine=LocalMachine(probe=_ContainerHost()))
+    named = topology.describe("http://ollama-box:11434")
+    assert (named.source, named.is_local, named.container) == ("hosts-file", True, "172.30.0.5")
+
+    pool = harness.make(LocalityAwarePool, list(nodes), topology=topology)
+    plan = ExecutionPlanner(topology, config=config).plan(3, nodes)
+
+    assert len(pool.nodes) == instances  # the pool's start-up de-duplication
+    assert len({topology.describe(n).instance for n in nodes}) == instances
+    assert ("aliases of one instance" in plan.reason) is (instances == 1)  # the planner's
+    assert plan.shared_host == "localhost"

@@ -68,6 +68,6 @@ def test_decision_caches_stay_bounded() -> None:
         registry.nodes = [f"http://10.{i >> 8 & 255}.{i & 255}.1:11434", "http://localhost:11434"]
         balancer.plan_execution(2)
     assert len(planner._memo) <= PLANNER_MEMO_MAX
-    assert len(balancer._locality().last_logged) <= 257
+    assert len(balancer.decider._last_logged) <= 257
     assert len(planner.topology._memo) <= TOPOLOGY_MEMO_MAX + 1
     assert _parse_string.cache_info().maxsize is not None  # the parse cache is bounded too
