@@ -384,6 +384,8 @@ def _cgroup_dirs(proc: _Proc, cgroup_text: str, controller: str, version: int) -
             mounts = [m for m in proc.mounts() if m.version == 1 and controller in m.controllers]
         else:
             continue
+        if ".." in path.split("/"):
+            continue  # outside our cgroup namespace: not under any mount we can read
         for mount in mounts:
             relative = path
             if mount.root != "/":
@@ -497,7 +499,7 @@ def _read_facts(proc: _Proc, pid: int) -> ProcessFacts:
                 cpus = parse_cpu_list(line.partition(":")[2])
     except (OSError, ValueError) as exc:
         notes.append(("cpus", f"affinity not read ({exc})"))
-    if cpus is None and proc.root == "/proc":
+    if cpus is None and proc.root == "/proc" and hasattr(os, "sched_getaffinity"):
         try:
             cpus = frozenset(os.sched_getaffinity(pid))
         except OSError as exc:
@@ -672,6 +674,8 @@ class _Snapshot:
     error: tuple[LookupStatus, str] | None
     lookups: dict[tuple[str, int], ProcessLookup] = field(default_factory=dict)
     facts: dict[int, ProcessFacts | None] = field(default_factory=dict)
+    follows: dict[tuple[int, IPAddress, int], tuple[int | None, str]] = field(
+        default_factory=dict)
 
 
 Scanner = Callable[[], Iterable[ListeningSocket]]
@@ -732,7 +736,12 @@ class LocalProcesses:
 
     @property
     def version(self) -> int:
-        """Grows whenever a refresh finds other listeners (a new pid on a port, one gone)."""
+        """Grows whenever a refresh finds other listeners (a new pid on a port, one gone).
+
+        Reading it first rescans when the last scan is stale, so a cache keyed on it notices a
+        restarted instance even when nothing else asks.
+        """
+        self._current()
         return self._version
 
     def refresh(self) -> None:
@@ -825,6 +834,9 @@ class LocalProcesses:
 
         if snapshot.error is not None:
             return result(*snapshot.error)
+        if not os.path.isdir(self._proc_root):
+            return result("unavailable", f"{self._proc_root!r} is not readable, so the facts "
+                                         "of processes are not read")
         ranked = [(rank, sock) for sock in snapshot.by_port.get(port, ())
                   if (rank := _rank(sock.ip, targets)) is not None]
         if not ranked:
@@ -878,7 +890,10 @@ class LocalProcesses:
             return None
         where = _format(*target)
         proxy = f"{label} pid {facts.pid} -> {where}"
-        pid, why = _follow(proc, facts.pid, target)
+        key = (facts.pid, *target)
+        if key not in snapshot.follows:
+            snapshot.follows[key] = _follow(proc, facts.pid, target)
+        pid, why = snapshot.follows[key]
         if pid is None:
             return ("not-followed",
                     f"the listener on {listener} is {label} (pid {facts.pid}), a proxy to "

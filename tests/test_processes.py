@@ -541,6 +541,46 @@ def test_container_from_cgroup(tmp_path: Path, cgroup: str, container: str | Non
     assert read_process_facts(42, proc_root=str(proc)).container == container
 
 
+def test_a_cgroup_outside_our_namespace_is_not_read(tmp_path: Path) -> None:
+    proc = fake_proc(tmp_path, "0::/../../escape\n", {"escape/cpu.max": "100000 100000\n"},
+                     V2_MOUNTS)
+    assert read_process_facts(42, proc_root=str(proc)).cpu_quota is None
+
+
+def test_without_proc_the_lookup_says_so(tmp_path: Path) -> None:
+    sockets = [ListeningSocket(ipaddress.ip_address("127.0.0.1"), 11434, 1)]
+    missing = str(tmp_path / "no-proc")
+    found = LocalProcesses(scanner=lambda: sockets, proc_root=missing).lookup("::1", 11434)
+    assert found.status == "unavailable"
+    assert found.reason == f"{missing!r} is not readable, so the facts of processes are not read"
+
+
+_IPS = st.sampled_from(["127.0.0.1", "0.0.0.0", "::", "::1", "::ffff:127.0.0.1", "10.0.0.5"])
+
+
+@given(
+    sockets=st.lists(st.builds(
+        ListeningSocket,
+        ip=_IPS.map(ipaddress.ip_address),
+        port=st.sampled_from([11434, 11435]),
+        pid=st.sampled_from([None, os.getpid(), 2**22 + 1]),
+    ), max_size=6),
+    address=_IPS,
+    port=st.sampled_from([11434, 11435]),
+)
+def test_a_lookup_never_raises_and_has_facts_only_when_found(
+    sockets: list[ListeningSocket], address: str, port: int
+) -> None:
+    processes = LocalProcesses(clock=FakeClock(), scanner=lambda: sockets)
+    found = processes.lookup(address, port)
+    assert found.status in {"found", "no-listener", "access-denied"}
+    assert (found.facts is not None) == (found.status == "found")
+    if found.facts is not None:
+        assert found.facts.pid == os.getpid()
+    assert processes.lookup(address, port) is found
+    assert processes.scans == 1
+
+
 def test_reading_a_missing_process_raises_process_lookup_error(tmp_path: Path) -> None:
     with pytest.raises(ProcessLookupError):
         read_process_facts(4242, proc_root=str(tmp_path))
