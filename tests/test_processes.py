@@ -456,6 +456,84 @@ def test_a_proxy_to_nothing_is_reported_not_followed(
     }
 
 
+# -- cgroups on this kernel ---------------------------------------------------------------------
+
+
+class RealCgroup:
+    """A cgroup made for one test (v2 where it has the cpu and cpuset controllers, else v1)."""
+
+    def __init__(self, cpus: str, quota_us: int) -> None:
+        name = f"sl-proc-{uuid.uuid4().hex[:8]}"
+        v2 = Path("/sys/fs/cgroup")
+        self.dirs: list[Path] = []
+        if {"cpu", "cpuset"} <= set(_read(v2 / "cgroup.subtree_control").split()):
+            self._make(v2 / name, {"cpuset.cpus": cpus, "cpu.max": f"{quota_us} 100000"})
+        elif (v2 / "cpuset" / "tasks").exists() and (v2 / "cpu" / "tasks").exists():
+            mems = _read(v2 / "cpuset" / "cpuset.mems").strip()
+            self._make(v2 / "cpuset" / name, {"cpuset.cpus": cpus, "cpuset.mems": mems})
+            self._make(v2 / "cpu" / name, {"cpu.cfs_period_us": "100000",
+                                           "cpu.cfs_quota_us": str(quota_us)})
+        else:
+            pytest.skip("no writable cgroup with the cpu and cpuset controllers")
+
+    def _make(self, path: Path, files: dict[str, str]) -> None:
+        try:
+            path.mkdir()
+            self.dirs.append(path)
+            for key, value in files.items():
+                (path / key).write_text(value)
+        except OSError as exc:
+            self.remove()
+            pytest.skip(f"cannot make a cgroup at {path}: {exc}")
+
+    def add(self, pid: int) -> None:
+        for path in self.dirs:
+            (path / "cgroup.procs").write_text(str(pid))
+
+    def remove(self) -> None:
+        for path in reversed(self.dirs):
+            try:
+                for pid in _read(path / "cgroup.procs").split():  # back to the parent first
+                    (path.parent / "cgroup.procs").write_text(pid)
+                path.rmdir()
+            except OSError:
+                pass
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+@pytest.fixture
+def real_cgroup() -> Iterator[Callable[[str, int], RealCgroup]]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    made: list[RealCgroup] = []
+
+    def make(cpus: str, quota_us: int) -> RealCgroup:
+        made.append(RealCgroup(cpus, quota_us))
+        return made[-1]
+
+    yield make
+    for cgroup in made:
+        cgroup.remove()
+
+
+@needs_two_cpus
+def test_a_cgroup_cpuset_and_quota_are_read_on_this_kernel(
+    start_listener: StartListener, real_cgroup: Callable[[str, int], RealCgroup]
+) -> None:
+    cgroup = real_cgroup("1", 50_000)
+    listener = start_listener()
+    cgroup.add(listener.pid)
+    facts = facts_of(LocalProcesses(clock=FakeClock()), listener)
+    assert facts.cpus == frozenset({1})
+    assert facts.cpu_quota == 0.5
+
+
 # -- cgroups, from a /proc and cgroup tree written by the test ----------------------------------
 
 
