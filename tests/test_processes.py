@@ -11,6 +11,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,10 @@ CLEAN_VARIABLES = (
 )
 # Binds (host, port) from argv, prints the port, and holds the socket until stdin closes.
 LISTENER = """
-import socket, sys
+import os, socket, sys
+if os.environ.get("LISTENER_COMM"):
+    with open("/proc/self/comm", "w") as comm:
+        comm.write(os.environ["LISTENER_COMM"])
 host, port = sys.argv[1], int(sys.argv[2])
 family = socket.AF_INET6 if ":" in host else socket.AF_INET
 s = socket.socket(family)
@@ -454,6 +458,25 @@ def test_a_proxy_to_nothing_is_reported_not_followed(
         head + "no process listens there in another network namespace",
         head + "1 process could not be inspected (access denied)",
     }
+
+
+def test_a_proxy_whose_target_is_not_on_its_command_line_is_not_followed(
+    start_listener: StartListener
+) -> None:
+    proxy = start_listener(env={"LISTENER_COMM": "rootlessport"})
+    found = LocalProcesses(clock=FakeClock()).lookup("127.0.0.1", proxy.port)
+    assert (found.status, found.facts) == ("not-followed", None)
+    assert found.reason == (f"the listener on 127.0.0.1:{proxy.port} is rootlessport (pid "
+                            f"{proxy.pid}), a port proxy whose target could not be read")
+
+
+def test_concurrent_lookups_share_one_scan(start_listener: StartListener) -> None:
+    listener = start_listener()
+    processes = LocalProcesses(clock=FakeClock())
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        found = list(pool.map(lambda _: processes.lookup("127.0.0.1", listener.port), range(64)))
+    assert {lookup.facts.pid for lookup in found if lookup.facts} == {listener.pid}
+    assert processes.scans == 1
 
 
 # -- cgroups on this kernel ---------------------------------------------------------------------
