@@ -607,8 +607,10 @@ def _parse_net_tcp(text: str) -> list[tuple[IPAddress, int, int]]:
     return found
 
 
-def _follow(proc: _Proc, proxy_pid: int, target: tuple[IPAddress, int]) -> tuple[int | None, str]:
-    """The pid listening on ``target`` in another network namespace, or ``None`` and why."""
+def _follow(proc: _Proc, proxy_pid: int | str,
+            target: tuple[IPAddress, int]) -> tuple[int | None, str]:
+    """The pid listening on ``target`` in a network namespace other than ``proxy_pid``'s
+    (``"self"``: ours), or ``None`` and why."""
     target_ip, target_port = target
     proxy_ns = proc.netns(proxy_pid)
     by_ns: dict[int, list[int]] = {}
@@ -672,7 +674,7 @@ class _Snapshot:
     taken_at: float
     by_port: dict[int, list[ListeningSocket]]
     error: tuple[LookupStatus, str] | None
-    lookups: dict[tuple[str, int], ProcessLookup] = field(default_factory=dict)
+    lookups: dict[tuple[str, int, bool], ProcessLookup] = field(default_factory=dict)
     facts: dict[int, ProcessFacts | None] = field(default_factory=dict)
     follows: dict[tuple[int, IPAddress, int], tuple[int | None, str]] = field(
         default_factory=dict)
@@ -749,9 +751,14 @@ class LocalProcesses:
         with self._lock:
             self._refresh_locked()
 
-    def lookup(self, address: str | IPAddress | None, port: int) -> ProcessLookup:
+    def lookup(self, address: str | IPAddress | None, port: int, *,
+               other_namespaces: bool = False) -> ProcessLookup:
         """The process listening for the local node ``address``:``port``; never raises for
         what the system hides.
+
+        ``other_namespaces``: when nothing listens for it here, look for a process listening on
+        ``address``:``port`` in the other network namespaces of this machine (a node on the
+        address of a container bridged here, ``172.17.0.2:11434``).
 
         ``address`` is an IP address of this machine (loopback, unspecified or one of its
         interfaces), a loopback name (``localhost``), or ``None`` for "any address here".
@@ -762,7 +769,7 @@ class LocalProcesses:
         targets, text = _parse_address(address)
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
             raise InvalidNodeAddress(repr(port), "expected a port number from 1 to 65535")
-        key = (text, port)
+        key = (text, port, other_namespaces)
         snapshot = self._current()
         cached = snapshot.lookups.get(key)
         if cached is not None:
@@ -770,7 +777,7 @@ class LocalProcesses:
         with self._lock:
             cached = snapshot.lookups.get(key)
             if cached is None:
-                cached = self._lookup_locked(snapshot, targets, text, port)
+                cached = self._lookup_locked(snapshot, targets, text, port, other_namespaces)
                 snapshot.lookups[key] = cached
         return cached
 
@@ -824,7 +831,7 @@ class LocalProcesses:
         return fresh
 
     def _lookup_locked(self, snapshot: _Snapshot, targets: tuple[IPAddress, ...] | None,
-                       text: str, port: int) -> ProcessLookup:
+                       text: str, port: int, other_namespaces: bool) -> ProcessLookup:
         def result(status: LookupStatus, reason: str, facts: ProcessFacts | None = None,
                    listener: str | None = None, proxy: str | None = None) -> ProcessLookup:
             if status != "found":
@@ -839,6 +846,8 @@ class LocalProcesses:
                                          "of processes are not read")
         ranked = [(rank, sock) for sock in snapshot.by_port.get(port, ())
                   if (rank := _rank(sock.ip, targets)) is not None]
+        if not ranked and other_namespaces and targets is not None and len(targets) == 1:
+            return self._in_other_namespace(snapshot, targets[0], port, result)
         if not ranked:
             return result("no-listener",
                           f"nothing listens on port {port} for {text} in this network namespace "
@@ -863,6 +872,26 @@ class LocalProcesses:
             status, reason, target_facts, proxy = proxied
             return result(status, reason, target_facts, listener, proxy)
         return result("found", _found_reason(facts, listener, None), facts, listener)
+
+    def _in_other_namespace(self, snapshot: _Snapshot, ip: IPAddress, port: int,
+                            result: Callable[..., ProcessLookup]) -> ProcessLookup:
+        proc = _Proc(self._proc_root)
+        where = _format(ip, port)
+        key = (-1, ip, port)
+        if key not in snapshot.follows:
+            snapshot.follows[key] = _follow(proc, "self", (ip, port))
+        pid, why = snapshot.follows[key]
+        if pid is None:
+            status: LookupStatus = "access-denied" if "access denied" in why else "no-listener"
+            return result(status, f"nothing listens for {where} here; {why}")
+        facts = self._facts(snapshot, proc, pid)
+        if facts is None:
+            return result("no-listener", f"the listener for {where} (pid {pid}) exited")
+        reason = (f"pid {pid} ({facts.name or 'unnamed'}) listens for {where} in another "
+                  "network namespace")
+        if facts.notes:
+            reason += "; not read: " + "; ".join(f"{k}: {text}" for k, text in facts.notes)
+        return result("found", reason, facts, where)
 
     def _facts(self, snapshot: _Snapshot, proc: _Proc, pid: int) -> ProcessFacts | None:
         if pid not in snapshot.facts:

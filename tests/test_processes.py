@@ -443,6 +443,25 @@ def test_a_docker_proxy_is_followed_into_the_containers_namespace(
 
 
 @pytest.mark.netns
+def test_a_node_on_a_container_address_is_found_in_its_namespace(
+    start_listener: StartListener, netns: str
+) -> None:
+    inside = start_listener("0.0.0.0", prefix=("ip", "netns", "exec", netns),
+                            env={"CUDA_VISIBLE_DEVICES": "1"})
+    processes = LocalProcesses(clock=FakeClock())
+    assert processes.lookup("10.88.0.2", inside.port).status == "no-listener"
+    found = processes.lookup("10.88.0.2", inside.port, other_namespaces=True)
+    assert found.status == "found", found.reason
+    assert found.facts is not None
+    assert (found.facts.pid, found.facts.gpus, found.facts.other_netns) == (
+        inside.pid, ("1",), True)
+    assert found.reason.startswith(
+        f"pid {inside.pid} ({found.facts.name}) listens for 10.88.0.2:{inside.port} in another "
+        "network namespace")
+    assert processes.scans == 1
+
+
+@pytest.mark.netns
 def test_a_proxy_to_nothing_is_reported_not_followed(
     start_listener: StartListener, netns: str
 ) -> None:
