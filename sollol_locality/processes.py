@@ -17,6 +17,8 @@ by one process. :class:`LocalProcesses` finds it and reads what decides what it 
   ``/proc/PID/net/tcp{,6}`` shows the sockets of *its* namespace, and the socket's inode is mapped
   to a pid through ``/proc/PID/fd``. A proxy whose target is not on its command line, or a port
   published by a kernel DNAT rule only (nothing listens here), is reported as not followed.
+  The same search finds the process behind a node on a container bridge's address
+  (``lookup(..., other_namespaces=True)``).
 * **The facts** (:class:`ProcessFacts`): the CPU set (``Cpus_allowed_list``, the process's
   affinity, intersected with its cgroup's ``cpuset.cpus.effective``), the CPU quota in cores
   (cgroup v2 ``cpu.max``, or v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``; the tightest limit of
