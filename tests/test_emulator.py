@@ -1,4 +1,4 @@
-"""The Ollama-compatible emulator node (benchmarks/emulator.py), on loopback only."""
+"""The Ollama-compatible emulator node (sollol_locality.testing.emulator), on loopback only."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ pytest.importorskip("numpy", reason="the emulator needs numpy (the bench extra)"
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from benchmarks.emulator import (  # noqa: E402
+from sollol_locality.testing.emulator import (  # noqa: E402
     DEFAULT_MODEL,
     DEFAULT_NUM_PREDICT,
     EmulatorConfig,
@@ -151,7 +151,7 @@ def test_config_rejects(fields: dict[str, Any], message: str) -> None:
 
 
 def test_config_round_trips_through_argv() -> None:
-    from benchmarks.emulator import _build_parser
+    from sollol_locality.testing.emulator import _build_parser
 
     config = EmulatorConfig(
         host="::1", port=0, model="m", weights_mb=3, threads=2, slowdown=2.5, cpus=(0, 1),
@@ -394,7 +394,7 @@ def test_start_error_names_the_cause() -> None:
 
 def test_emulator_exits_when_its_parent_is_killed() -> None:
     code = (
-        "from benchmarks.emulator import start_emulator\n"
+        "from sollol_locality.testing.emulator import start_emulator\n"
         "p = start_emulator(weights_mb=1)\n"
         "print(p.pid, flush=True)\n"
         "import threading; threading.Event().wait()\n"

@@ -1,4 +1,4 @@
-"""Simulated machines (benchmarks/machines.py): local machines, network namespaces, clean-up."""
+"""Simulated machines (sollol_locality.testing.machines): local machines, namespaces, clean-up."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ pytest.importorskip("numpy", reason="the emulator needs numpy (the bench extra)"
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from benchmarks.machines import (  # noqa: E402
+from sollol_locality.testing.machines import (  # noqa: E402
     AUTO_SUBNETS,
     NETNS_PREFIX,
     SCENARIOS,
@@ -37,7 +37,7 @@ from benchmarks.machines import (  # noqa: E402
     scenario_skip_reason,
     start_scenario,
 )
-from benchmarks.workload import run_parallel, run_sequential  # noqa: E402
+from sollol_locality.testing.workload import run_parallel, run_sequential  # noqa: E402
 
 WEIGHTS_MB = 8
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -196,7 +196,7 @@ def test_localhost_and_lan_scenario() -> None:
 
 
 def test_netns_support_says_why_when_not_root(monkeypatch: pytest.MonkeyPatch) -> None:
-    import benchmarks.machines as machines
+    import sollol_locality.testing.machines as machines
 
     monkeypatch.setattr(machines.os, "geteuid", lambda: 1000)
     reason = machines.netns_support.__wrapped__()
@@ -204,7 +204,7 @@ def test_netns_support_says_why_when_not_root(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_netns_scenarios_are_skipped_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
-    import benchmarks.machines as machines
+    import sollol_locality.testing.machines as machines
 
     reason = "network namespaces need root (running as uid 1000)"
     monkeypatch.setattr(machines, "netns_support", lambda: reason)
@@ -303,7 +303,7 @@ def test_two_machine_scenario_runs_in_parallel() -> None:
 _HELPER = textwrap.dedent(
     """
     import signal, sys, threading
-    from benchmarks.machines import Cluster
+    from sollol_locality.testing.machines import Cluster
     # As a terminal program: a background test run starts children with SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     with Cluster() as cluster:

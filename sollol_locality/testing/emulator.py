@@ -2,7 +2,7 @@
 
 Run it from the repository root::
 
-    python -m benchmarks.emulator --host 127.0.0.1 --port 0 --weights-mb 256 --cpus 0
+    python -m sollol_locality.testing.emulator --host 127.0.0.1 --port 0 --weights-mb 256 --cpus 0
 
 It prints exactly one line, ``READY http://HOST:PORT`` (the real port when ``--port 0``), once it
 is listening, and exits cleanly on SIGTERM or SIGINT (and, with ``--exit-on-stdin-eof``, when its
@@ -106,7 +106,8 @@ KEEP_ALIVE_SECONDS: Final = 300
 READY_PREFIX: Final = "READY "
 MAX_BODY_BYTES: Final = 16 * 1024 * 1024
 
-_PACKAGE_ROOT: Final = Path(__file__).resolve().parent.parent
+_PACKAGE_ROOT: Final = Path(__file__).resolve().parents[2]
+"""The directory holding the ``sollol_locality`` package: children import this same code."""
 _THREAD_VARIABLES: Final = (
     "OPENBLAS_NUM_THREADS",
     "OMP_NUM_THREADS",
@@ -654,7 +655,7 @@ def _wait_for_eof(fd: int, stop: threading.Event) -> None:
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.emulator",
+        prog="python -m sollol_locality.testing.emulator",
         description="An Ollama-compatible node whose tokens do memory-bandwidth-bound work.",
     )
     parser.add_argument("--host", default="127.0.0.1")
@@ -836,7 +837,7 @@ def spawn_emulator(
         slowdown=slowdown, cpus=tuple(cpus) if cpus is not None else None,
         default_num_predict=default_num_predict, exit_on_stdin_eof=True, verbose=verbose,
     )  # fmt: skip
-    command = [python, "-m", "benchmarks.emulator", *config.to_argv()]
+    command = [python, "-m", "sollol_locality.testing.emulator", *config.to_argv()]
     if netns is not None:
         command = ["ip", "netns", "exec", netns, *command]
     child_env = dict(os.environ if env is None else env)

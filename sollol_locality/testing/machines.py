@@ -16,7 +16,8 @@
   others; a signal ignored on entry, like a background job's SIGINT, stays ignored) and at
   interpreter exit (``atexit``). Emulators also exit by themselves when this process
   dies (their stdin pipe closes). Only a SIGKILL of this process can leave a namespace behind:
-  ``python -m benchmarks.machines cleanup`` removes namespaces whose creating process is gone.
+  ``python -m sollol_locality.testing.machines cleanup`` removes namespaces whose creating
+  process is gone.
 * :data:`SCENARIOS`: the layouts benchmarks run, as data. :func:`start_scenario` builds one in a
   cluster; :func:`scenario_skip_reason` says why one cannot run here.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import importlib
 import ipaddress
 import json
 import os
@@ -196,7 +198,7 @@ def own_lan_address() -> str | None:
 
     Reads local interface tables only (``ip route`` and psutil); sends nothing.
     """
-    import psutil
+    psutil: Any = importlib.import_module("psutil")  # no stubs needed for type checking
 
     addresses = psutil.net_if_addrs()
     stats = psutil.net_if_stats()
@@ -271,7 +273,7 @@ _PROCESS_REGISTRY: Final = _Registry()
 
 def _close_at_exit() -> None:
     for error in _PROCESS_REGISTRY.close_all():
-        print(f"benchmarks.machines: clean-up at exit: {error}", file=sys.stderr)
+        print(f"sollol_locality.testing.machines: clean-up at exit: {error}", file=sys.stderr)
 
 
 atexit.register(_close_at_exit)
@@ -506,7 +508,7 @@ def _used_networks(
     *, ignore_interface: str | None = None
 ) -> list[tuple[ipaddress.IPv4Network, str]]:
     """IPv4 networks the root namespace already uses: interface subnets and routes."""
-    import psutil
+    psutil: Any = importlib.import_module("psutil")
 
     used: list[tuple[ipaddress.IPv4Network, str]] = []
     for name, entries in psutil.net_if_addrs().items():
@@ -758,7 +760,7 @@ class Cluster:
         for item in items:
             _PROCESS_REGISTRY.discard(item)
         for error in errors:
-            print(f"benchmarks.machines: clean-up failed: {error}", file=sys.stderr)
+            print(f"sollol_locality.testing.machines: clean-up failed: {error}", file=sys.stderr)
         if errors and raise_errors:
             raise MachineError(f"clean-up failed: {errors[0]}") from errors[0]
 
@@ -1016,7 +1018,8 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.machines", description="Simulated machines and scenarios."
+        prog="python -m sollol_locality.testing.machines",
+        description="Simulated machines and scenarios.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="scenarios and whether they can run here").set_defaults(
