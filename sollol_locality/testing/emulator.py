@@ -1,12 +1,19 @@
-"""An Ollama-compatible emulator node for benchmarks and integration tests.
+"""An Ollama-compatible emulator node for benchmarks, integration tests and trying things out.
 
-Run it from the repository root::
+Layer: testing (above ``cli``); nothing in the library imports it. Run it as::
 
+    sollol-locality-emulator --port 11434
     python -m sollol_locality.testing.emulator --host 127.0.0.1 --port 0 --weights-mb 256 --cpus 0
+    OLLAMA_HOST=127.0.0.1:11435 OLLAMA_NUM_PARALLEL=4 taskset -c 1 sollol-locality-emulator
 
 It prints exactly one line, ``READY http://HOST:PORT`` (the real port when ``--port 0``), once it
 is listening, and exits cleanly on SIGTERM or SIGINT (and, with ``--exit-on-stdin-eof``, when its
 parent goes away). Nothing else is written to stdout.
+
+Configured like Ollama: ``OLLAMA_HOST`` (``host``, ``host:port`` or a URL) is the bind address
+and ``OLLAMA_NUM_PARALLEL`` the number of requests decoded at once (default 1, as Ollama's);
+``OLLAMA_EMULATOR_BATCH_COST`` (this emulator's own) the cost of batching. Flags (``--host``,
+``--port``, ``--num-parallel``, ``--batch-cost``) override the environment.
 
 Endpoints (Ollama's shapes):
 
@@ -22,30 +29,51 @@ Endpoints (Ollama's shapes):
   even with ``"stream": true`` the answer is one final object, which a line-by-line (NDJSON)
   client reads as a single ``done`` chunk. An empty prompt only "loads" the model
   (``done_reason: "load"``), as Ollama does;
-* ``GET /api/emulator``: this emulator's settings and counters (not an Ollama endpoint).
+* ``GET /api/emulator``: this emulator's settings and counters (not an Ollama endpoint):
+  ``num_parallel``, ``batch_cost``, ``backend``, ``sources`` (flag, environment or default),
+  ``served`` (requests answered), ``in_flight`` and ``max_in_flight`` (requests in the batch, now
+  and at most), ``max_batch`` (most sequences in one decode step), ``queued`` (requests that found
+  every slot taken and waited), ``queue`` and ``max_queue`` (waiting now, at most),
+  ``queue_wait_seconds`` (their total wait), ``steps``, ``tokens``, ``affinity``, ``environ``;
+* ``GET /api/emulator/wait?waiting=N&timeout=S``: returns once N requests are queued or in the
+  batch (408 after S seconds), and ``POST /api/emulator/pause`` / ``/resume`` hold and release
+  decoding: a test lines requests up this way, without sleeping.
 
 What a token costs: a float32 matrix-vector product over the whole weight matrix (``--weights-mb``,
 held in RAM and bigger than the caches, so decode is memory-bandwidth-bound as CPU decode is), the
 next input being the row the previous output selects. ``--slowdown S`` multiplies that work (S full
 passes, the fraction as a partial pass), which stands in for a slower machine. The prompt costs one
-pass per :data:`PROMPT_BATCH` prompt tokens (batched prompt processing). One generate runs at a
-time, in arrival order, as Ollama does with its default of one parallel request: later requests
-wait, and the wait is reported in ``load_duration`` (as in Ollama, where the time spent waiting for
-the scheduler is part of ``load_duration`` and ``total_duration``).
+pass per :data:`PROMPT_BATCH` prompt tokens (batched prompt processing).
 
-:func:`start_emulator` starts one in a subprocess (optionally inside a network namespace) and waits
-for its READY line with a deadline.
+Batching: one decode loop serves up to ``num_parallel`` requests by continuous batching. Each
+step produces one token for every sequence in the batch and costs ``1 + batch_cost * (b - 1)``
+passes for a batch of b (:data:`DEFAULT_BATCH_COST` says why 0.15). A new request joins the
+batch at the next step; beyond the slots, requests wait in arrival order (FIFO), and the wait is
+reported in ``load_duration`` (as in Ollama, where the time spent waiting for the scheduler is
+part of ``load_duration`` and ``total_duration``). With the default of one slot this is one
+generate at a time, in arrival order.
+
+Without numpy: the decode work needs no extra package. ``--backend auto`` (the default) uses
+numpy when it is importable (the benchmarks' setting: 256 MB of weights, real memory-bandwidth
+contention between instances) and otherwise a hashlib backend, which hashes a fraction of the
+weights per pass (:data:`HASH_FRACTION`), so a token costs about as long but contends less for
+memory bandwidth. ``--help`` says which one ``auto`` picks here; ``/api/emulator`` reports it.
+
+:func:`start_emulator` starts one in a subprocess (optionally inside a network namespace, under
+``taskset``, with extra environment variables) and waits for its READY line with a deadline.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import ipaddress
 import json
 import math
 import os
 import selectors
+import shutil
 import signal
 import socket
 import socketserver
@@ -54,9 +82,10 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -65,6 +94,7 @@ from types import FrameType, TracebackType
 from typing import IO, Any, Final
 
 __all__ = [
+    "DEFAULT_BATCH_COST",
     "DEFAULT_MODEL",
     "DEFAULT_NUM_PREDICT",
     "DEFAULT_WEIGHTS_MB",
@@ -72,9 +102,12 @@ __all__ = [
     "EmulatorConfig",
     "EmulatorProcess",
     "EmulatorStartError",
+    "auto_backend",
     "main",
+    "make_weights",
     "normalise_model_name",
     "parse_cpus",
+    "resolve_settings",
     "serve",
     "spawn_emulator",
     "start_emulator",
@@ -103,7 +136,29 @@ ROW_WIDTH: Final = 4096
 """Columns of the weight matrix (float32): the hidden size of the emulated model."""
 
 KEEP_ALIVE_SECONDS: Final = 300
+
+DEFAULT_BATCH_COST: Final = 0.15
+"""Extra cost of one decode step per extra sequence in the batch (0.15: a step of 4 sequences
+costs 1.45 steps of one). Batched CPU decode reads the weights once per step for the whole batch,
+so most of a step's cost (the memory traffic) is shared, while the arithmetic grows with the
+batch; 0.15 puts 4 sequences at about 2.8x the throughput of one, between GPU decode (nearly
+flat: use ~0.02) and a compute-bound CPU (use ~0.5 or more)."""
+
+BACKENDS: Final = ("auto", "numpy", "hashlib")
+HASH_FRACTION: Final = 8
+"""The hashlib backend hashes 1/HASH_FRACTION of the weights per pass: hashing runs at roughly
+1-2 GB/s where numpy streams ~14 GB/s, so a token costs about as long as with numpy."""
+
+TOKEN_ROWS: Final = 16
+"""Rows of the weights that pick a sequence's next token (a small per-sequence cost)."""
 READY_PREFIX: Final = "READY "
+HOST_VARIABLE: Final = "OLLAMA_HOST"
+NUM_PARALLEL_VARIABLE: Final = "OLLAMA_NUM_PARALLEL"
+BATCH_COST_VARIABLE: Final = "OLLAMA_EMULATOR_BATCH_COST"
+_REPORTED_VARIABLES: Final = (
+    NUM_PARALLEL_VARIABLE, BATCH_COST_VARIABLE, HOST_VARIABLE, "CUDA_VISIBLE_DEVICES",
+    "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL",
+)  # fmt: skip
 MAX_BODY_BYTES: Final = 16 * 1024 * 1024
 
 _PACKAGE_ROOT: Final = Path(__file__).resolve().parents[2]
@@ -196,6 +251,12 @@ class EmulatorConfig:
         default_num_predict: tokens generated when a request gives no ``num_predict``.
         exit_on_stdin_eof: exit when stdin reaches end of file (the parent went away).
         verbose: log each request to stderr.
+        num_parallel: requests decoded at once (Ollama's ``OLLAMA_NUM_PARALLEL``), or ``None``
+            to read ``OLLAMA_NUM_PARALLEL`` from the emulator process's environment (default 1).
+        batch_cost: extra cost of a decode step per extra sequence in the batch (0.15: each one
+            adds 15%), or ``None`` to read ``OLLAMA_EMULATOR_BATCH_COST`` (default
+            :data:`DEFAULT_BATCH_COST`).
+        backend: ``"numpy"``, ``"hashlib"`` or ``"auto"`` (numpy when it can be imported).
     """
 
     host: str = "127.0.0.1"
@@ -208,8 +269,21 @@ class EmulatorConfig:
     default_num_predict: int = DEFAULT_NUM_PREDICT
     exit_on_stdin_eof: bool = False
     verbose: bool = False
+    num_parallel: int | None = None
+    batch_cost: float | None = None
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.num_parallel is not None and self.num_parallel < 1:
+            raise ValueError(f"Invalid num_parallel {self.num_parallel!r}: expected at least 1")
+        if self.batch_cost is not None and not (
+            self.batch_cost >= 0 and math.isfinite(self.batch_cost)
+        ):
+            raise ValueError(f"Invalid batch_cost {self.batch_cost!r}: expected 0 or more")
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"Invalid backend {self.backend!r}: expected one of {', '.join(BACKENDS)}"
+            )
         if not 0 <= self.port <= 65535:
             raise ValueError(f"Invalid port {self.port!r}: expected 0 to 65535")
         if self.weights_mb < 1:
@@ -240,6 +314,12 @@ class EmulatorConfig:
             argv.append("--exit-on-stdin-eof")
         if self.verbose:
             argv.append("--verbose")
+        if self.num_parallel is not None:
+            argv += ["--num-parallel", str(self.num_parallel)]
+        if self.batch_cost is not None:
+            argv += ["--batch-cost", repr(self.batch_cost)]
+        if self.backend != "auto":
+            argv += ["--backend", self.backend]
         return argv
 
 
@@ -247,18 +327,30 @@ class EmulatorConfig:
 # The work
 
 
-@dataclass(frozen=True, slots=True)
-class _Generation:
-    tokens: tuple[int, ...]
-    prompt_tokens: int
-    prompt_ns: int
-    eval_ns: int
+class _Weights:
+    """The weights in RAM and the work of one pass over them. Not thread-safe: one decode loop.
+
+    ``work(passes)`` streams the weights ``passes`` times (the fraction as a partial pass);
+    ``next_token(row, position)`` is a sequence's next token when its input is weights row
+    ``row`` (a small read, so each sequence of a batch stays deterministic per prompt).
+    """
+
+    name = "abstract"
+    rows: int
+
+    def work(self, passes: float) -> None:
+        raise NotImplementedError
+
+    def next_token(self, row: int, position: int) -> int:
+        raise NotImplementedError
 
 
-class _Decoder:
-    """Weights in RAM and the per-token matrix-vector work. Not thread-safe: used under the lock."""
+class _NumpyWeights(_Weights):
+    """A float32 matrix; a pass is a matrix-vector product (memory-bandwidth-bound)."""
 
-    def __init__(self, weights_mb: int, slowdown: float) -> None:
+    name = "numpy"
+
+    def __init__(self, weights_mb: int) -> None:
         import numpy as np  # after the thread variables and CPU affinity are set
 
         self._np = np
@@ -275,84 +367,269 @@ class _Decoder:
         for start in range(0, rows, block.shape[0]):
             stop = min(rows, start + block.shape[0])
             self.weights[start:stop] = block[: stop - start]
-        self._x = np.empty(ROW_WIDTH, dtype=np.float32)
+        self._x = self.weights[0].copy()
         self._y = np.zeros(rows, dtype=np.float32)
-        self._full_passes = int(slowdown)
-        partial = round((slowdown - self._full_passes) * rows)
-        if self._full_passes == 0:
-            partial = max(1, partial)
-        self._partial_rows = min(partial, rows)
-        self._active_rows = rows if self._full_passes else self._partial_rows
+        self._small = np.zeros(min(rows, TOKEN_ROWS), dtype=np.float32)
 
-    def _pass(self) -> None:
+    def work(self, passes: float) -> None:
         np = self._np
-        for _ in range(self._full_passes):
+        full = int(passes)
+        for _ in range(full):
             np.dot(self.weights, self._x, out=self._y)
-        if self._partial_rows:
-            k = self._partial_rows
-            np.dot(self.weights[:k], self._x, out=self._y[:k])
+        partial = min(self.rows, round((passes - full) * self.rows))
+        if partial:
+            np.dot(self.weights[:partial], self._x, out=self._y[:partial])
+        # the next pass reads a row this one selected: the passes cannot be skipped
+        self._x[:] = self.weights[int(self._y[: max(1, partial or self.rows)].argmax())]
 
-    def generate(self, prompt: str, num_predict: int, stopping: threading.Event) -> _Generation:
-        prompt_tokens = max(1, len(prompt.split()))
-        self._x[:] = self.weights[zlib.crc32(prompt.encode("utf-8")) % self.rows]
-        started = time.perf_counter_ns()
-        for _ in range(math.ceil(prompt_tokens / PROMPT_BATCH)):
-            self._pass()
-        prompt_done = time.perf_counter_ns()
-        tokens: list[int] = []
-        for _ in range(num_predict):
-            if stopping.is_set():
-                break
-            self._pass()
-            token = int(self._y[: self._active_rows].argmax())
-            # The next input depends on this output (as in decode), moved along by the position
-            # so the sequence does not settle on the row most similar to itself.
-            self._x[:] = self.weights[(token * 31 + len(tokens) + 7) % self.rows]
-            tokens.append(token)
-        finished = time.perf_counter_ns()
-        return _Generation(
-            tuple(tokens), prompt_tokens, prompt_done - started, finished - prompt_done
-        )
+    def next_token(self, row: int, position: int) -> int:
+        k = self._small.shape[0]
+        self._np.dot(self.weights[:k], self.weights[row], out=self._small)
+        return int(self._small.argmax()) * 7919 + position * 31 + row
 
 
-class _FifoLock:
-    """A lock granted in arrival order, which also counts who is waiting."""
+class _HashWeights(_Weights):
+    """Bytes in RAM; a pass hashes 1/:data:`HASH_FRACTION` of them (no numpy needed)."""
 
-    def __init__(self) -> None:
+    name = "hashlib"
+
+    def __init__(self, weights_mb: int) -> None:
+        row_bytes = 4 * ROW_WIDTH
+        size = max(row_bytes, weights_mb * 1024 * 1024 // row_bytes * row_bytes)
+        self.rows = size // row_bytes
+        self._row_bytes = row_bytes
+        block = hashlib.shake_256(b"sollol-locality emulator").digest(1 << 16)
+        self.weights = bytearray(block * (size // len(block)) + block[: size % len(block)])
+        self._view = memoryview(self.weights)
+        self._span = max(row_bytes, size // HASH_FRACTION)
+        self._offset = 0
+
+    def work(self, passes: float) -> None:
+        remaining = int(passes * self._span)
+        size = len(self.weights)
+        while remaining > 0:
+            take = min(remaining, size - self._offset)
+            # hashlib releases the GIL on large buffers, as numpy does in dot
+            digest = hashlib.sha256(self._view[self._offset : self._offset + take]).digest()
+            self._offset = (self._offset + take + digest[0]) % size
+            remaining -= take
+
+    def next_token(self, row: int, position: int) -> int:
+        start = row * self._row_bytes
+        digest = hashlib.sha256(self._view[start : start + self._row_bytes]).digest()
+        return int.from_bytes(digest[:4], "big") + position * 31
+
+
+def make_weights(backend: str, weights_mb: int) -> _Weights:
+    """The weights for ``backend`` (``"auto"``: numpy when importable, else hashlib)."""
+    if backend == "hashlib":
+        return _HashWeights(weights_mb)
+    if backend == "numpy":
+        return _NumpyWeights(weights_mb)
+    try:
+        return _NumpyWeights(weights_mb)
+    except ImportError:
+        return _HashWeights(weights_mb)
+
+
+def auto_backend() -> str:
+    """What ``--backend auto`` picks here, without importing numpy."""
+    import importlib.util
+
+    return "numpy" if importlib.util.find_spec("numpy") is not None else "hashlib"
+
+
+@dataclass(eq=False, slots=True)
+class _Sequence:
+    """One generate request, from its arrival to its last token."""
+
+    prompt: str
+    num_predict: int
+    received_ns: int
+    row: int
+    done: threading.Event = field(default_factory=threading.Event)
+    tokens: list[int] = field(default_factory=list)
+    admitted_ns: int = 0
+    prompt_ns: int = 0
+    eval_started_ns: int = 0
+    finished_ns: int = 0
+    failed: bool = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return max(1, len(self.prompt.split()))
+
+
+class _DecodeLoop:
+    """Continuous batching, as Ollama's runner does with ``OLLAMA_NUM_PARALLEL`` slots.
+
+    One thread runs decode steps. Each step produces one token for every sequence in the batch
+    and costs ``slowdown * (1 + batch_cost * (batch - 1))`` passes over the weights. A request
+    joins the batch at the next step when a slot is free; beyond ``num_parallel`` requests wait
+    in arrival order (FIFO). A joining request's prompt is processed before the step it joins
+    (one pass per :data:`PROMPT_BATCH` prompt tokens), which delays the batch, as in Ollama.
+    With one slot this is one generate at a time, in arrival order.
+    """
+
+    def __init__(
+        self, weights: _Weights, *, num_parallel: int, batch_cost: float, slowdown: float
+    ) -> None:
+        self.weights = weights
+        self.num_parallel = num_parallel
+        self.batch_cost = batch_cost
+        self.slowdown = slowdown
         self._condition = threading.Condition()
-        self._next_ticket = 0
-        self._serving = 0
+        self._queue: collections.deque[_Sequence] = collections.deque()
+        self._batch: list[_Sequence] = []
+        self._stopping = False
+        self._paused = False
+        self.served = 0
+        self.tokens = 0
+        self.steps = 0
+        self.max_in_flight = 0
+        self.max_batch = 0
+        self.queued = 0
+        self.max_queue = 0
+        self.queue_wait_ns = 0
+        self.last_used = datetime.now(UTC)
+        self._thread = threading.Thread(target=self._run, name="emulator-decode", daemon=True)
 
-    def acquire(self) -> None:
-        with self._condition:
-            ticket = self._next_ticket
-            self._next_ticket += 1
-            while ticket != self._serving:
-                self._condition.wait()
+    def start(self) -> None:
+        self._thread.start()
 
-    def release(self) -> None:
+    def stop(self) -> None:
+        """Stop decoding; every request still waiting or in the batch is answered as stopped."""
         with self._condition:
-            self._serving += 1
+            self._stopping = True
             self._condition.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+    def submit(self, sequence: _Sequence) -> None:
+        """Queue ``sequence``; it joins the batch at the next step with a free slot."""
+        with self._condition:
+            if self._stopping:
+                sequence.failed = True
+                sequence.done.set()
+                return
+            if len(self._queue) + len(self._batch) >= self.num_parallel:
+                self.queued += 1  # every slot taken or promised to those ahead: it waits
+            self._queue.append(sequence)
+            self.max_queue = max(self.max_queue, self._waiting_for_slot())
+            self._condition.notify_all()
+
+    def _waiting_for_slot(self) -> int:
+        return max(0, len(self._queue) - max(0, self.num_parallel - len(self._batch)))
+
+    def set_paused(self, paused: bool) -> None:
+        """Hold decoding (requests still queue) or resume it: lets a test line requests up."""
+        with self._condition:
+            self._paused = paused
+            self._condition.notify_all()
+
+    def wait_for(self, waiting: int, timeout: float) -> bool:
+        """Block until at least ``waiting`` requests are queued or in the batch."""
+        with self._condition:
+            return self._condition.wait_for(
+                lambda: len(self._queue) + len(self._batch) >= waiting, timeout
+            )
 
     @property
     def waiting(self) -> int:
-        """Requests holding or waiting for the lock."""
+        """Requests in the batch or waiting for it."""
         with self._condition:
-            return self._next_ticket - self._serving
+            return len(self._queue) + len(self._batch)
+
+    def counters(self) -> dict[str, Any]:
+        with self._condition:
+            return {
+                "num_parallel": self.num_parallel,
+                "batch_cost": self.batch_cost,
+                "served": self.served,
+                "tokens": self.tokens,
+                "steps": self.steps,
+                "in_flight": len(self._batch),
+                "queue": len(self._queue),
+                "max_in_flight": self.max_in_flight,
+                "max_batch": self.max_batch,
+                "queued": self.queued,
+                "max_queue": self.max_queue,
+                "queue_wait_seconds": self.queue_wait_ns / 1e9,
+                "paused": self._paused,
+            }
+
+    def _admit(self) -> list[_Sequence] | None:
+        """Wait for work; move queued requests into free slots. None when stopping."""
+        with self._condition:
+            self._condition.wait_for(
+                lambda: self._stopping or (not self._paused and (self._queue or self._batch))
+            )
+            if self._stopping:
+                return None
+            admitted = []
+            now = time.perf_counter_ns()
+            while self._queue and len(self._batch) < self.num_parallel:
+                sequence = self._queue.popleft()
+                sequence.admitted_ns = now
+                self.queue_wait_ns += now - sequence.received_ns
+                self._batch.append(sequence)
+                admitted.append(sequence)
+            self.max_in_flight = max(self.max_in_flight, len(self._batch))
+            return admitted
+
+    def _run(self) -> None:
+        try:
+            while (admitted := self._admit()) is not None:
+                self._step(admitted)
+        finally:
+            with self._condition:
+                for sequence in (*self._batch, *self._queue):
+                    sequence.failed = True
+                    sequence.done.set()
+                self._batch.clear()
+                self._queue.clear()
+
+    def _step(self, admitted: list[_Sequence]) -> None:
+        weights = self.weights
+        for sequence in admitted:
+            started = time.perf_counter_ns()
+            weights.work(self.slowdown * math.ceil(sequence.prompt_tokens / PROMPT_BATCH))
+            sequence.eval_started_ns = time.perf_counter_ns()
+            sequence.prompt_ns = sequence.eval_started_ns - started
+        active = [s for s in self._batch if len(s.tokens) < s.num_predict]
+        if active:
+            weights.work(self.slowdown * (1.0 + self.batch_cost * (len(active) - 1)))
+            for sequence in active:
+                token = weights.next_token(sequence.row, len(sequence.tokens))
+                sequence.tokens.append(token)
+                # the next input depends on this output, as in decode
+                sequence.row = (token * 31 + len(sequence.tokens) + 7) % weights.rows
+        with self._condition:
+            if active:
+                self.steps += 1
+                self.max_batch = max(self.max_batch, len(active))
+            finished = [s for s in self._batch if len(s.tokens) >= s.num_predict]
+            now = time.perf_counter_ns()
+            for sequence in finished:
+                self._batch.remove(sequence)
+                sequence.finished_ns = now
+                self.served += 1
+                self.tokens += len(sequence.tokens)
+            if finished:
+                self.last_used = datetime.now(UTC)
+        for sequence in finished:
+            sequence.done.set()
 
 
 class _State:
-    def __init__(self, config: EmulatorConfig, decoder: _Decoder) -> None:
+    def __init__(self, config: EmulatorConfig, loop: _DecodeLoop, sources: Mapping[str, str]
+                 ) -> None:  # fmt: skip
         self.config = config
-        self.decoder = decoder
-        self.lock = _FifoLock()
-        self.stopping = threading.Event()
+        self.loop = loop
+        self.decoder = loop.weights
+        self.sources = dict(sources)
         self.started_at = datetime.now(UTC)
-        self.last_used = self.started_at
-        self.generates = 0
-        self.tokens = 0
-        self.size = decoder.rows * ROW_WIDTH * 4
+        self.size = self.decoder.rows * ROW_WIDTH * 4
         self.digest = hashlib.sha256(f"{config.model}/{self.size}".encode()).hexdigest()
 
     def details(self) -> dict[str, Any]:
@@ -381,7 +658,9 @@ class _State:
         }
 
     def ps(self) -> dict[str, Any]:
-        expires = self.last_used + timedelta(seconds=KEEP_ALIVE_SECONDS)
+        expires = max(self.started_at, self.loop.last_used) + timedelta(
+            seconds=KEEP_ALIVE_SECONDS
+        )
         return {
             "models": [
                 {
@@ -397,6 +676,7 @@ class _State:
         }
 
     def emulator(self) -> dict[str, Any]:
+        counters = self.loop.counters()
         settings = asdict(self.config)
         settings["cpus"] = list(self.config.cpus) if self.config.cpus is not None else None
         return {
@@ -404,9 +684,13 @@ class _State:
             "config": settings,
             "affinity": sorted(os.sched_getaffinity(0)),
             "weight_rows": self.decoder.rows,
-            "generates": self.generates,
-            "tokens": self.tokens,
-            "waiting": self.lock.waiting,
+            "backend": self.decoder.name,
+            "generates": counters["served"],
+            "waiting": counters["in_flight"] + counters["queue"],
+            "sources": self.sources,
+            "environ": {name: os.environ[name] for name in _REPORTED_VARIABLES
+                        if name in os.environ},
+            **counters,
         }
 
 
@@ -458,29 +742,27 @@ def _generate(state: _State, request: Any, received_ns: int) -> dict[str, Any]:
             "done": True,
             "done_reason": "load",
         }
-    state.lock.acquire()
-    try:
-        acquired_ns = time.perf_counter_ns()
-        generation = state.decoder.generate(prompt, num_predict, state.stopping)
-        state.generates += 1
-        state.tokens += len(generation.tokens)
-        state.last_used = datetime.now(UTC)
-    finally:
-        state.lock.release()
-    words = [_VOCABULARY[token % len(_VOCABULARY)] for token in generation.tokens]
+    row = zlib.crc32(prompt.encode("utf-8")) % state.decoder.rows
+    sequence = _Sequence(prompt, num_predict, received_ns, row)
+    state.loop.submit(sequence)
+    sequence.done.wait()
+    if sequence.failed:
+        raise _BadRequest(HTTPStatus.SERVICE_UNAVAILABLE, "the emulator is stopping")
+    words = [_VOCABULARY[token % len(_VOCABULARY)] for token in sequence.tokens]
     return {
         "model": model,
         "created_at": _timestamp(),
         "response": " ".join(words),
         "done": True,
-        "done_reason": reason if len(generation.tokens) == num_predict else "stop",
-        "context": list(generation.tokens),
+        "done_reason": reason if len(sequence.tokens) == num_predict else "stop",
+        "context": list(sequence.tokens),
         "total_duration": time.perf_counter_ns() - received_ns,
-        "load_duration": acquired_ns - received_ns,
-        "prompt_eval_count": generation.prompt_tokens,
-        "prompt_eval_duration": generation.prompt_ns,
-        "eval_count": len(generation.tokens),
-        "eval_duration": generation.eval_ns,
+        # as in Ollama, the time spent waiting for a slot is part of load_duration
+        "load_duration": sequence.admitted_ns - received_ns,
+        "prompt_eval_count": sequence.prompt_tokens,
+        "prompt_eval_duration": sequence.prompt_ns,
+        "eval_count": len(sequence.tokens),
+        "eval_duration": sequence.finished_ns - sequence.eval_started_ns,
     }
 
 
@@ -516,8 +798,25 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(HTTPStatus.OK, state.ps(), head=head)
         elif path == "/api/emulator":
             self._send_json(HTTPStatus.OK, state.emulator(), head=head)
+        elif path == "/api/emulator/wait":
+            self._wait(head=head)
         else:
             self._send_json(HTTPStatus.NOT_FOUND, {"error": f"no route for {path!r}"}, head=head)
+
+    def _wait(self, head: bool) -> None:
+        """``GET /api/emulator/wait?waiting=N&timeout=S``: block until N requests are queued or
+        in the batch (200 with the counters), or S seconds pass (408)."""
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+        try:
+            waiting = int(query.get("waiting", ["1"])[0])
+            timeout = float(query.get("timeout", ["30"])[0])
+        except ValueError:
+            self._send_json(HTTPStatus.BAD_REQUEST, {"error": "waiting and timeout are numbers"})
+            return
+        state = self.server.state
+        reached = state.loop.wait_for(waiting, min(max(timeout, 0.0), 300.0))
+        status = HTTPStatus.OK if reached else HTTPStatus.REQUEST_TIMEOUT
+        self._send_json(status, state.emulator(), head=head)
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         self._route_get(head=False)
@@ -539,6 +838,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "request too large"})
             return
         raw = self.rfile.read(length)
+        if path in ("/api/emulator/pause", "/api/emulator/resume"):
+            self.server.state.loop.set_paused(path.endswith("/pause"))
+            self._send_json(HTTPStatus.OK, self.server.state.emulator())
+            return
         if path != "/api/generate":
             self._send_json(HTTPStatus.NOT_FOUND, {"error": f"no route for {path!r}"})
             return
@@ -601,18 +904,68 @@ def _limit_threads(threads: int) -> None:
             threadpool_limits(threads)
 
 
+def resolve_settings(
+    config: EmulatorConfig, environ: Mapping[str, str]
+) -> tuple[int, float, dict[str, str]]:
+    """``(num_parallel, batch_cost, sources)``: the config's values, else the environment's
+    (``OLLAMA_NUM_PARALLEL``, ``OLLAMA_EMULATOR_BATCH_COST``), else the defaults; ``sources``
+    says which (``"flag"``, ``"environment"``, ``"default"``)."""
+    sources: dict[str, str] = {}
+    num_parallel, batch_cost = config.num_parallel, config.batch_cost
+    if num_parallel is not None:
+        sources["num_parallel"] = "flag"
+    elif environ.get(NUM_PARALLEL_VARIABLE, "").strip():
+        text = environ[NUM_PARALLEL_VARIABLE].strip()
+        try:
+            num_parallel = int(text)
+        except ValueError:
+            raise ValueError(
+                f"Invalid {NUM_PARALLEL_VARIABLE} {text!r}: expected a whole number"
+            ) from None
+        if num_parallel < 1:
+            raise ValueError(f"Invalid {NUM_PARALLEL_VARIABLE} {text!r}: expected at least 1")
+        sources["num_parallel"] = "environment"
+    else:
+        num_parallel, sources["num_parallel"] = 1, "default"
+    if batch_cost is not None:
+        sources["batch_cost"] = "flag"
+    elif environ.get(BATCH_COST_VARIABLE, "").strip():
+        text = environ[BATCH_COST_VARIABLE].strip()
+        try:
+            batch_cost = float(text)
+        except ValueError:
+            batch_cost = -1.0
+        if not (batch_cost >= 0 and math.isfinite(batch_cost)):
+            raise ValueError(f"Invalid {BATCH_COST_VARIABLE} {text!r}: expected 0 or more")
+        sources["batch_cost"] = "environment"
+    else:
+        batch_cost, sources["batch_cost"] = DEFAULT_BATCH_COST, "default"
+    return num_parallel, batch_cost, sources
+
+
 def serve(config: EmulatorConfig, *, ready_stream: IO[str] | None = None) -> int:
     """Run an emulator in this process until SIGTERM/SIGINT (or stdin EOF). Returns 0.
 
     Must run in the main thread (it installs signal handlers). Pins the process to
-    ``config.cpus`` and limits BLAS threads *before* numpy is imported.
+    ``config.cpus`` and limits BLAS threads *before* numpy is imported. Slots and batch cost
+    not set in ``config`` come from this process's environment (:func:`resolve_settings`).
     """
+    num_parallel, batch_cost, sources = resolve_settings(config, os.environ)
     if config.cpus is not None:
         os.sched_setaffinity(0, config.cpus)
     _limit_threads(config.threads)
-    state = _State(config, _Decoder(config.weights_mb, config.slowdown))
+    weights = make_weights(config.backend, config.weights_mb)
+    sources["backend"] = "flag" if config.backend != "auto" else "auto"
+    loop = _DecodeLoop(
+        weights, num_parallel=num_parallel, batch_cost=batch_cost, slowdown=config.slowdown
+    )
+    state = _State(config, loop, sources)
     server = _EmulatorServer(state)
+    loop.start()
     stop = threading.Event()
+    if config.verbose:
+        print(f"emulator: backend {weights.name}, num_parallel {num_parallel}, "
+              f"batch_cost {batch_cost:g}", file=sys.stderr, flush=True)  # fmt: skip
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
@@ -634,7 +987,7 @@ def serve(config: EmulatorConfig, *, ready_stream: IO[str] | None = None) -> int
         stream.flush()
         stop.wait()
     finally:
-        state.stopping.set()
+        loop.stop()
         server.shutdown()
         server.server_close()
         for sig, handler in previous.items():
@@ -653,19 +1006,71 @@ def _wait_for_eof(fd: int, stop: threading.Event) -> None:
     stop.set()
 
 
+def _parse_ollama_host(text: str) -> tuple[str, int | None]:
+    """``OLLAMA_HOST`` as Ollama reads it: ``host``, ``host:port``, ``[v6]:port``, a URL."""
+    value = text.strip()
+    if "://" in value:
+        value = value.split("://", 1)[1]
+    value = value.split("/", 1)[0]
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif value.count(":") == 1:
+        host, port_text = value.split(":")
+    else:
+        host, port_text = value, ""
+    try:
+        port = int(port_text) if port_text else None
+    except ValueError:
+        raise ValueError(f"Invalid {HOST_VARIABLE} {text!r}: bad port {port_text!r}") from None
+    return host or "127.0.0.1", port
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default, except where the help text already says where it comes from."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _build_parser() -> argparse.ArgumentParser:
+    backend = auto_backend()
     parser = argparse.ArgumentParser(
-        prog="python -m sollol_locality.testing.emulator",
-        description="An Ollama-compatible node whose tokens do memory-bandwidth-bound work.",
+        prog="sollol-locality-emulator",
+        description=(
+            "An Ollama-compatible node whose tokens do memory-bandwidth-bound work. Configured "
+            "like Ollama: OLLAMA_HOST (bind address), OLLAMA_NUM_PARALLEL (requests batched at "
+            "once); flags override the environment. Prints READY http://HOST:PORT when "
+            f"listening. Decode backend here: {backend} (auto picks numpy when installed, "
+            "else hashlib)."
+        ),
+        formatter_class=_HelpFormatter,
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0: let the kernel choose")
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--weights-mb", type=int, default=DEFAULT_WEIGHTS_MB)
+    parser.add_argument("--host", default=None,
+                        help=f"address to listen on (default: {HOST_VARIABLE}'s host, "
+                             "else 127.0.0.1)")  # fmt: skip
+    parser.add_argument("--port", type=int, default=None,
+                        help=f"TCP port, 0 lets the kernel choose (default: {HOST_VARIABLE}'s "
+                             "port, else 0)")  # fmt: skip
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="the one model served")
+    parser.add_argument("--weights-mb", type=int, default=DEFAULT_WEIGHTS_MB,
+                        help="weights held in RAM (MiB)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="BLAS threads")
     parser.add_argument("--slowdown", type=float, default=1.0, help="per-token work multiplier")
     parser.add_argument("--cpus", type=parse_cpus, default=None, help="pin to CPUs, e.g. 0,1")
-    parser.add_argument("--default-num-predict", type=int, default=DEFAULT_NUM_PREDICT)
+    parser.add_argument("--default-num-predict", type=int, default=DEFAULT_NUM_PREDICT,
+                        help="tokens generated when a request sets no num_predict")  # fmt: skip
+    parser.add_argument("--num-parallel", type=int, default=None,
+                        help=f"requests decoded at once, by continuous batching (default: "
+                             f"{NUM_PARALLEL_VARIABLE}, else 1)")  # fmt: skip
+    parser.add_argument("--batch-cost", type=float, default=None,
+                        help=f"extra step cost per extra sequence in a batch (default: "
+                             f"{BATCH_COST_VARIABLE}, else {DEFAULT_BATCH_COST:g})")  # fmt: skip
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help=f"decode work: numpy matrix-vector products or hashlib passes "
+                             f"(auto here: {backend})")  # fmt: skip
     parser.add_argument(
         "--exit-on-stdin-eof", action="store_true", help="exit when stdin closes (parent gone)"
     )
@@ -674,14 +1079,23 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``sollol-locality-emulator`` command (``python -m sollol_locality.testing.emulator``)."""
     args = _build_parser().parse_args(argv)
     try:
+        host, port = args.host, args.port
+        if (host is None or port is None) and os.environ.get(HOST_VARIABLE, "").strip():
+            env_host, env_port = _parse_ollama_host(os.environ[HOST_VARIABLE])
+            host = env_host if host is None else host
+            port = env_port if port is None else port
         config = EmulatorConfig(
-            host=args.host, port=args.port, model=args.model, weights_mb=args.weights_mb,
+            host=host if host is not None else "127.0.0.1", port=port if port is not None else 0,
+            model=args.model, weights_mb=args.weights_mb,
             threads=args.threads, slowdown=args.slowdown, cpus=args.cpus,
             default_num_predict=args.default_num_predict,
             exit_on_stdin_eof=args.exit_on_stdin_eof, verbose=args.verbose,
+            num_parallel=args.num_parallel, batch_cost=args.batch_cost, backend=args.backend,
         )  # fmt: skip
+        resolve_settings(config, os.environ)  # a bad environment is a usage error too
     except ValueError as exc:
         print(f"emulator: {exc}", file=sys.stderr)
         return 2
@@ -820,27 +1234,46 @@ class EmulatorProcess:
         self.stop()
 
 
+def _taskset_binary() -> str:
+    found = shutil.which("taskset")
+    if found is None:
+        raise EmulatorStartError("taskset is not installed (util-linux): cannot pin an instance")
+    return found
+
+
 def spawn_emulator(
     host: str = "127.0.0.1", port: int = 0, *, netns: str | None = None,
     cpus: Sequence[int] | None = None, model: str = DEFAULT_MODEL,
     weights_mb: int = DEFAULT_WEIGHTS_MB, threads: int = 1, slowdown: float = 1.0,
     default_num_predict: int = DEFAULT_NUM_PREDICT, verbose: bool = False,
     python: str = sys.executable, env: Mapping[str, str] | None = None,
+    extra_env: Mapping[str, str] | None = None, taskset: Sequence[int] | None = None,
+    num_parallel: int | None = None, batch_cost: float | None = None, backend: str = "auto",
 ) -> EmulatorProcess:  # fmt: skip
     """Start an emulator subprocess and return at once (call :meth:`EmulatorProcess.wait_ready`).
 
-    With ``netns`` the child runs under ``ip netns exec NETNS`` (root only); ``ip`` execs the
-    interpreter, so the process id is the emulator's own.
+    With ``netns`` the child runs under ``ip netns exec NETNS`` (root only). With ``taskset``
+    it runs under ``taskset -c CPUS``, as people pin an instance: the kernel gives the process
+    that affinity before the interpreter starts (``cpus`` instead pins from inside). ``ip`` and
+    ``taskset`` exec the interpreter, so the process id is the emulator's own. ``extra_env``
+    is added to the child's environment (``OLLAMA_NUM_PARALLEL``, ``CUDA_VISIBLE_DEVICES``...);
+    ``num_parallel`` and ``batch_cost`` given here are flags, which override it.
     """
     config = EmulatorConfig(
         host=host, port=port, model=model, weights_mb=weights_mb, threads=threads,
         slowdown=slowdown, cpus=tuple(cpus) if cpus is not None else None,
         default_num_predict=default_num_predict, exit_on_stdin_eof=True, verbose=verbose,
+        num_parallel=num_parallel, batch_cost=batch_cost, backend=backend,
     )  # fmt: skip
     command = [python, "-m", "sollol_locality.testing.emulator", *config.to_argv()]
+    if taskset is not None:
+        if not taskset:
+            raise ValueError("Invalid taskset (): expected at least one CPU id")
+        command = [_taskset_binary(), "-c", ",".join(map(str, sorted(set(taskset)))), *command]
     if netns is not None:
         command = ["ip", "netns", "exec", netns, *command]
     child_env = dict(os.environ if env is None else env)
+    child_env.update(extra_env or {})
     child_env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(_PACKAGE_ROOT), child_env.get("PYTHONPATH", "")])
     )
@@ -864,16 +1297,20 @@ def start_emulator(
     cpus: Sequence[int] | None = None, model: str = DEFAULT_MODEL,
     weights_mb: int = DEFAULT_WEIGHTS_MB, threads: int = 1, slowdown: float = 1.0,
     default_num_predict: int = DEFAULT_NUM_PREDICT, verbose: bool = False,
-    ready_timeout: float = 60.0,
+    ready_timeout: float = 60.0, extra_env: Mapping[str, str] | None = None,
+    taskset: Sequence[int] | None = None, num_parallel: int | None = None,
+    batch_cost: float | None = None, backend: str = "auto",
 ) -> EmulatorProcess:  # fmt: skip
     """Start an emulator subprocess and wait (at most ``ready_timeout`` s) until it listens.
 
-    On any failure, including Ctrl-C while waiting, the child is stopped before the error
-    propagates.
+    The options are :func:`spawn_emulator`'s. On any failure, including Ctrl-C while waiting,
+    the child is stopped before the error propagates.
     """
     process = spawn_emulator(
         host, port, netns=netns, cpus=cpus, model=model, weights_mb=weights_mb, threads=threads,
         slowdown=slowdown, default_num_predict=default_num_predict, verbose=verbose,
+        extra_env=extra_env, taskset=taskset, num_parallel=num_parallel,
+        batch_cost=batch_cost, backend=backend,
     )  # fmt: skip
     try:
         process.wait_ready(ready_timeout)
