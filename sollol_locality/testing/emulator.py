@@ -145,7 +145,7 @@ batch; 0.15 puts 4 sequences at about 2.8x the throughput of one, between GPU de
 flat: use ~0.02) and a compute-bound CPU (use ~0.5 or more)."""
 
 BACKENDS: Final = ("auto", "numpy", "hashlib")
-HASH_FRACTION: Final = 8
+HASH_FRACTION: Final = 12
 """The hashlib backend hashes 1/HASH_FRACTION of the weights per pass: hashing runs at roughly
 1-2 GB/s where numpy streams ~14 GB/s, so a token costs about as long as with numpy."""
 
