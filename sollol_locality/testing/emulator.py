@@ -82,7 +82,9 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -103,14 +105,17 @@ __all__ = [
     "EmulatorProcess",
     "EmulatorStartError",
     "auto_backend",
+    "emulator_stats",
     "main",
     "make_weights",
     "normalise_model_name",
     "parse_cpus",
     "resolve_settings",
     "serve",
+    "set_paused",
     "spawn_emulator",
     "start_emulator",
+    "wait_waiting",
 ]
 
 DEFAULT_MODEL: Final = "llama3.2:latest"
@@ -1318,6 +1323,44 @@ def start_emulator(
         process.stop()
         raise
     return process
+
+
+# --------------------------------------------------------------------------------------------
+# Talking to one (its own endpoints, not Ollama's)
+
+
+_NO_PROXY: Final = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _emulator_call(url: str, path: str, *, post: bool = False, timeout: float = 10.0
+                   ) -> dict[str, Any]:  # fmt: skip
+    request = urllib.request.Request(
+        url.rstrip("/") + path, data=b"{}" if post else None, method="POST" if post else "GET",
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    try:
+        with _NO_PROXY.open(request, timeout=timeout) as response:
+            body: dict[str, Any] = json.load(response)
+    except urllib.error.HTTPError as exc:
+        raise EmulatorStartError(f"emulator {url} answered {exc.code} to {path}") from exc
+    return body
+
+
+def emulator_stats(url: str) -> dict[str, Any]:
+    """The emulator's ``/api/emulator``: settings and counters (``served``, ``max_batch``...)."""
+    return _emulator_call(url, "/api/emulator")
+
+
+def set_paused(url: str, paused: bool) -> dict[str, Any]:
+    """Hold (``True``) or resume the emulator's decoding; requests still queue while held."""
+    return _emulator_call(url, "/api/emulator/" + ("pause" if paused else "resume"), post=True)
+
+
+def wait_waiting(url: str, count: int, timeout: float = 30.0) -> dict[str, Any]:
+    """Block until ``count`` requests are queued or being decoded on the emulator at ``url``."""
+    return _emulator_call(
+        url, f"/api/emulator/wait?waiting={count}&timeout={timeout:g}", timeout=timeout + 10
+    )
 
 
 if __name__ == "__main__":
