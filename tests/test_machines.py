@@ -17,8 +17,6 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("numpy", reason="the emulator needs numpy (the bench extra)")
-
 ROOT = Path(__file__).resolve().parents[1]
 
 from sollol_locality.testing.machines import (  # noqa: E402
@@ -474,18 +472,45 @@ def test_batching_scenario_batches_four_and_queues_the_fifth() -> None:
 
 
 @netns_test
-def test_hidden_colocation_scenario_runs_for_real() -> None:
+@pytest.mark.parametrize(
+    ("key", "cpus", "units"),
+    [
+        ("hidden-colocation", [{0}, {0}, {1}], [[0, 1], [2]]),
+        ("two-colocated-pairs", [{0}, {1}, {0}, {1}], [[0, 2], [1, 3]]),
+    ],
+)
+def test_colocation_scenarios_run_for_real(key: str, cpus: Any, units: Any) -> None:
     both_cpus()
     with Cluster() as cluster:
-        scenario = start_scenario("hidden-colocation", cluster, weights_mb=1, auto_subnets=True)
+        scenario = start_scenario(key, cluster, weights_mb=1, auto_subnets=True)
         facts = scenario.facts()
-        hosts = {url.split("//")[1].rsplit(":", 1)[0] for url in scenario.urls}
-        assert len(hosts) == 3  # three addresses
-        affinities = [os.sched_getaffinity(node.process.pid) for node in scenario.nodes]
-        assert affinities == [{0}, {0}, {1}]
-        first, second, third = scenario.urls
-        assert scenario.units() == [[first, second], [third]]
-        assert facts[first]["hidden"] and facts[first]["shares_unit_with"] == [second]
-        assert not facts[third]["hidden"]
-        result = run_parallel(scenario.urls, 3, num_predict=2)
-        assert sorted(c.index for c in result.chunks) == [0, 1, 2]
+        urls = scenario.urls
+        hosts = {url.split("//")[1].rsplit(":", 1)[0] for url in urls}
+        assert len(hosts) == len(urls)  # every node has its own address
+        assert [os.sched_getaffinity(node.process.pid) for node in scenario.nodes] == cpus
+        assert scenario.units() == [[urls[i] for i in group] for group in units]
+        for group in units:
+            for i in group:
+                assert facts[urls[i]]["hidden"] == (len(group) > 1)
+                assert facts[urls[i]]["shares_unit_with"] == [urls[j] for j in group if j != i]
+        result = run_parallel(urls, len(urls), num_predict=2)
+        assert sorted(c.index for c in result.chunks) == list(range(len(urls)))
+
+
+@pytest.mark.parametrize("key", sorted(SCENARIOS))
+def test_every_scenario_starts_as_its_truth_says(key: str) -> None:
+    scenario = SCENARIOS[key]
+    reason = scenario_skip_reason(scenario)
+    if reason is not None:
+        pytest.skip(reason)
+    with Cluster() as cluster:
+        running_scenario = start_scenario(scenario, cluster, weights_mb=1, auto_subnets=True)
+        facts = running_scenario.facts()
+        for node in running_scenario.nodes:
+            row = facts[node.url]
+            info = get_json(node.url + "/api/emulator")
+            assert info["pid"] == row["pid"] == node.process.pid
+            assert sorted(os.sched_getaffinity(row["pid"])) == row["cpus"] == info["affinity"]
+            assert info["num_parallel"] == row["num_parallel"]
+            for name, value in row["env"].items():
+                assert proc_environ(row["pid"])[name] == value

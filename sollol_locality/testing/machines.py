@@ -1188,6 +1188,11 @@ def _cmd_list(_: argparse.Namespace) -> int:
         reason = scenario_skip_reason(scenario)
         status = "available" if reason is None else reason
         print(f"{scenario.key:24} {scenario.description}\n{'':24} -> {status}")
+        truth = (f"units {[list(u) for u in scenario.units()]}, "
+                 f"hidden co-location {[list(u) for u in scenario.hidden_colocation]}, "
+                 f"batching {list(scenario.batching_nodes)}, "
+                 f"taskset {list(scenario.pinned_nodes)}")  # fmt: skip
+        print(f"{'':24}    truth (node indexes): {truth}")
     return 0
 
 
