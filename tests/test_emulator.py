@@ -568,3 +568,19 @@ def test_hashlib_backend_needs_no_numpy() -> None:
         body = stats(node.url)
     assert body["backend"] == "hashlib" and first["response"] == second["response"]
     assert first["eval_count"] == 5
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.2:0", ("127.0.0.2", 0)),
+        ("0.0.0.0", ("0.0.0.0", 11434)),
+        ("http://10.0.0.5:11500/", ("10.0.0.5", 11500)),
+        ("[::1]:8080", ("::1", 8080)),
+        ("::1", ("::1", 11434)),
+    ],
+)
+def test_ollama_host_is_read_as_ollama_does(text: str, expected: tuple[str, int]) -> None:
+    from sollol_locality.testing.emulator import _parse_ollama_host
+
+    assert _parse_ollama_host(text) == expected

@@ -158,6 +158,7 @@ TOKEN_ROWS: Final = 16
 """Rows of the weights that pick a sequence's next token (a small per-sequence cost)."""
 READY_PREFIX: Final = "READY "
 HOST_VARIABLE: Final = "OLLAMA_HOST"
+OLLAMA_DEFAULT_PORT: Final = 11434
 NUM_PARALLEL_VARIABLE: Final = "OLLAMA_NUM_PARALLEL"
 BATCH_COST_VARIABLE: Final = "OLLAMA_EMULATOR_BATCH_COST"
 _REPORTED_VARIABLES: Final = (
@@ -1011,8 +1012,9 @@ def _wait_for_eof(fd: int, stop: threading.Event) -> None:
     stop.set()
 
 
-def _parse_ollama_host(text: str) -> tuple[str, int | None]:
-    """``OLLAMA_HOST`` as Ollama reads it: ``host``, ``host:port``, ``[v6]:port``, a URL."""
+def _parse_ollama_host(text: str) -> tuple[str, int]:
+    """``OLLAMA_HOST`` as Ollama reads it: ``host``, ``host:port``, ``[v6]:port``, a URL; a
+    host without a port means Ollama's port, :data:`OLLAMA_DEFAULT_PORT`."""
     value = text.strip()
     if "://" in value:
         value = value.split("://", 1)[1]
@@ -1025,7 +1027,7 @@ def _parse_ollama_host(text: str) -> tuple[str, int | None]:
     else:
         host, port_text = value, ""
     try:
-        port = int(port_text) if port_text else None
+        port = int(port_text) if port_text else OLLAMA_DEFAULT_PORT
     except ValueError:
         raise ValueError(f"Invalid {HOST_VARIABLE} {text!r}: bad port {port_text!r}") from None
     return host or "127.0.0.1", port
@@ -1058,7 +1060,7 @@ def _build_parser() -> argparse.ArgumentParser:
                              "else 127.0.0.1)")  # fmt: skip
     parser.add_argument("--port", type=int, default=None,
                         help=f"TCP port, 0 lets the kernel choose (default: {HOST_VARIABLE}'s "
-                             "port, else 0)")  # fmt: skip
+                             f"port, {OLLAMA_DEFAULT_PORT} if it has none; else 0)")  # fmt: skip
     parser.add_argument("--model", default=DEFAULT_MODEL, help="the one model served")
     parser.add_argument("--weights-mb", type=int, default=DEFAULT_WEIGHTS_MB,
                         help="weights held in RAM (MiB)")  # fmt: skip
