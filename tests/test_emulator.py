@@ -584,3 +584,19 @@ def test_ollama_host_is_read_as_ollama_does(text: str, expected: tuple[str, int]
     from sollol_locality.testing.emulator import _parse_ollama_host
 
     assert _parse_ollama_host(text) == expected
+
+
+def test_the_library_never_loads_its_test_support() -> None:
+    code = (
+        "import sys, sollol_locality, sollol_locality.cli\n"
+        "print(sorted(m for m in sys.modules if m.startswith('sollol_locality.testing')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.stdout.strip() == "[]", done.stderr
+    core = sorted((ROOT / "sollol_locality").glob("*.py"))
+    assert core and not [
+        path.name for path in core
+        if re.search(r"^\s*(from|import)\s+(sollol_locality\.testing|\.testing)\b",
+                     path.read_text(), re.MULTILINE)
+    ]  # fmt: skip
