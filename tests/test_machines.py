@@ -378,6 +378,8 @@ def test_cleanup_stale_after_sigkill() -> None:
         ("shared-core-namespaces", ((0, 1),), ((0, 1),), (), ()),
         ("two-machines", ((0,), (1,)), (), (), ()),
         ("same-host-ports", ((0, 1),), (), (), ()),
+        ("one-gpu-id", ((0,), (1,)), (), (), (0, 1)),
+        ("two-gpu-ids", ((0,), (1,)), (), (), (0, 1)),
     ],
 )
 def test_scenarios_state_their_ground_truth(
@@ -514,3 +516,14 @@ def test_every_scenario_starts_as_its_truth_says(key: str) -> None:
             assert info["num_parallel"] == row["num_parallel"]
             for name, value in row["env"].items():
                 assert proc_environ(row["pid"])[name] == value
+
+
+@pytest.mark.parametrize(
+    ("key", "gpus", "shared"),
+    [("one-gpu-id", [["0"], ["0"]], [[1], [0]]), ("two-gpu-ids", [["0"], ["1"]], [[], []])],
+)
+def test_gpu_scenarios_declare_their_gpus(key: str, gpus: Any, shared: Any) -> None:
+    rows = SCENARIOS[key].truth()
+    assert [row["gpus"] for row in rows] == gpus
+    assert [row["shares_gpu_with"] for row in rows] == shared
+    assert [row["env"]["CUDA_VISIBLE_DEVICES"] for row in rows] == [g[0] for g in gpus]

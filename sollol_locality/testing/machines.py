@@ -782,6 +782,12 @@ class Cluster:
 # Scenarios
 
 
+GPU_VARIABLES: Final = (
+    "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL",
+)  # fmt: skip
+"""Environment variables that say which GPUs an instance may use (the first one set wins)."""
+
+
 @dataclass(frozen=True, slots=True)
 class MachineSpec:
     """One simulated machine of a scenario.
@@ -836,6 +842,15 @@ class NodeSpec:
     @property
     def batching(self) -> bool:
         return self.num_parallel > 1
+
+    @property
+    def gpus(self) -> tuple[str, ...]:
+        """GPU ids its environment makes visible (``CUDA_VISIBLE_DEVICES`` and the like)."""
+        env = self.environment
+        for name in GPU_VARIABLES:
+            if name in env:
+                return tuple(item.strip() for item in env[name].split(",") if item.strip())
+        return ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -895,7 +910,8 @@ class Scenario:
 
         Keys: ``node`` (index), ``machine``, ``host`` (physical box), ``netns``, ``cpus``,
         ``pinned`` (``"taskset"`` for a node's own set, ``"machine"``), ``num_parallel``,
-        ``batching``, ``env``, ``unit`` (``"u1"``...), ``shares_unit_with`` (node indexes) and
+        ``batching``, ``env``, ``unit`` (``"u1"``...), ``shares_unit_with`` (node indexes),
+        ``gpus`` (visible GPU ids), ``shares_gpu_with`` (node indexes) and
         ``hidden`` (it shares a unit with a node of another machine name: co-location that no
         address shows).
         """
@@ -910,7 +926,9 @@ class Scenario:
                 "pinned": "taskset" if node.taskset is not None else "machine",
                 "num_parallel": node.num_parallel, "batching": node.batching,
                 "env": node.environment, "unit": f"u{unit_of[index]}",
-                "shares_unit_with": mates,
+                "shares_unit_with": mates, "gpus": list(node.gpus),
+                "shares_gpu_with": [j for j, other in enumerate(self.nodes)
+                                    if j != index and set(node.gpus) & set(other.gpus)],
                 "hidden": any(self.nodes[j].machine != node.machine for j in mates),
             })  # fmt: skip
         return rows
@@ -1037,6 +1055,23 @@ SCENARIOS: Final[Mapping[str, Scenario]] = MappingProxyType(
                 (MachineSpec("local", (0, 1)),),
                 (NodeSpec("local", "loopback", taskset=(0,)),
                  NodeSpec("local", "loopback", taskset=(1,))),
+            ),
+            # -- GPU ids (declared only: the emulator computes on the CPU) -----------------------
+            Scenario(
+                "one-gpu-id",
+                "one machine, two instances on disjoint cores that both see GPU 0 "
+                "(CUDA_VISIBLE_DEVICES=0 for each)",
+                (MachineSpec("local", (0, 1)),),
+                (NodeSpec("local", "loopback", taskset=(0,), env=(("CUDA_VISIBLE_DEVICES", "0"),)),
+                 NodeSpec("local", "loopback", taskset=(1,), env=(("CUDA_VISIBLE_DEVICES", "0"),))),
+            ),
+            Scenario(
+                "two-gpu-ids",
+                "one machine, two instances on disjoint cores with GPU 0 and GPU 1 "
+                "(CUDA_VISIBLE_DEVICES=0 / =1)",
+                (MachineSpec("local", (0, 1)),),
+                (NodeSpec("local", "loopback", taskset=(0,), env=(("CUDA_VISIBLE_DEVICES", "0"),)),
+                 NodeSpec("local", "loopback", taskset=(1,), env=(("CUDA_VISIBLE_DEVICES", "1"),))),
             ),
             # -- co-location the addresses hide ------------------------------------------------
             Scenario(
