@@ -1,11 +1,11 @@
-"""Benchmark infrastructure for sollol-locality (not shipped in the wheel).
+"""Benchmarks for sollol-locality (not shipped in the wheel).
 
-* :mod:`benchmarks.emulator`: an Ollama-compatible node whose tokens do memory-bandwidth-bound
-  work, one generate at a time, runnable as ``python -m benchmarks.emulator``.
-* :mod:`benchmarks.machines`: simulated machines (this machine's loopback and LAN addresses,
-  network namespaces pinned to their own cores) and the scenarios built from them.
-* :mod:`benchmarks.workload`: a long-form job (K chunks) run sequentially on one node or in
-  parallel across several, timed with :func:`time.perf_counter`.
+* :mod:`benchmarks.dispatch`: policies against measured makespans on simulated machines;
+* :mod:`benchmarks.speed`: decision and import time against SOLLOL's;
+* :mod:`benchmarks.reliability`: DNS faults, hostile input, concurrency, scale, crash safety.
+
+The machinery they run on (the Ollama emulator, simulated machines, the workload, the loopback DNS
+server) is :mod:`sollol_locality.testing`, which the tests import too.
 
 Run from the repository root so ``python -m benchmarks.<module>`` finds this package.
 """

@@ -60,9 +60,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from .emulator import DEFAULT_MODEL, DEFAULT_WEIGHTS_MB
-from .machines import SCENARIOS, Cluster, RunningScenario, ScenarioUnavailable, start_scenario
-from .workload import run_parallel, run_sequential, warm_up
+from sollol_locality.testing.emulator import DEFAULT_MODEL, DEFAULT_WEIGHTS_MB
+from sollol_locality.testing.machines import (
+    SCENARIOS,
+    Cluster,
+    RunningScenario,
+    ScenarioUnavailable,
+    start_scenario,
+)
+from sollol_locality.testing.workload import run_parallel, run_sequential, warm_up
 
 __all__ = [
     "LETTERS",

@@ -6,7 +6,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from dnsserver import DnsTestServer
+
+from sollol_locality.testing.dnsserver import DnsTestServer
 
 # -- DNS: loopback test servers (tests never send a packet off this machine) ----------------------
 

@@ -43,7 +43,7 @@ def _no_user_state(monkeypatch: pytest.MonkeyPatch) -> None:
 def nodes() -> Iterator[list[str]]:
     """Two emulator nodes on loopback, pinned to one CPU (two instances on one machine)."""
     pytest.importorskip("numpy", reason="the emulator needs numpy (the bench extra)")
-    from benchmarks.machines import Cluster
+    from sollol_locality.testing.machines import Cluster
 
     cpu = min(os.sched_getaffinity(0))
     with Cluster() as cluster:

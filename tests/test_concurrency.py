@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dnsserver import DnsTestServer
 from helpers import offline_config
 
-from benchmarks.reliability import run_concurrency
 from sollol_locality import NodeTopology, ParallelismCostModel
 from sollol_locality.local import LocalMachine, LocalSnapshot
 from sollol_locality.resolver import Resolution
+from sollol_locality.testing.dnsserver import DnsTestServer
+from sollol_locality.testing.reliability import run_concurrency
 
 
 def test_sixteen_threads_deciding_while_the_world_changes(
@@ -127,9 +127,8 @@ def test_contention_table_grows_while_others_read_it() -> None:
 @pytest.mark.parametrize("threads", [1, 8])
 def test_each_expiry_is_refreshed_once_by_one_background_thread(
         make_dns_server: Callable[..., DnsTestServer], threads: int) -> None:
-    from dnsserver import soa
-
     from sollol_locality.resolver import DnsResolver
+    from sollol_locality.testing.dnsserver import soa
 
     server = make_dns_server({"r.test": [soa()],
                               **{f"h{i}.r.test": [("A", f"10.1.0.{i}", 1)] for i in range(50)}})

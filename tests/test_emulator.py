@@ -1,4 +1,4 @@
-"""The Ollama-compatible emulator node (benchmarks/emulator.py), on loopback only."""
+"""The Ollama-compatible emulator node (sollol_locality.testing.emulator), on loopback only."""
 
 from __future__ import annotations
 
@@ -21,18 +21,18 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("numpy", reason="the emulator needs numpy (the bench extra)")
-
 ROOT = Path(__file__).resolve().parents[1]
 
-from benchmarks.emulator import (  # noqa: E402
+from sollol_locality.testing.emulator import (  # noqa: E402
     DEFAULT_MODEL,
     DEFAULT_NUM_PREDICT,
     EmulatorConfig,
     EmulatorProcess,
     EmulatorStartError,
+    auto_backend,
     normalise_model_name,
     parse_cpus,
+    resolve_settings,
     start_emulator,
 )
 
@@ -142,6 +142,9 @@ def test_normalise_model_name(name: str, expected: str) -> None:
         ({"threads": 0}, "Invalid threads 0: expected at least 1"),
         ({"slowdown": 0.0}, "Invalid slowdown 0.0: expected a number above 0"),
         ({"cpus": ()}, "Invalid cpus (): expected at least one CPU id or None"),
+        ({"num_parallel": 0}, "Invalid num_parallel 0: expected at least 1"),
+        ({"batch_cost": -0.5}, "Invalid batch_cost -0.5: expected 0 or more"),
+        ({"backend": "gpu"}, "Invalid backend 'gpu': expected one of auto, numpy, hashlib"),
     ],
 )
 def test_config_rejects(fields: dict[str, Any], message: str) -> None:
@@ -151,7 +154,7 @@ def test_config_rejects(fields: dict[str, Any], message: str) -> None:
 
 
 def test_config_round_trips_through_argv() -> None:
-    from benchmarks.emulator import _build_parser
+    from sollol_locality.testing.emulator import _build_parser
 
     config = EmulatorConfig(
         host="::1", port=0, model="m", weights_mb=3, threads=2, slowdown=2.5, cpus=(0, 1),
@@ -394,7 +397,7 @@ def test_start_error_names_the_cause() -> None:
 
 def test_emulator_exits_when_its_parent_is_killed() -> None:
     code = (
-        "from benchmarks.emulator import start_emulator\n"
+        "from sollol_locality.testing.emulator import start_emulator\n"
         "p = start_emulator(weights_mb=1)\n"
         "print(p.pid, flush=True)\n"
         "import threading; threading.Event().wait()\n"
@@ -409,3 +412,191 @@ def test_emulator_exits_when_its_parent_is_killed() -> None:
         parent.kill()
         parent.wait()
     assert wait_gone(emulator_pid, 10), f"emulator {emulator_pid} outlived its parent"
+
+
+# ------------------------------------------------------------------------- batching (slots)
+
+
+def stats(url: str) -> dict[str, Any]:
+    status, body = get(url + "/api/emulator")
+    assert status == 200, body
+    assert isinstance(body, dict)
+    return body
+
+
+def lined_up(url: str, count: int, num_predict: int = 6) -> list[dict[str, Any]]:
+    """``count`` generates sent while decoding is paused, released together once all ``count``
+    are queued (the emulator's wait endpoint blocks until then): no timing involved."""
+    post(url + "/api/emulator/pause", {})
+    answers: list[dict[str, Any]] = []
+    threads = [
+        threading.Thread(target=lambda: answers.append(generate(url, num_predict)))
+        for _ in range(count)
+    ]
+    for thread in threads:
+        thread.start()
+    status, body = get(f"{url}/api/emulator/wait?waiting={count}&timeout=30")
+    assert status == 200, body
+    post(url + "/api/emulator/resume", {})
+    for thread in threads:
+        thread.join(60)
+    assert len(answers) == count
+    return answers
+
+
+def test_num_parallel_4_batches_four_and_queues_the_fifth() -> None:
+    with start_emulator(weights_mb=1, extra_env={"OLLAMA_NUM_PARALLEL": "4"}) as node:
+        answers = lined_up(node.url, 5)
+        body = stats(node.url)
+    assert body["num_parallel"] == 4 and body["sources"]["num_parallel"] == "environment"
+    assert body["served"] == 5 and body["generates"] == 5
+    assert body["max_batch"] == 4 and body["max_in_flight"] == 4
+    assert body["queued"] == 1 and body["max_queue"] == 1
+    assert body["in_flight"] == 0 and body["queue"] == 0 and body["waiting"] == 0
+    assert all(answer["eval_count"] == 6 for answer in answers)
+    assert body["steps"] < 5 * 6  # tokens of several sequences per step
+
+
+def test_default_is_one_request_at_a_time() -> None:
+    with start_emulator(weights_mb=1, extra_env={"OLLAMA_NUM_PARALLEL": ""}) as node:
+        lined_up(node.url, 3)
+        body = stats(node.url)
+    assert body["num_parallel"] == 1 and body["sources"]["num_parallel"] == "default"
+    assert body["max_batch"] == 1 and body["max_in_flight"] == 1
+    assert body["queued"] == 2 and body["steps"] == 3 * 6
+
+
+def test_a_flag_overrides_the_environment() -> None:
+    env = {"OLLAMA_NUM_PARALLEL": "4", "OLLAMA_EMULATOR_BATCH_COST": "0.5"}
+    with start_emulator(weights_mb=1, extra_env=env, num_parallel=2) as node:
+        lined_up(node.url, 3)
+        body = stats(node.url)
+    assert body["num_parallel"] == 2 and body["sources"]["num_parallel"] == "flag"
+    assert body["batch_cost"] == 0.5 and body["sources"]["batch_cost"] == "environment"
+    assert body["max_batch"] == 2 and body["queued"] == 1
+    assert body["environ"]["OLLAMA_NUM_PARALLEL"] == "4"
+
+
+def test_a_batched_answer_is_the_one_given_alone() -> None:
+    with start_emulator(weights_mb=1, num_parallel=3) as node:
+        alone = generate(node.url, 6)["response"]
+        together = lined_up(node.url, 3)
+    assert all(answer["response"] == alone for answer in together)
+
+
+@pytest.mark.parametrize(
+    ("config", "environ", "expected"),
+    [
+        (EmulatorConfig(), {}, (1, 0.15, {"num_parallel": "default", "batch_cost": "default"})),
+        (EmulatorConfig(), {"OLLAMA_NUM_PARALLEL": " 8 ", "OLLAMA_EMULATOR_BATCH_COST": "0"},
+         (8, 0.0, {"num_parallel": "environment", "batch_cost": "environment"})),
+        (EmulatorConfig(num_parallel=2, batch_cost=0.3), {"OLLAMA_NUM_PARALLEL": "8"},
+         (2, 0.3, {"num_parallel": "flag", "batch_cost": "flag"})),
+    ],
+)  # fmt: skip
+def test_resolve_settings(
+    config: EmulatorConfig, environ: dict[str, str], expected: tuple[Any, ...]
+) -> None:
+    assert resolve_settings(config, environ) == expected
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"OLLAMA_NUM_PARALLEL": "four"},
+         "Invalid OLLAMA_NUM_PARALLEL 'four': expected a whole number"),
+        ({"OLLAMA_NUM_PARALLEL": "0"}, "Invalid OLLAMA_NUM_PARALLEL '0': expected at least 1"),
+        ({"OLLAMA_EMULATOR_BATCH_COST": "-1"},
+         "Invalid OLLAMA_EMULATOR_BATCH_COST '-1': expected 0 or more"),
+    ],
+)  # fmt: skip
+def test_a_bad_environment_is_a_usage_error(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        resolve_settings(EmulatorConfig(), environ)
+    assert str(info.value) == message
+    done = subprocess.run(
+        [sys.executable, "-m", "sollol_locality.testing.emulator", "--weights-mb", "1"],
+        cwd=ROOT, env={**os.environ, **environ}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stderr.strip() == f"emulator: {message}"
+
+
+def test_ollama_host_sets_the_bind_address() -> None:
+    env = {**os.environ, "OLLAMA_HOST": "127.0.0.2:0"}
+    env.pop("OLLAMA_NUM_PARALLEL", None)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "sollol_locality.testing.emulator", "--weights-mb", "1",
+         "--exit-on-stdin-eof"],
+        cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline().strip()
+        assert re.fullmatch(r"READY http://127\.0\.0\.2:\d+", line), line
+        assert stats(line.split()[1])["config"]["host"] == "127.0.0.2"
+    finally:
+        child.terminate()
+        child.wait(10)
+
+
+def test_help_shows_the_defaults_and_the_backend() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "sollol_locality.testing.emulator", "--help"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    text = " ".join(done.stdout.split())
+    assert done.returncode == 0
+    assert "--weights-mb WEIGHTS_MB weights held in RAM (MiB) (default: 256)" in text
+    assert "(default: OLLAMA_NUM_PARALLEL, else 1)" in text
+    assert "(default: OLLAMA_EMULATOR_BATCH_COST, else 0.15)" in text
+    assert f"Decode backend here: {auto_backend()}" in text
+
+
+def test_hashlib_backend_needs_no_numpy() -> None:
+    code = (
+        "import sys; sys.modules['numpy'] = None\n"  # an import of numpy now fails
+        "from sollol_locality.testing.emulator import make_weights\n"
+        "weights = make_weights('auto', 1)\n"
+        "weights.work(1.5)\n"
+        "print(weights.name, weights.next_token(3, 0) == weights.next_token(3, 0))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.stdout.split() == ["hashlib", "True"], done.stderr
+    with start_emulator(weights_mb=1, backend="hashlib", num_parallel=2) as node:
+        first, second = generate(node.url, 5), generate(node.url, 5)
+        body = stats(node.url)
+    assert body["backend"] == "hashlib" and first["response"] == second["response"]
+    assert first["eval_count"] == 5
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.2:0", ("127.0.0.2", 0)),
+        ("0.0.0.0", ("0.0.0.0", 11434)),
+        ("http://10.0.0.5:11500/", ("10.0.0.5", 11500)),
+        ("[::1]:8080", ("::1", 8080)),
+        ("::1", ("::1", 11434)),
+    ],
+)
+def test_ollama_host_is_read_as_ollama_does(text: str, expected: tuple[str, int]) -> None:
+    from sollol_locality.testing.emulator import _parse_ollama_host
+
+    assert _parse_ollama_host(text) == expected
+
+
+def test_the_library_never_loads_its_test_support() -> None:
+    code = (
+        "import sys, sollol_locality, sollol_locality.cli\n"
+        "print(sorted(m for m in sys.modules if m.startswith('sollol_locality.testing')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.stdout.strip() == "[]", done.stderr
+    core = sorted((ROOT / "sollol_locality").glob("*.py"))
+    assert core and not [
+        path.name for path in core
+        if re.search(r"^\s*(from|import)\s+(sollol_locality\.testing|\.testing)\b",
+                     path.read_text(), re.MULTILINE)
+    ]  # fmt: skip

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from dnsserver import DnsTestServer, soa
 from helpers import FakeClock, offline_config
 from helpers import MinimalBalancer as Balancer
 from helpers import Registry as _Registry
@@ -36,6 +35,7 @@ from sollol_locality import (
 )
 from sollol_locality.local import LocalMachine, LocalSnapshot
 from sollol_locality.resolver import DnsResolver
+from sollol_locality.testing.dnsserver import DnsTestServer, soa
 
 TIMEOUT = 0.6  # dns_timeout of every decision here
 BOUND = TIMEOUT * 1.25  # DESIGN.md: dns_timeout is for one whole decision; 25% for the rest

@@ -22,7 +22,6 @@ sollol_integration = pytest.importorskip("sollol.integration")
 OllamaPool = sollol_pool.OllamaPool
 SOLLOLLoadBalancer = sollol_integration.SOLLOLLoadBalancer
 
-from dnsserver import DnsTestServer  # noqa: E402
 from test_pool import (  # noqa: E402 - the harness test_pool documents
     REMOTE_A,
     REMOTE_B,
@@ -44,6 +43,7 @@ from sollol_locality._install import (  # noqa: E402
 )
 from sollol_locality.balancer import LocalityAwareLoadBalancer  # noqa: E402
 from sollol_locality.pool import LocalityAwarePoolMixin  # noqa: E402
+from sollol_locality.testing.dnsserver import DnsTestServer  # noqa: E402
 
 POOL_METHODS = ("count_unique_physical_hosts", "should_use_parallel_execution",
                 "_normalize_node", "_deduplicate_nodes")

@@ -28,13 +28,13 @@ from benchmarks.dispatch import (  # noqa: E402
     sollol_pool,
     sollol_registry,
 )
-from benchmarks.machines import (  # noqa: E402
+from sollol_locality.testing.machines import (  # noqa: E402
     SCENARIOS,
     Cluster,
     scenario_skip_reason,
     start_scenario,
 )
-from benchmarks.workload import run_parallel, run_sequential, warm_up  # noqa: E402
+from sollol_locality.testing.workload import run_parallel, run_sequential, warm_up  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

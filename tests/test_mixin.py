@@ -298,9 +298,8 @@ def test_routing_waits_on_dns_for_at_most_one_deadline(make_dns_server):
     """The chosen node and its alternatives are described in one batch, under one deadline."""
     import time
 
-    from dnsserver import soa
-
     from sollol_locality import LocalityAwareLoadBalancer
+    from sollol_locality.testing.dnsserver import soa
 
     server = make_dns_server({"slow.test": [soa()]})
     server.set_behaviour("silent")

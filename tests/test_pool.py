@@ -54,8 +54,6 @@ import pytest
 sollol_pool = pytest.importorskip("sollol.pool")
 OllamaPool = sollol_pool.OllamaPool
 
-from dnsserver import DnsTestServer  # noqa: E402
-
 from sollol_locality import (  # noqa: E402
     ExecutionPlanner,
     InvalidNodeAddress,
@@ -68,6 +66,7 @@ from sollol_locality.pool import (  # noqa: E402
     LocalityAwarePoolMixin,
     normalize_pool_node,
 )
+from sollol_locality.testing.dnsserver import DnsTestServer  # noqa: E402
 
 SAFE_POOL_OPTIONS: dict[str, Any] = {
     "enable_dask": False,

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dnsserver import DnsTestServer, soa
 from helpers import FakeClock
 
 from sollol_locality import resolver as resolver_module
@@ -34,6 +33,7 @@ from sollol_locality.resolver import (
     parse_hosts,
     parse_nameserver,
 )
+from sollol_locality.testing.dnsserver import DnsTestServer, soa
 
 REFRESH_THREAD = "sollol-locality-dns-refresh"
 

@@ -11,20 +11,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from dnsserver import DnsTestServer
 from helpers import MinimalBalancer as Balancer
 from helpers import Registry as _Registry
 from helpers import offline_config, offline_topology
 
-from benchmarks.reliability import (
+from sollol_locality import ExecutionPlanner, ParallelismCostModel
+from sollol_locality.addresses import _parse_string
+from sollol_locality.planner import _MEMO_MAX as PLANNER_MEMO_MAX
+from sollol_locality.testing.dnsserver import DnsTestServer
+from sollol_locality.testing.reliability import (
     big_decision,
     churn_over_dns,
     churn_resolver_cache,
     churn_topology,
 )
-from sollol_locality import ExecutionPlanner, ParallelismCostModel
-from sollol_locality.addresses import _parse_string
-from sollol_locality.planner import _MEMO_MAX as PLANNER_MEMO_MAX
 from sollol_locality.topology import _MEMO_MAX as TOPOLOGY_MEMO_MAX
 
 

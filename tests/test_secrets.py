@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dnsserver import DnsTestServer, soa
 from helpers import MinimalBalancer as Balancer
 from helpers import OllamaNode, offline_config
 from helpers import Registry as _Registry
@@ -37,6 +36,7 @@ from sollol_locality import (
 )
 from sollol_locality.cli import main
 from sollol_locality.resolver import DnsResolver
+from sollol_locality.testing.dnsserver import DnsTestServer, soa
 
 PASSWORD = "Pl4nted-S3cret"
 USER = "alice-Qz7"

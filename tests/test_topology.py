@@ -13,13 +13,13 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
-from dnsserver import soa
 from helpers import FakeClock, OllamaNode, offline_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sollol_locality import InvalidNodeAddress, LocalityConfig, NodeTopology
 from sollol_locality.local import LocalMachine
+from sollol_locality.testing.dnsserver import soa
 
 ZONES = {
     "lab.test": [soa(minimum=30)],

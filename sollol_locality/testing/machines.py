@@ -16,7 +16,8 @@
   others; a signal ignored on entry, like a background job's SIGINT, stays ignored) and at
   interpreter exit (``atexit``). Emulators also exit by themselves when this process
   dies (their stdin pipe closes). Only a SIGKILL of this process can leave a namespace behind:
-  ``python -m benchmarks.machines cleanup`` removes namespaces whose creating process is gone.
+  ``python -m sollol_locality.testing.machines cleanup`` removes namespaces whose creating
+  process is gone.
 * :data:`SCENARIOS`: the layouts benchmarks run, as data. :func:`start_scenario` builds one in a
   cluster; :func:`scenario_skip_reason` says why one cannot run here.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import importlib
 import ipaddress
 import json
 import os
@@ -196,7 +198,7 @@ def own_lan_address() -> str | None:
 
     Reads local interface tables only (``ip route`` and psutil); sends nothing.
     """
-    import psutil
+    psutil: Any = importlib.import_module("psutil")  # no stubs needed for type checking
 
     addresses = psutil.net_if_addrs()
     stats = psutil.net_if_stats()
@@ -271,7 +273,7 @@ _PROCESS_REGISTRY: Final = _Registry()
 
 def _close_at_exit() -> None:
     for error in _PROCESS_REGISTRY.close_all():
-        print(f"benchmarks.machines: clean-up at exit: {error}", file=sys.stderr)
+        print(f"sollol_locality.testing.machines: clean-up at exit: {error}", file=sys.stderr)
 
 
 atexit.register(_close_at_exit)
@@ -327,14 +329,24 @@ class Machine:
         self, *, address: AddressKind | None = None, port: int = 0,
         weights_mb: int = DEFAULT_WEIGHTS_MB, threads: int = 1, slowdown: float | None = None,
         model: str = DEFAULT_MODEL, default_num_predict: int = DEFAULT_NUM_PREDICT,
+        taskset: Sequence[int] | None = None, env: Mapping[str, str] | None = None,
     ) -> EmulatorProcess:  # fmt: skip
         """Start an emulator on this machine without waiting for READY; it is owned (stopped on
-        clean-up) from the moment it exists."""
+        clean-up) from the moment it exists.
+
+        It runs under ``taskset -c CPUS`` (``taskset``, else the machine's CPUs), as people pin
+        an instance, so the process's own affinity is that set from its first instruction
+        (without a ``taskset`` binary it pins itself with ``--cpus``). ``env`` is added to its
+        environment (``OLLAMA_NUM_PARALLEL``, ``CUDA_VISIBLE_DEVICES``...).
+        """
+        pin = tuple(taskset) if taskset is not None else self.cpus
+        use_taskset = pin is not None and shutil.which("taskset") is not None
         process = spawn_emulator(
-            self.address(address), port, netns=self._netns(), cpus=self.cpus, model=model,
-            weights_mb=weights_mb, threads=threads,
+            self.address(address), port, netns=self._netns(),
+            cpus=None if use_taskset else pin, taskset=pin if use_taskset else None,
+            model=model, weights_mb=weights_mb, threads=threads,
             slowdown=self.slowdown if slowdown is None else slowdown,
-            default_num_predict=default_num_predict,
+            default_num_predict=default_num_predict, extra_env=env,
         )  # fmt: skip
         self._owner.add(process)
         self.emulators.append(process)
@@ -344,12 +356,15 @@ class Machine:
         self, *, address: AddressKind | None = None, port: int = 0,
         weights_mb: int = DEFAULT_WEIGHTS_MB, threads: int = 1, slowdown: float | None = None,
         model: str = DEFAULT_MODEL, default_num_predict: int = DEFAULT_NUM_PREDICT,
-        ready_timeout: float = 60.0,
+        ready_timeout: float = 60.0, taskset: Sequence[int] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> EmulatorProcess:  # fmt: skip
-        """Start an emulator on this machine and wait until it listens."""
+        """Start an emulator on this machine and wait until it listens (options as
+        :meth:`spawn_emulator`)."""
         process = self.spawn_emulator(
             address=address, port=port, weights_mb=weights_mb, threads=threads,
             slowdown=slowdown, model=model, default_num_predict=default_num_predict,
+            taskset=taskset, env=env,
         )  # fmt: skip
         process.wait_ready(ready_timeout)
         return process
@@ -506,7 +521,7 @@ def _used_networks(
     *, ignore_interface: str | None = None
 ) -> list[tuple[ipaddress.IPv4Network, str]]:
     """IPv4 networks the root namespace already uses: interface subnets and routes."""
-    import psutil
+    psutil: Any = importlib.import_module("psutil")
 
     used: list[tuple[ipaddress.IPv4Network, str]] = []
     for name, entries in psutil.net_if_addrs().items():
@@ -758,13 +773,19 @@ class Cluster:
         for item in items:
             _PROCESS_REGISTRY.discard(item)
         for error in errors:
-            print(f"benchmarks.machines: clean-up failed: {error}", file=sys.stderr)
+            print(f"sollol_locality.testing.machines: clean-up failed: {error}", file=sys.stderr)
         if errors and raise_errors:
             raise MachineError(f"clean-up failed: {errors[0]}") from errors[0]
 
 
 # --------------------------------------------------------------------------------------------
 # Scenarios
+
+
+GPU_VARIABLES: Final = (
+    "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL",
+)  # fmt: skip
+"""Environment variables that say which GPUs an instance may use (the first one set wins)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -776,21 +797,60 @@ class MachineSpec:
         cpus: CPUs its emulators are pinned to.
         netns_ip: ``None`` for this machine (root namespace), else the namespace's address.
         slowdown: per-token work multiplier for its emulators.
+        host: the physical box it stands for, when that is not ``name`` (VMs or containers of
+            one box, which no address shows); a label for reports: what is shared is decided by
+            the CPU sets (:meth:`Scenario.units`).
     """
 
     name: str
     cpus: tuple[int, ...]
     netns_ip: str | None = None
     slowdown: float = 1.0
+    host: str | None = None
+
+    @property
+    def physical_host(self) -> str:
+        return self.host or self.name
 
 
 @dataclass(frozen=True, slots=True)
 class NodeSpec:
-    """One emulator node: which machine, which address of it, which port (0: any free one)."""
+    """One emulator node: which machine, which address of it, which port (0: any free one).
+
+    Attributes:
+        taskset: CPUs the instance is started on with ``taskset -c`` (``None``: the machine's).
+        env: extra environment of the instance, as ``(name, value)`` pairs, e.g.
+            ``(("OLLAMA_NUM_PARALLEL", "4"),)``.
+    """
 
     machine: str
     address: AddressKind = "loopback"
     port: int = 0
+    taskset: tuple[int, ...] | None = None
+    env: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def environment(self) -> dict[str, str]:
+        return dict(self.env)
+
+    @property
+    def num_parallel(self) -> int:
+        """The slots the instance's environment gives it (``OLLAMA_NUM_PARALLEL``, default 1)."""
+        text = self.environment.get("OLLAMA_NUM_PARALLEL", "").strip()
+        return int(text) if text else 1
+
+    @property
+    def batching(self) -> bool:
+        return self.num_parallel > 1
+
+    @property
+    def gpus(self) -> tuple[str, ...]:
+        """GPU ids its environment makes visible (``CUDA_VISIBLE_DEVICES`` and the like)."""
+        env = self.environment
+        for name in GPU_VARIABLES:
+            if name in env:
+                return tuple(item.strip() for item in env[name].split(",") if item.strip())
+        return ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -813,6 +873,87 @@ class Scenario:
                     f"Invalid scenario {self.key!r}: address {node.address!r} on machine "
                     f"{spec.name!r} ({'namespace' if spec.netns_ip else 'this machine'})"
                 )
+            if node.taskset is not None and not node.taskset:
+                raise ValueError(f"Invalid scenario {self.key!r}: empty taskset on {node!r}")
+            try:
+                slots = node.num_parallel
+            except ValueError:
+                slots = 0
+            if slots < 1:
+                raise ValueError(
+                    f"Invalid scenario {self.key!r}: OLLAMA_NUM_PARALLEL "
+                    f"{node.environment['OLLAMA_NUM_PARALLEL']!r} is not a whole number >= 1"
+                )
+
+    def node_cpus(self, index: int) -> tuple[int, ...]:
+        """The CPUs node ``index`` runs on: its ``taskset``, else its machine's."""
+        node = self.nodes[index]
+        return node.taskset if node.taskset is not None else self.machine(node.machine).cpus
+
+    def units(self) -> tuple[tuple[int, ...], ...]:
+        """Ground truth: groups of node indexes that share hardware (one execution unit).
+
+        Every simulated machine runs on this one, so what they share is the CPUs: nodes share a
+        unit when their CPU sets overlap, directly or through another node of the group,
+        whatever their machines and addresses say.
+        """
+        groups: list[set[int]] = []
+        for index in range(len(self.nodes)):
+            cpus = set(self.node_cpus(index))
+            joined = [g for g in groups if any(cpus & set(self.node_cpus(j)) for j in g)]
+            merged = {index}.union(*joined)
+            groups = [g for g in groups if g not in joined] + [merged]
+        return tuple(sorted(tuple(sorted(g)) for g in groups))
+
+    def truth(self) -> list[dict[str, Any]]:
+        """Per node, in order: the ground truth a benchmark can print next to a decision.
+
+        Keys: ``node`` (index), ``machine``, ``host`` (physical box), ``netns``, ``cpus``,
+        ``pinned`` (``"taskset"`` for a node's own set, ``"machine"``), ``num_parallel``,
+        ``batching``, ``env``, ``unit`` (``"u1"``...), ``shares_unit_with`` (node indexes),
+        ``gpus`` (visible GPU ids), ``shares_gpu_with`` (node indexes) and
+        ``hidden`` (it shares a unit with a node of another machine name: co-location that no
+        address shows).
+        """
+        unit_of = {i: n for n, group in enumerate(self.units(), 1) for i in group}
+        rows = []
+        for index, node in enumerate(self.nodes):
+            spec = self.machine(node.machine)
+            mates = [j for j in unit_of if j != index and unit_of[j] == unit_of[index]]
+            rows.append({
+                "node": index, "machine": spec.name, "host": spec.physical_host,
+                "netns": spec.netns_ip is not None, "cpus": list(self.node_cpus(index)),
+                "pinned": "taskset" if node.taskset is not None else "machine",
+                "num_parallel": node.num_parallel, "batching": node.batching,
+                "env": node.environment, "unit": f"u{unit_of[index]}",
+                "shares_unit_with": mates, "gpus": list(node.gpus),
+                "shares_gpu_with": [j for j, other in enumerate(self.nodes)
+                                    if j != index and set(node.gpus) & set(other.gpus)],
+                "hidden": any(self.nodes[j].machine != node.machine for j in mates),
+            })  # fmt: skip
+        return rows
+
+    @property
+    def colocated(self) -> tuple[tuple[int, ...], ...]:
+        """Units of more than one node (node indexes): instances that share hardware."""
+        return tuple(group for group in self.units() if len(group) > 1)
+
+    @property
+    def hidden_colocation(self) -> tuple[tuple[int, ...], ...]:
+        """Co-located groups whose nodes are on differently named machines (other addresses)."""
+        return tuple(
+            group for group in self.colocated
+            if len({self.nodes[i].machine for i in group}) > 1
+        )  # fmt: skip
+
+    @property
+    def batching_nodes(self) -> tuple[int, ...]:
+        return tuple(i for i, node in enumerate(self.nodes) if node.batching)
+
+    @property
+    def pinned_nodes(self) -> tuple[int, ...]:
+        """Nodes started with their own ``taskset`` CPU set."""
+        return tuple(i for i, node in enumerate(self.nodes) if node.taskset is not None)
 
     def machine(self, name: str) -> MachineSpec:
         for spec in self.machines:
@@ -829,6 +970,8 @@ class Scenario:
         """Distinct machines the nodes run on: what a correct topology counts."""
         return len({n.machine for n in self.nodes})
 
+
+_BATCH4: Final[tuple[tuple[str, str], ...]] = (("OLLAMA_NUM_PARALLEL", "4"),)
 
 SCENARIOS: Final[Mapping[str, Scenario]] = MappingProxyType(
     {
@@ -877,14 +1020,89 @@ SCENARIOS: Final[Mapping[str, Scenario]] = MappingProxyType(
                 "shared-core-namespaces",
                 "(f) two namespaces that look like two machines but share CPU 0 "
                 "(VMs or containers on one box)",
-                (MachineSpec("vm1", (0,), "10.213.41.2"), MachineSpec("vm2", (0,), "10.213.42.2")),
+                (MachineSpec("vm1", (0,), "10.213.41.2", host="box0"),
+                 MachineSpec("vm2", (0,), "10.213.42.2", host="box0")),
                 (NodeSpec("vm1", "netns"), NodeSpec("vm2", "netns")),
+            ),
+            # -- slots and batching (OLLAMA_NUM_PARALLEL) -------------------------------------
+            Scenario(
+                "batching-node",
+                "one node on this machine (loopback, CPU 0) that batches 4 requests "
+                "(OLLAMA_NUM_PARALLEL=4)",
+                (MachineSpec("local", (0,)),),
+                (NodeSpec("local", "loopback", env=_BATCH4),),
+            ),
+            Scenario(
+                "two-batching-instances",
+                "two instances of this machine on one CPU set (CPU 0, two ports), each batching "
+                "4 (OLLAMA_NUM_PARALLEL=4)",
+                (MachineSpec("local", (0,)),),
+                (NodeSpec("local", "loopback", env=_BATCH4),
+                 NodeSpec("local", "loopback", env=_BATCH4)),
+            ),
+            Scenario(
+                "batching-beside-plain",
+                "a node batching 4 on this machine (loopback, CPU 0) beside a plain one on "
+                "another machine (namespace, CPU 1)",
+                (MachineSpec("local", (0,)), MachineSpec("remote", (1,), "10.213.51.2")),
+                (NodeSpec("local", "loopback", env=_BATCH4), NodeSpec("remote", "netns")),
+            ),
+            # -- pinned instances (taskset) ----------------------------------------------------
+            Scenario(
+                "pinned-instances",
+                "one machine, two instances started under taskset on disjoint cores "
+                "(taskset -c 0, taskset -c 1; loopback, two ports)",
+                (MachineSpec("local", (0, 1)),),
+                (NodeSpec("local", "loopback", taskset=(0,)),
+                 NodeSpec("local", "loopback", taskset=(1,))),
+            ),
+            # -- GPU ids (declared only: the emulator computes on the CPU) -----------------------
+            Scenario(
+                "one-gpu-id",
+                "one machine, two instances on disjoint cores that both see GPU 0 "
+                "(CUDA_VISIBLE_DEVICES=0 for each)",
+                (MachineSpec("local", (0, 1)),),
+                (NodeSpec("local", "loopback", taskset=(0,), env=(("CUDA_VISIBLE_DEVICES", "0"),)),
+                 NodeSpec("local", "loopback", taskset=(1,), env=(("CUDA_VISIBLE_DEVICES", "0"),))),
+            ),
+            Scenario(
+                "two-gpu-ids",
+                "one machine, two instances on disjoint cores with GPU 0 and GPU 1 "
+                "(CUDA_VISIBLE_DEVICES=0 / =1)",
+                (MachineSpec("local", (0, 1)),),
+                (NodeSpec("local", "loopback", taskset=(0,), env=(("CUDA_VISIBLE_DEVICES", "0"),)),
+                 NodeSpec("local", "loopback", taskset=(1,), env=(("CUDA_VISIBLE_DEVICES", "1"),))),
+            ),
+            # -- co-location the addresses hide ------------------------------------------------
+            Scenario(
+                "hidden-colocation",
+                "three namespaces on three addresses: two share CPU 0 (one box), the third "
+                "has CPU 1",
+                (MachineSpec("vm1", (0,), "10.213.61.2", host="box0"),
+                 MachineSpec("vm2", (0,), "10.213.62.2", host="box0"),
+                 MachineSpec("vm3", (1,), "10.213.63.2", host="box1")),
+                (NodeSpec("vm1", "netns"), NodeSpec("vm2", "netns"), NodeSpec("vm3", "netns")),
+            ),
+            Scenario(
+                "two-colocated-pairs",
+                "four namespaces forming two co-located pairs: A on CPU 0, B on CPU 1",
+                (MachineSpec("a1", (0,), "10.213.71.2", host="boxA"),
+                 MachineSpec("b1", (1,), "10.213.72.2", host="boxB"),
+                 MachineSpec("a2", (0,), "10.213.73.2", host="boxA"),
+                 MachineSpec("b2", (1,), "10.213.74.2", host="boxB")),
+                (NodeSpec("a1", "netns"), NodeSpec("b1", "netns"), NodeSpec("a2", "netns"),
+                 NodeSpec("b2", "netns")),
             ),
         )
     }
 )
-"""Scenario key -> :class:`Scenario`. Ground truth for a node is its ``NodeSpec.machine``; note
-that (f) is one machine physically although its nodes have two unrelated addresses."""
+"""Scenario key -> :class:`Scenario`. Ground truth for a node is its ``NodeSpec.machine`` (what a
+correct address-based topology groups by) and, for what shares hardware, :meth:`Scenario.units`
+and :meth:`Scenario.truth`: note that ``shared-core-namespaces`` (f) is one unit physically
+although its nodes have two unrelated addresses (its machines share CPU 0), as are the pairs of
+``hidden-colocation`` and ``two-colocated-pairs``, whose machines name their box in ``host``.
+The pairs of ``two-colocated-pairs`` are interleaved in node order, so no detector finds them by
+position."""
 
 
 def scenario_skip_reason(scenario: Scenario) -> str | None:
@@ -897,6 +1115,9 @@ def scenario_skip_reason(scenario: Scenario) -> str | None:
         return f"scenario {scenario.key!r} skipped: this machine has no LAN IPv4 address"
     allowed = os.sched_getaffinity(0)
     wanted = {cpu for m in scenario.machines for cpu in m.cpus}
+    wanted.update(cpu for i in range(len(scenario.nodes)) for cpu in scenario.node_cpus(i))
+    if scenario.pinned_nodes and shutil.which("taskset") is None:
+        return f"scenario {scenario.key!r} skipped: taskset (util-linux) is not installed"
     if not wanted <= allowed:
         return (
             f"scenario {scenario.key!r} skipped: needs CPUs {sorted(wanted)}, "
@@ -934,6 +1155,20 @@ class RunningScenario:
             groups.setdefault(node.machine, []).append(node.url)
         return groups
 
+    def units(self) -> list[list[str]]:
+        """Ground truth of what shares hardware: node URLs per unit (:meth:`Scenario.units`)."""
+        return [[self.nodes[i].url for i in group] for group in self.scenario.units()]
+
+    def facts(self) -> dict[str, dict[str, Any]]:
+        """URL -> :meth:`Scenario.truth` row, with the instance's ``pid`` and ``url``, and
+        ``shares_unit_with`` as URLs."""
+        rows = self.scenario.truth()
+        return {
+            node.url: {**row, "url": node.url, "pid": node.process.pid,
+                       "shares_unit_with": [self.nodes[j].url for j in row["shares_unit_with"]]}
+            for node, row in zip(self.nodes, rows, strict=True)
+        }  # fmt: skip
+
 
 def start_scenario(
     scenario: Scenario | str, cluster: Cluster, *, weights_mb: int = DEFAULT_WEIGHTS_MB,
@@ -968,7 +1203,7 @@ def start_scenario(
     spawned = [
         (node, machines[node.machine].spawn_emulator(
             address=node.address, port=node.port, weights_mb=weights_mb, threads=threads,
-            model=model,
+            model=model, taskset=node.taskset, env=node.environment,
         ))
         for node in scenario.nodes
     ]  # fmt: skip
@@ -988,6 +1223,11 @@ def _cmd_list(_: argparse.Namespace) -> int:
         reason = scenario_skip_reason(scenario)
         status = "available" if reason is None else reason
         print(f"{scenario.key:24} {scenario.description}\n{'':24} -> {status}")
+        truth = (f"units {[list(u) for u in scenario.units()]}, "
+                 f"hidden co-location {[list(u) for u in scenario.hidden_colocation]}, "
+                 f"batching {list(scenario.batching_nodes)}, "
+                 f"taskset {list(scenario.pinned_nodes)}")  # fmt: skip
+        print(f"{'':24}    truth (node indexes): {truth}")
     return 0
 
 
@@ -1016,7 +1256,8 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.machines", description="Simulated machines and scenarios."
+        prog="python -m sollol_locality.testing.machines",
+        description="Simulated machines and scenarios.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="scenarios and whether they can run here").set_defaults(

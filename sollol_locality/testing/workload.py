@@ -13,8 +13,10 @@ request for a simulated machine never leaves this one.
 
 Command line (from the repository root)::
 
-    python -m benchmarks.workload --scenario two-machines --chunks 2 --num-predict 32 --repeats 5
-    python -m benchmarks.workload --nodes http://127.0.0.1:11434 http://127.0.0.1:11435 --chunks 4
+    python -m sollol_locality.testing.workload --scenario two-machines --chunks 2 \
+        --num-predict 32 --repeats 5
+    python -m sollol_locality.testing.workload --chunks 4 \
+        --nodes http://127.0.0.1:11434 http://127.0.0.1:11435
 """
 
 from __future__ import annotations
@@ -339,11 +341,11 @@ def _print_comparison(label: str, comparison: Comparison, as_json: bool) -> None
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.workload",
+        prog="python -m sollol_locality.testing.workload",
         description="Time K chunks sequentially on one node against in parallel across nodes.",
     )
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--scenario", help="start this scenario (benchmarks.machines.SCENARIOS)")
+    where.add_argument("--scenario", help="start this scenario (machines.SCENARIOS)")
     where.add_argument("--nodes", nargs="+", help="existing node URLs (first: sequential node)")
     parser.add_argument("--chunks", type=int, default=2)
     parser.add_argument("--num-predict", type=int, default=DEFAULT_NUM_PREDICT)

@@ -499,7 +499,8 @@ class DnsTestServer:
             if fault.delay > 0:
                 due = time.monotonic() + fault.delay
                 action = functools.partial(send, wire, spoofed)
-                heapq.heappush(self._scheduled, (due, next(self._seq), action))
+                entry: tuple[float, int, Callable[[], None]] = (due, next(self._seq), action)
+                heapq.heappush(self._scheduled, entry)
             else:
                 send(wire, spoofed)
 
@@ -556,7 +557,9 @@ class DnsTestServer:
             response.id = (query.id + 1) & 0xFFFF
             bogus = response.to_wire()
         else:
-            other = dns.message.make_query("wrong-question.invalid.", qtype, id=query.id)
+            other = dns.message.make_query(
+                "wrong-question.invalid.", dns.rdatatype.RdataType.make(qtype), id=query.id
+            )
             forged = dns.message.make_response(other, recursion_available=True)
             forged.answer.append(
                 dns.rrset.from_text("wrong-question.invalid.", 300, "IN", "A", "192.0.2.66")
@@ -632,7 +635,7 @@ def _record(spec: RecordSpec) -> Record:
         return spec
     if len(spec) == 2:
         return Record(spec[0], spec[1])
-    return Record(spec[0], spec[1], spec[2])  # type: ignore[misc]
+    return Record(spec[0], spec[1], spec[2])
 
 
 def _rrset(name: dns.name.Name, records: list[Record]) -> dns.rrset.RRset:
