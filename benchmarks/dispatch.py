@@ -60,7 +60,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from sollol_locality.testing.emulator import DEFAULT_MODEL, DEFAULT_WEIGHTS_MB
+from sollol_locality.testing.baselines import offline_config, sollol_pool, sollol_registry
+from sollol_locality.testing.emulator import DEFAULT_MODEL
 from sollol_locality.testing.machines import (
     SCENARIOS,
     Cluster,
@@ -68,7 +69,7 @@ from sollol_locality.testing.machines import (
     ScenarioUnavailable,
     start_scenario,
 )
-from sollol_locality.testing.workload import run_parallel, run_sequential, warm_up
+from sollol_locality.testing.workload import Arm, Settings, measure, warm_up
 
 __all__ = [
     "LETTERS",
@@ -110,42 +111,8 @@ POLICIES: Final = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """One benchmark configuration.
-
-    Attributes:
-        chunks: K, the chunks of the long-form job.
-        tokens: ``num_predict`` of each chunk (and of each calibration generate).
-        repeats: interleaved rounds of every strategy.
-        calibration_rounds: ``calibrate(rounds=...)``.
-        weights_mb: emulator weight matrix (MiB).
-    """
-
-    chunks: int = 4
-    tokens: int = 32
-    repeats: int = 7
-    calibration_rounds: int = 3
-    weights_mb: int = DEFAULT_WEIGHTS_MB
-
-
 FULL: Final = Settings()
 QUICK: Final = Settings(chunks=4, tokens=16, repeats=3, calibration_rounds=2)
-
-
-@dataclass(frozen=True, slots=True)
-class Arm:
-    """One way of running the job: ``mode`` on ``urls`` (sequential: ``urls[0]`` only)."""
-
-    mode: str
-    urls: tuple[str, ...]
-
-    def label(self, names: dict[str, str], total: int) -> str:
-        if self.mode == "sequential":
-            return f"sequential {names[self.urls[0]]}"
-        if len(self.urls) == total:
-            return "all-parallel"
-        return "parallel " + "+".join(names[u] for u in self.urls)
 
 
 @dataclass(slots=True)
@@ -249,35 +216,6 @@ class ScenarioResult:
 # The policies
 
 
-def sollol_registry(urls: Sequence[str]) -> Any:
-    """SOLLOL's own registry holding ``urls`` as healthy ``OllamaNode`` objects (inserted
-    directly: ``add_node`` would health-check and resolve this machine's host name)."""
-    from sollol.ollama_node import OllamaNode
-    from sollol.registry import NodeRegistry
-
-    registry = NodeRegistry()
-    for url in urls:
-        registry.nodes[url] = OllamaNode(url)
-    return registry
-
-
-def sollol_pool(urls: Sequence[str]) -> Any:
-    from sollol.pool import OllamaPool
-
-    pool = OllamaPool.__new__(OllamaPool)
-    pool.nodes = [OllamaPool._normalize_node(pool, url) for url in urls]
-    return pool
-
-
-def offline_config(calibration_file: Path | None) -> Any:
-    from sollol_locality import LocalityConfig
-
-    # IP literals only: nothing is resolved; a closed loopback port stands in for a nameserver.
-    return LocalityConfig(mode="auto", min_speedup=1.0, topology_file=None,
-                          nameservers=(("127.0.0.1", 9),), dns_timeout=0.5,
-                          calibration_file=calibration_file, environ={})
-
-
 def _library_policy(urls: Sequence[str], chunks: int, calibration_file: Path | None
                     ) -> PolicyResult:
     from sollol_locality import LocalityAwareLoadBalancer
@@ -314,33 +252,6 @@ def decide(urls: Sequence[str], chunks: int, calibration_file: Path | None
 
 def _say(line: str) -> None:
     print(f"[dispatch] {line}", file=sys.stderr, flush=True)
-
-
-def _run_arm(arm: Arm, settings: Settings) -> float:
-    if arm.mode == "sequential":
-        result = run_sequential(arm.urls[0], settings.chunks, num_predict=settings.tokens)
-    else:
-        result = run_parallel(arm.urls, settings.chunks, num_predict=settings.tokens)
-    return result.wall_seconds
-
-
-def measure(arms: Sequence[Arm], settings: Settings, *, say: Callable[[str], None] = _say,
-            names: dict[str, str] | None = None) -> dict[Arm, list[float]]:
-    """``settings.repeats`` rounds of every arm; the order rotates each round (and reverses on
-    odd rounds), so no arm always runs first or after the same neighbour. ``names`` (url ->
-    "n1") labels the progress lines."""
-    walls: dict[Arm, list[float]] = {arm: [] for arm in arms}
-    count = len(arms)
-    for round_number in range(settings.repeats):
-        order = [arms[(i + round_number) % count] for i in range(count)]
-        if round_number % 2:
-            order.reverse()
-        for arm in order:
-            walls[arm].append(_run_arm(arm, settings))
-        shown = ", ".join(f"{arm.label(names, count) if names else arm.mode}="
-                          f"{walls[arm][-1]:.2f}s" for arm in arms)
-        say(f"round {round_number + 1}/{settings.repeats}: {shown}")
-    return walls
 
 
 def _calibration_summary(path: Path) -> dict[str, Any]:
