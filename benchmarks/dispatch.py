@@ -74,6 +74,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -349,12 +350,12 @@ def online_policy(urls: Sequence[str], settings: Settings, calibration_file: Pat
     planner = ExecutionPlanner(config=config)
     balancer = LocalityAwareLoadBalancer(sollol_registry(urls), planner=planner)
     run = getattr(planner, "run", None)
-    record = getattr(planner, "record_execution", None)
+    found = getattr(planner, "record_execution", None)
     chunks = settings.chunks
     how = ("ExecutionPlanner.run" if callable(run) else
-           "ExecutionPlanner.record_execution" if callable(record) else
+           "ExecutionPlanner.record_execution" if callable(found) else
            "LocalityAwareLoadBalancer.record_execution")
-    record = record if callable(record) else balancer.record_execution
+    record: Callable[..., Any] = found if callable(found) else balancer.record_execution
     with_timings = _takes_timings(record)
     jobs: list[dict[str, Any]] = []
     for job in range(settings.online_jobs):
@@ -453,7 +454,9 @@ def run_scenario(letter: str, settings: Settings, workdir: Path, *,
                  say: Callable[[str], None] = _say) -> ScenarioResult:
     """Start the scenario, calibrate, decide, measure every strategy; clean up everything."""
     try:
-        from sollol_locality.probe import calibrate
+        from sollol_locality.probe import (  # type: ignore[import-not-found, unused-ignore]
+            calibrate,
+        )
     except ImportError:
         from sollol_locality.calibration import calibrate
 
@@ -590,8 +593,30 @@ def checks(results: Sequence[ScenarioResult]) -> dict[str, dict[str, Any]]:
             priors = {r.letter: r.regret(r.policies["priors"].arm) for r in ran}
             figures["worst_priors_regret"] = max(priors.values())
             figures["priors_ok"] = max(priors.values()) <= 1.05
+            unpinned = [r for r in results if not r.skipped and r.letter == "a"]
+            if unpinned:  # two unpinned instances of one machine: still sequential
+                figures["unpinned_sequential"] = unpinned[0].policies["priors"].arm.mode == (
+                    "sequential")
+        if gid == "issue12":
+            named = {r.letter: _names_its_units(r) for r in ran}
+            figures["units_named"] = [x for x, ok in named.items() if ok]
+            figures["units_named_ok"] = all(named.values())
         summary[gid] = figures
     return summary
+
+
+def _names_its_units(r: ScenarioResult) -> bool:
+    """Whether the calibrated plan's reason names a node of every co-located group (by URL or
+    address) other than a node it runs on, i.e. says which nodes were kept apart and why."""
+    reason = r.policies["calibrated"].reason
+    groups = {frozenset([url, *row.get("shares_unit_with", [])]) for url, row in r.truth.items()
+              if row.get("shares_unit_with")}
+
+    def mentioned(url: str) -> bool:
+        host = urllib.parse.urlsplit(url).hostname or url
+        return url in reason or host in reason
+
+    return bool(groups) and all(sum(mentioned(u) for u in group) >= 2 for group in groups)
 
 
 def _ok(flag: bool) -> str:
@@ -617,6 +642,14 @@ def _summary_line(gid: str, title: str, figures: dict[str, Any]) -> str:
     if "priors_ok" in figures:
         parts.append(f"decided right without calibration (priors regret <= 1.05): "
                      f"{_ok(figures['priors_ok'])} (worst {figures['worst_priors_regret']:.2f})")
+    if "unpinned_sequential" in figures:
+        parts.append("two unpinned instances of one machine (a) still sequential on priors: "
+                     f"{_ok(figures['unpinned_sequential'])}")
+    if "units_named_ok" in figures:
+        parts.append("the calibrated reason names the co-located nodes: "
+                     f"{_ok(figures['units_named_ok'])}"
+                     + (f" ({', '.join(f'({x})' for x in figures['units_named'])})"
+                        if figures["units_named"] else ""))
     return f"* **{title}**, {letters}: " + "; ".join(parts) + "."
 
 
@@ -684,7 +717,7 @@ def render_markdown(results: Sequence[ScenarioResult], settings: Settings, *, co
         "node.")
     add("")
     summary = checks(results)
-    for gid, title, letters in GROUPS:
+    for _, title, letters in GROUPS:
         rows = [r for r in results if r.letter in letters]
         if not rows:
             continue
