@@ -22,7 +22,7 @@ from .addresses import NodeAddress, parse_node_address
 from .config import LocalityConfig
 from .cost_model import CostPriors, ParallelismCostModel, SpeedupEstimate
 from .mixin import LocalityAwareMixin
-from .planner import ExecutionPlan, ExecutionPlanner
+from .planner import ExecutionPlan, ExecutionPlanner, PlanDetail
 from .topology import HostIdentity, NodeTopology
 
 if TYPE_CHECKING:
@@ -49,6 +49,7 @@ __all__ = [
     "NodeAddress",
     "NodeTopology",
     "ParallelismCostModel",
+    "PlanDetail",
     "SpeedupEstimate",
     "TopologyFileError",
     "install",

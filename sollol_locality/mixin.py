@@ -164,7 +164,7 @@ class LocalityAwareMixin:
 
     def _locality_log(self, plan: ExecutionPlan) -> None:
         state = self._locality()
-        detail = plan._detail  # the decision's immutable template: its log key is precomputed
+        detail = plan.detail  # the decision's immutable detail: its log key is precomputed
         key = detail.host_ids if detail is not None else frozenset()
         summary = (plan.mode, detail.chosen_urls if detail is not None else ())
         changed = state.last_logged.get(key) != summary

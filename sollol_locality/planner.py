@@ -25,7 +25,7 @@ from .config import ENV_MODE, LocalityConfig
 from .cost_model import NodeProfile, ParallelismCostModel, unit_label
 from .topology import HostIdentity, NodeTopology
 
-__all__ = ["DECISION_CACHE_SECONDS", "ExecutionPlan", "ExecutionPlanner"]
+__all__ = ["DECISION_CACHE_SECONDS", "ExecutionPlan", "ExecutionPlanner", "PlanDetail"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +53,14 @@ class ExecutionPlan:
         warnings: things the caller should know (nodes left out, names not resolved, ...).
         forced: whether ``mode`` was forced by configuration rather than chosen by the model.
 
-    The properties below add the detail behind the decision (``cause``, ``num_tasks``,
-    ``units``, ``tasks_per_node``, ``naive_speedup``, ``sequential_seconds``,
+        detail: the :class:`PlanDetail` behind the decision (``None`` only for a plan built by
+            hand).
+
+    The properties below are thin aliases of ``detail`` (``cause``, ``num_tasks``, ``units``,
+    ``tasks_per_node``, ``concurrency_per_node``, ``naive_speedup``, ``sequential_seconds``,
     ``predicted_seconds``, ``time_unit``, ``hosts``, ``excluded``, ``shared_host``,
-    ``identities``); :meth:`to_dict` gives all of it as JSON-friendly data.
+    ``identities``), giving back this call's node objects; :meth:`to_dict` gives all of it as
+    JSON-friendly data.
     """
 
     mode: Literal["parallel", "sequential"]
@@ -66,7 +70,7 @@ class ExecutionPlan:
     reason: str
     warnings: list[str]
     forced: bool
-    _detail: _Template | None = field(default=None, repr=False, compare=False)
+    detail: PlanDetail | None = field(default=None, repr=False, compare=False)
     _candidates: tuple[Any, ...] = field(default=(), repr=False, compare=False)
 
     def __repr__(self) -> str:
@@ -86,69 +90,75 @@ class ExecutionPlan:
         """A stable key for ``reason``: ``"parallel"``, ``"one-unit"``, ``"fast-node"``,
         ``"below-threshold"``, ``"one-task"``, ``"no-nodes"``, ``"forced-parallel"`` or
         ``"forced-sequential"``."""
-        return self._detail.cause if self._detail else "parallel"
+        return self.detail.cause if self.detail else "parallel"
 
     @property
     def num_tasks(self) -> int:
         """The task count planned for."""
-        return self._detail.num_tasks if self._detail else 0
+        return self.detail.num_tasks if self.detail else 0
 
     @property
     def units(self) -> int:
         """Distinct execution units among the usable candidates."""
-        return self._detail.units if self._detail else 0
+        return self.detail.units if self.detail else 0
 
     @property
     def tasks_per_node(self) -> list[int]:
         """Predicted tasks for each node of ``nodes``."""
-        return list(self._detail.tasks) if self._detail else []
+        return list(self.detail.tasks) if self.detail else []
+
+    @property
+    def concurrency_per_node(self) -> list[int]:
+        """How many tasks to have in flight at once on each node of ``nodes`` (1 per node: each
+        node serves one request at a time)."""
+        return list(self.detail.concurrency) if self.detail else []
 
     @property
     def naive_speedup(self) -> float:
         """Predicted speedup of dispatching across every usable candidate at once (what
         "parallel whenever two nodes are healthy" does)."""
-        return self._detail.naive_speedup if self._detail else 1.0
+        return self.detail.naive_speedup if self.detail else 1.0
 
     @property
     def sequential_seconds(self) -> float:
         """Predicted makespan running one after another on the fastest node."""
-        return self._detail.sequential_seconds if self._detail else 0.0
+        return self.detail.sequential_seconds if self.detail else 0.0
 
     @property
     def predicted_seconds(self) -> float:
         """Predicted makespan of this plan."""
-        return self._detail.predicted_seconds if self._detail else 0.0
+        return self.detail.predicted_seconds if self.detail else 0.0
 
     @property
     def time_unit(self) -> str:
         """``"seconds"``, or ``"tasks"`` (units of one task on a reference node) when no node's
         speed is known."""
-        return self._detail.time_unit if self._detail else "tasks"
+        return self.detail.time_unit if self.detail else "tasks"
 
     @property
     def hosts(self) -> dict[str, list[Any]]:
         """Every usable candidate grouped by physical host id (input order kept)."""
-        if self._detail is None:
+        if self.detail is None:
             return {}
         nodes = self._candidates
-        return {h: [nodes[i] for i in idx] for h, idx in self._detail.hosts}
+        return {h: [nodes[i] for i in idx] for h, idx in self.detail.hosts}
 
     @property
     def excluded(self) -> list[tuple[Any, str]]:
         """``(node, reason)`` for each candidate that could not be used."""
-        if self._detail is None:
+        if self.detail is None:
             return []
-        return [(self._candidates[i], r) for i, r in self._detail.excluded]
+        return [(self._candidates[i], r) for i, r in self.detail.excluded]
 
     @property
     def shared_host(self) -> str | None:
         """When parallel was refused because the nodes share one machine, that machine."""
-        return self._detail.shared_host if self._detail else None
+        return self.detail.shared_host if self.detail else None
 
     @property
     def identities(self) -> tuple[HostIdentity, ...]:
         """The :class:`HostIdentity` of each node of ``nodes``."""
-        detail = self._detail
+        detail = self.detail
         if detail is None:
             return ()
         nodes = self._candidates
@@ -163,6 +173,7 @@ class ExecutionPlan:
             "speedup": round(self.speedup, 4),
             "nodes": urls,
             "tasks_per_node": self.tasks_per_node,
+            "concurrency_per_node": self.concurrency_per_node,
             "unique_hosts": self.unique_hosts,
             "units": self.units,
             "reason": self.reason,
@@ -190,9 +201,28 @@ def _safe_url(node: Any) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class _Template:
-    """A plan with node positions instead of node objects, so cached plans never share state
-    with a caller (and give back the objects of the call that asks)."""
+class PlanDetail:
+    """Everything behind an :class:`ExecutionPlan`, with node positions instead of node objects.
+
+    One detail is computed per decision and shared by every plan served from the decision cache,
+    so it never holds a list a caller could change; :class:`ExecutionPlan` turns the positions
+    back into the node objects of the call that asks.
+
+    Attributes:
+        mode, speedup, unique_hosts, reason, warnings, forced: as on the plan.
+        chosen: positions, in the candidate list, of the plan's ``nodes`` (best first).
+        tasks: predicted tasks for each chosen node.
+        concurrency: tasks in flight at once on each chosen node (1 each).
+        cause, num_tasks, units, naive_speedup, sequential_seconds, predicted_seconds,
+            time_unit, shared_host: as the plan's properties of the same names.
+        hosts: ``(host id, candidate positions)`` for each physical host, input order kept.
+        excluded: ``(candidate position, reason)`` for each node that could not be used.
+        identities: the identity of each chosen node as the decision described it (its
+            ``node`` is the object of the call first decided; ``ExecutionPlan.identities``
+            gives this call's).
+        host_ids, chosen_urls: the decision in brief (which machines, which nodes), for telling
+            a changed decision from a repeated one.
+    """
 
     mode: Literal["parallel", "sequential"]
     speedup: float
@@ -213,6 +243,7 @@ class _Template:
     excluded: tuple[tuple[int, str], ...]
     shared_host: str | None
     identities: tuple[HostIdentity, ...]
+    concurrency: tuple[int, ...] = ()
     # What a decision is, for telling a changed decision from a repeated one (computed once).
     host_ids: frozenset[str] = field(init=False, repr=False, compare=False)
     chosen_urls: tuple[str, ...] = field(init=False, repr=False, compare=False)
@@ -221,6 +252,8 @@ class _Template:
         object.__setattr__(self, "host_ids", frozenset(host for host, _ in self.hosts))
         object.__setattr__(self, "chosen_urls",
                            tuple(i.address.url for i in self.identities))
+        if len(self.concurrency) != len(self.chosen):
+            object.__setattr__(self, "concurrency", (1,) * len(self.chosen))
 
     def build(self, nodes: Sequence[Any]) -> ExecutionPlan:
         """A plan for this call: fresh lists, this call's node objects."""
@@ -251,7 +284,7 @@ class ExecutionPlanner:
         self.topology = topology if topology is not None else NodeTopology(config)
         self.cost_model = cost_model if cost_model is not None else ParallelismCostModel(config)
         self._clock = clock
-        self._memo: dict[tuple[Any, ...], tuple[float, int, _Template]] = {}
+        self._memo: dict[tuple[Any, ...], tuple[float, int, PlanDetail]] = {}
 
     def select_mode(self, num_tasks: int, nodes: Iterable[Any]) -> Literal["parallel",
                                                                            "sequential"]:
@@ -293,7 +326,7 @@ class ExecutionPlanner:
 
     # -- the decision -----------------------------------------------------------------------
 
-    def _decide(self, num_tasks: int, nodes: Sequence[Any]) -> _Template:
+    def _decide(self, num_tasks: int, nodes: Sequence[Any]) -> PlanDetail:
         identities = self.topology.describe_many(nodes)
         model = self.cost_model
         warnings: list[str] = []
@@ -319,7 +352,7 @@ class ExecutionPlanner:
         if not profiles:
             reason = (f"No usable node among the {len(nodes)} given, so nothing can be "
                       "dispatched." if nodes else "No candidate nodes were given.")
-            return _Template("sequential", 1.0, (), (), reason=reason,
+            return PlanDetail("sequential", 1.0, (), (), reason=reason,
                              warnings=tuple(warnings), forced=self.config.forced,
                              cause="no-nodes", naive_speedup=1.0, sequential_seconds=0.0,
                              predicted_seconds=0.0, shared_host=None, identities=(),
@@ -331,19 +364,19 @@ class ExecutionPlanner:
         naive = sequential / naive_time if naive_time > 0 else 1.0
 
         def seq(reason: str, cause: Cause, *, shared: str | None = None,
-                forced: bool = False) -> _Template:
-            return _Template("sequential", 1.0, (fastest.index,), (num_tasks,), reason=reason,
+                forced: bool = False) -> PlanDetail:
+            return PlanDetail("sequential", 1.0, (fastest.index,), (num_tasks,), reason=reason,
                              warnings=tuple(warnings), forced=forced, cause=cause,
                              naive_speedup=naive, sequential_seconds=sequential,
                              predicted_seconds=sequential, shared_host=shared,
                              identities=(fastest.identity,), **common)  # type: ignore[arg-type]
 
         def par(chosen: Sequence[NodeProfile], shares: Sequence[int], makespan: float,
-                reason: str, cause: Cause, *, forced: bool = False) -> _Template:
+                reason: str, cause: Cause, *, forced: bool = False) -> PlanDetail:
             order = sorted(range(len(chosen)), key=lambda i: _rank(chosen[i]))
             used = [i for i in order if shares[i] > 0]
             speedup = sequential / makespan if makespan > 0 else 1.0
-            return _Template("parallel", speedup, tuple(chosen[i].index for i in used),
+            return PlanDetail("parallel", speedup, tuple(chosen[i].index for i in used),
                              tuple(shares[i] for i in used), reason=reason,
                              warnings=tuple(warnings), forced=forced, cause=cause,
                              naive_speedup=naive, sequential_seconds=sequential,
