@@ -30,7 +30,16 @@ if TYPE_CHECKING:
     from .balancer import LocalityAwareLoadBalancer
     from .pool import LocalityAwarePool, LocalityAwarePoolMixin
 
-__version__ = "0.1.0"
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sollol-locality")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
+__version__ = _version()
 
 __all__ = [
     "CalibrationError",

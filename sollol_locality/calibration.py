@@ -133,7 +133,7 @@ def calibrate(
     """
     if rounds < 1 or num_predict < 1:
         raise CalibrationError("rounds and num_predict must be at least 1")
-    config = config if config is not None else LocalityConfig()
+    config = config if config is not None else LocalityConfig.from_env()
     topology = topology if topology is not None else NodeTopology(config)
     target = Path(output) if output is not None else config.calibration_file
     if target is None:

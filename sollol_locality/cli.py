@@ -96,7 +96,7 @@ def _config(args: argparse.Namespace) -> Any:
         fields["min_speedup"] = args.min_speedup
     if getattr(args, "calibration", None):
         fields["calibration_file"] = args.calibration
-    return LocalityConfig(**fields)
+    return LocalityConfig.from_env(**fields)
 
 
 def describe_identity(identity: Any) -> dict[str, Any]:

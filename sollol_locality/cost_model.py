@@ -314,7 +314,7 @@ class ParallelismCostModel:
 
     def __init__(self, config: LocalityConfig | None = None, *,
                  priors: CostPriors | None = None) -> None:
-        self.config = config if config is not None else LocalityConfig()
+        self.config = config if config is not None else LocalityConfig.from_env()
         self.priors = priors if priors is not None else CostPriors()
         self._cal = _Calibration()
         self._lock = threading.RLock()

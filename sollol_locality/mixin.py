@@ -57,7 +57,8 @@ class _LocalityState:
             topology = topology or planner.topology
             cost_model = cost_model or planner.cost_model
         config = config or (topology.config if topology is not None else
-                            cost_model.config if cost_model is not None else LocalityConfig())
+                            cost_model.config if cost_model is not None
+                            else LocalityConfig.from_env())
         topology = topology or NodeTopology(config)
         cost_model = cost_model or ParallelismCostModel(config)
         self.planner = planner or ExecutionPlanner(topology, cost_model, config)

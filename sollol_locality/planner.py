@@ -269,7 +269,7 @@ class ExecutionPlanner:
         topology: host identity (:class:`NodeTopology`); built from ``config`` when omitted.
         cost_model: the makespan model (:class:`ParallelismCostModel`); built when omitted.
         config: settings; taken from the topology or cost model when they are given, else
-            ``LocalityConfig()`` (the environment).
+            ``LocalityConfig.from_env()``.
         clock: monotonic clock for the decision cache.
     """
 
@@ -279,7 +279,8 @@ class ExecutionPlanner:
                  clock: Callable[[], float] = time.monotonic) -> None:
         if config is None:
             config = (topology.config if topology is not None
-                      else cost_model.config if cost_model is not None else LocalityConfig())
+                      else cost_model.config if cost_model is not None
+                      else LocalityConfig.from_env())
         self.config = config
         self.topology = topology if topology is not None else NodeTopology(config)
         self.cost_model = cost_model if cost_model is not None else ParallelismCostModel(config)

@@ -129,7 +129,7 @@ class NodeTopology:
 
     Args:
         config: settings (``dns_timeout``, ``nameservers``, ``topology_file``, ``hosts_file``);
-            ``LocalityConfig()`` (the environment) when omitted.
+            ``LocalityConfig.from_env()`` when omitted.
         resolver: anything with ``resolve_many(names, *, timeout)`` (see
             :class:`sollol_locality.resolver.Resolver`); a dnspython resolver by default.
         local_machine: what "this machine" is (:class:`sollol_locality.local.LocalMachine`).
@@ -148,7 +148,7 @@ class NodeTopology:
         local_machine: Any = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.config = config if config is not None else LocalityConfig()
+        self.config = config if config is not None else LocalityConfig.from_env()
         self._clock = clock
         if resolver is None:
             from .resolver import DnsResolver

@@ -20,7 +20,6 @@ def offline_config(**fields: Any) -> LocalityConfig:
         "dns_timeout": 0.3,
         "nameservers": (CLOSED_NAMESERVER,),
         "calibration_file": None,
-        "environ": {},
     }
     base.update(fields)
     return LocalityConfig(**base)

@@ -134,7 +134,7 @@ def test_forced_mode_from_environment(topology, monkeypatch):
     monkeypatch.setenv("SOLLOL_LOCALITY_MODE", "sequential")
     from sollol_locality import LocalityConfig
 
-    config = LocalityConfig(calibration_file=None, nameservers="127.0.0.1:9")
+    config = LocalityConfig.from_env(calibration_file=None, nameservers="127.0.0.1:9")
     planner = ExecutionPlanner(topology, ParallelismCostModel(config), config)
     assert planner.plan(2, ["10.0.0.5", "10.0.0.6"]).forced
 
