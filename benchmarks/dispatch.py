@@ -269,7 +269,7 @@ def offline_config(calibration_file: Path | None) -> Any:
     # IP literals only: nothing is resolved; a closed loopback port stands in for a nameserver.
     return LocalityConfig(mode="auto", min_speedup=1.0, topology_file=None,
                           nameservers=(("127.0.0.1", 9),), dns_timeout=0.5,
-                          calibration_file=calibration_file, environ={})
+                          calibration_file=calibration_file)
 
 
 def _library_policy(urls: Sequence[str], chunks: int, calibration_file: Path | None

@@ -41,8 +41,8 @@ from typing import Any, TextIO
 
 from ._errors import CalibrationError, InvalidNodeAddress
 from .config import LocalityConfig
-from .cost_model import ParallelismCostModel, unit_label
-from .topology import HostIdentity, NodeTopology
+from .cost_model import ParallelismCostModel
+from .topology import ExecutionUnit, HostIdentity, Instance, NodeTopology
 
 __all__ = ["CalibrationReport", "add_calibrate_parser", "calibrate"]
 
@@ -140,7 +140,7 @@ def calibrate(
         raise CalibrationError("no calibration file configured; pass --output")
     say = progress or (lambda line: None)
     identities: list[HostIdentity] = []
-    seen: set[tuple[str, int]] = set()
+    seen: set[Instance] = set()
     for result in topology.describe_many(list(nodes)):
         if isinstance(result, InvalidNodeAddress):
             raise CalibrationError(str(result))
@@ -173,7 +173,7 @@ def calibrate(
     report = CalibrationReport(path=None, model=chosen_model)
     groups = _groups(identities)
     # What this run measures replaces what the model knew about the same units and hosts.
-    model_._forget(units={unit_label(i.unit) for i in identities},
+    model_._forget(units={i.unit.label for i in identities},
                    hosts={g.key for g in groups if g.kind == "host"},
                    dispatch=any(g.kind == "machines" for g in groups))
     solo: dict[str, list[float]] = {i.address.url: [] for i in identities}
@@ -220,14 +220,14 @@ class _Group:
 
 def _groups(identities: Sequence[HostIdentity]) -> list[_Group]:
     groups: list[_Group] = []
-    by_unit: dict[tuple[str, str], list[HostIdentity]] = {}
-    by_host: dict[str, dict[tuple[str, str], HostIdentity]] = {}
+    by_unit: dict[ExecutionUnit, list[HostIdentity]] = {}
+    by_host: dict[str, dict[ExecutionUnit, HostIdentity]] = {}
     for identity in identities:
         by_unit.setdefault(identity.unit, []).append(identity)
         by_host.setdefault(identity.physical_host_id, {}).setdefault(identity.unit, identity)
     for unit, members in by_unit.items():
         if len(members) > 1:
-            label = unit_label(unit)
+            label = unit.label
             groups.append(_Group("unit", label, f"{len(members)} nodes on {label}", members))
     for host, units in by_host.items():
         if len(units) > 1:

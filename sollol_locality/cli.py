@@ -107,7 +107,7 @@ def describe_identity(identity: Any) -> dict[str, Any]:
         "is_local": identity.is_local,
         "addresses": sorted(identity.addresses),
         "device": identity.device,
-        "unit": "/".join(identity.unit),
+        "unit": identity.unit.label,
         "locality_group": identity.locality_group,
         "resolved": identity.resolved,
         "source": identity.source,

@@ -29,6 +29,8 @@ The topology file (TOML) states what no probe can know::
     [nodes."http://10.0.0.5:11435"]
     host = "gpu-box-1"
     gpu = "1"
+    num_parallel = 4        # slots: the instance's OLLAMA_NUM_PARALLEL
+    cpus = "0-7"            # the CPU set the instance is pinned to
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ __all__ = [
     "default_calibration_file",
     "legacy_calibration_file",
     "load_topology_file",
+    "parse_cpu_list",
     "parse_nameserver",
     "parse_topology",
 ]
@@ -304,12 +307,16 @@ class HostOverride:
 
 @dataclass(frozen=True, slots=True)
 class NodeOverride:
-    """One ``[nodes."URL"]`` table: which machine a node runs on and on which GPU."""
+    """One ``[nodes."URL"]`` table: which machine a node runs on, on which GPU, how many
+    requests its instance serves at once (``num_parallel``) and the CPUs it is pinned to
+    (``cpus``, a CPU list such as ``"0-7"`` or ``"0,2,4"``)."""
 
     url: str
     host: str | None = None
     gpu: str | None = None
     zone: str | None = None
+    num_parallel: int | None = None
+    cpus: frozenset[int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,10 +430,11 @@ def parse_topology(text: str, path: str = "<topology>") -> TopologyOverrides:
             address = parse_node_address(url)
         except InvalidNodeAddress as exc:
             raise fail(f"[nodes.{shown}]: {exc.reason}", url) from None
-        extra = set(table) - {"host", "gpu", "zone"}
+        extra = set(table) - {"host", "gpu", "zone", "num_parallel", "cpus"}
         if extra:
             key = sorted(extra)[0]
-            raise fail(f"[nodes.{shown}]: unknown key {key!r} (expected host, gpu, zone)", key)
+            raise fail(f"[nodes.{shown}]: unknown key {key!r} (expected host, gpu, zone, "
+                       "num_parallel, cpus)", key)
         host = table.get("host")
         if host is not None and (not isinstance(host, str) or not host.strip()):
             raise fail(f"[nodes.{shown}]: 'host' must be a non-empty string", "host")
@@ -436,13 +444,63 @@ def parse_topology(text: str, path: str = "<topology>") -> TopologyOverrides:
         zone = table.get("zone")
         if zone is not None and (not isinstance(zone, str) or not zone.strip()):
             raise fail(f"[nodes.{shown}]: 'zone' must be a non-empty string", "zone")
+        slots = table.get("num_parallel")
+        if slots is not None and (not isinstance(slots, int) or isinstance(slots, bool)
+                                  or not 1 <= slots <= _MAX_SLOTS):
+            raise fail(f"[nodes.{shown}]: 'num_parallel' must be an integer from 1 to "
+                       f"{_MAX_SLOTS}, got {slots!r}", "num_parallel")
+        cpus_raw = table.get("cpus")
+        cpus: frozenset[int] | None = None
+        if cpus_raw is not None:
+            try:
+                cpus = parse_cpu_list(cpus_raw)
+            except ValueError as exc:
+                raise fail(f"[nodes.{shown}]: 'cpus' {exc}", "cpus") from None
         nodes[(address.host, address.port)] = NodeOverride(
             address.url,
             host.strip().lower() if isinstance(host, str) else None,
             None if gpu is None else str(gpu),
             zone.strip() if isinstance(zone, str) else None,
+            slots,
+            cpus,
         )
     return TopologyOverrides(hosts, nodes, alias_index, path)
+
+
+_MAX_SLOTS: Final = 4096
+_MAX_CPU: Final = 65535
+
+
+def parse_cpu_list(value: object) -> frozenset[int]:
+    """A CPU set from the kernel's list format (``"0-7"``, ``"0,2,4"``, ``"0-3,8-11"``) or a
+    list of CPU numbers.
+
+    Raises:
+        ValueError: not a CPU list; the message says why (``must be ...``).
+    """
+    items: list[object]
+    if isinstance(value, str):
+        items = [part.strip() for part in value.split(",")]
+    elif isinstance(value, list):
+        items = list(value)
+    else:
+        raise ValueError(f"must be a CPU list such as \"0-7\" or \"0,2,4\", got {value!r}")
+    cpus: set[int] = set()
+    for item in items:
+        if isinstance(item, int) and not isinstance(item, bool):
+            low = high = item
+        elif isinstance(item, str) and re.fullmatch(r"\d+(-\d+)?", item):
+            first, _, last = item.partition("-")
+            low, high = int(first), int(last or first)
+        else:
+            raise ValueError(f"must be a CPU list such as \"0-7\" or \"0,2,4\", got {value!r}")
+        if not 0 <= low <= high <= _MAX_CPU:
+            raise ValueError(f"must list CPUs from 0 to {_MAX_CPU} in rising ranges, got "
+                             f"{value!r}")
+        cpus.update(range(low, high + 1))
+    if not cpus:
+        raise ValueError(f"must name at least one CPU, got {value!r}")
+    return frozenset(cpus)
 
 
 def normalise_host(text: str) -> str:

@@ -47,19 +47,19 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeGuard
 
+from . import _nodefields
 from ._errors import CalibrationError, InvalidNodeAddress
 from .config import LocalityConfig
 
 if TYPE_CHECKING:
-    from .topology import HostIdentity, NodeTopology
+    from .topology import ExecutionUnit, HostIdentity, Instance, NodeTopology
 
 __all__ = [
     "CostPriors",
     "NodeProfile",
     "ParallelismCostModel",
     "SpeedupEstimate",
-    "node_latency",
-]
+    ]
 
 logger = logging.getLogger(__name__)
 
@@ -167,8 +167,8 @@ class NodeProfile:
 
     index: int
     identity: HostIdentity
-    instance: tuple[str, int]
-    unit: tuple[str, str]
+    instance: Instance
+    unit: ExecutionUnit
     task_time: float
     speed_source: str
 
@@ -178,60 +178,15 @@ class NodeProfile:
 
     @property
     def unit_label(self) -> str:
-        return unit_label(self.unit)
+        return self.unit.label
 
     @property
     def is_gpu(self) -> bool:
-        return self.unit[1] != "cpu"
-
-
-def unit_label(unit: tuple[str, str]) -> str:
-    """``("host", "cpu")`` -> ``"host/cpu"``; a GPU id ``"1"`` -> ``"host/gpu:1"``."""
-    host, kind = unit
-    if kind in ("cpu", "gpu"):
-        return f"{host}/{kind}"
-    return f"{host}/gpu:{kind}"
-
-
-def node_latency(node: object, min_samples: int) -> float | None:
-    """Seconds per request the node object itself reports, once it has enough samples."""
-    if isinstance(node, str):
-        return None
-    if isinstance(node, Mapping):
-        count = node.get("total_requests", node.get("requests"))
-        if count is not None and not (_is_number(count) and float(count) >= min_samples):
-            return None
-        for key, scale in (("latency_ms", 1e-3), ("avg_latency_ms", 1e-3),
-                           ("avg_response_time", 1.0)):
-            value = node.get(key)
-            if _is_number(value) and float(value) > 0:
-                return float(value) * scale
-        return None
-    metrics = _attr(node, "metrics")
-    if metrics is None:
-        return None
-    count = _attr(metrics, "total_requests")
-    if not _is_number(count) or count < min_samples:
-        return None
-    seconds = _attr(metrics, "avg_response_time")
-    if _is_number(seconds) and seconds > 0:
-        return float(seconds)
-    millis = _attr(metrics, "avg_latency")
-    if _is_number(millis) and millis > 0:
-        return float(millis) / 1000.0
-    return None
+        return self.unit.is_gpu
 
 
 def _is_number(value: object) -> TypeGuard[int | float]:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
-def _attr(obj: object, name: str) -> Any:
-    try:
-        return getattr(obj, name, None)
-    except Exception:  # a foreign property that raises counts as absent
-        return None
+    return _nodefields.is_number(value)
 
 
 @dataclass
@@ -343,25 +298,25 @@ class ParallelismCostModel:
         cal = self._cal
         return bool(cal.task_seconds or cal.contention or cal.host_overhead or cal.dispatch)
 
-    def contention(self, unit: tuple[str, str], k: int, *, trial: _Trial | None = None) -> float:
+    def contention(self, unit: ExecutionUnit, k: int, *, trial: _Trial | None = None) -> float:
         """``c`` for ``k`` concurrent nodes on ``unit``: measured if known (nearest measured
         ``k``), else the CPU or GPU prior. ``trial`` (learning only) stands a candidate value in
         for one stream count of one unit, as if it had been measured."""
         # A copy: observe() may add a stream count from another thread while this one decides.
-        by_k: dict[int, Any] = dict(self._cal.contention.get(unit_label(unit)) or {})
-        if trial is not None and trial.kind == "contention" and trial.key == unit_label(unit):
+        by_k: dict[int, Any] = dict(self._cal.contention.get(unit.label) or {})
+        if trial is not None and trial.kind == "contention" and trial.key == unit.label:
             by_k[trial.k] = (trial.value,)
         if by_k:
             nearest = min(by_k, key=lambda known: (abs(known - k), -known))
             value = _median(by_k[nearest])
             if value is not None:
                 return value
-        return self.priors.cpu_contention if unit[1] == "cpu" else self.priors.gpu_contention
+        return self.priors.gpu_contention if unit.is_gpu else self.priors.cpu_contention
 
-    def gains_from_concurrency(self, unit: tuple[str, str]) -> int:
+    def gains_from_concurrency(self, unit: ExecutionUnit) -> int:
         """The largest measured number of concurrent nodes that made ``unit`` faster (1 if none)
         by more than noise: their contention must be at most ``-priors.min_concurrency_gain``."""
-        by_k = dict(self._cal.contention.get(unit_label(unit)) or {})  # a copy, as above
+        by_k = dict(self._cal.contention.get(unit.label) or {})  # a copy, as above
         best = 1
         margin = self.priors.min_concurrency_gain
         for k, samples in by_k.items():
@@ -380,8 +335,8 @@ class ParallelismCostModel:
         value = _median(self._cal.dispatch)
         return self.priors.dispatch_overhead if value is None else value
 
-    def measured_task_seconds(self, unit: tuple[str, str]) -> float | None:
-        return _median(self._cal.task_seconds.get(unit_label(unit)))
+    def measured_task_seconds(self, unit: ExecutionUnit) -> float | None:
+        return _median(self._cal.task_seconds.get(unit.label))
 
     # -- profiles ---------------------------------------------------------------------------
 
@@ -389,8 +344,7 @@ class ParallelismCostModel:
                  ) -> tuple[list[NodeProfile], str]:
         """Node profiles for described nodes (invalid ones skipped) and the time unit."""
         priors = self.priors
-        raw: list[tuple[int, HostIdentity, tuple[str, int], tuple[str, str], float | None,
-                        str]] = []
+        raw: list[tuple[int, HostIdentity, Instance, ExecutionUnit, float | None, str]] = []
         for index, identity in enumerate(identities):
             if isinstance(identity, InvalidNodeAddress):
                 continue
@@ -398,16 +352,16 @@ class ParallelismCostModel:
             seconds: float | None = self.measured_task_seconds(unit)
             source = "calibration"
             if seconds is None:
-                seconds = node_latency(identity.node, priors.min_samples)
+                seconds = _nodefields.latency(identity.node, priors.min_samples)
                 source = "metrics" if seconds is not None else "prior"
             instance = identity.instance
             raw.append((index, identity, instance, unit, seconds, source))
         # The reference speed for nodes without data: the median over distinct instances, so
         # that listing one instance under several names never shifts it.
-        distinct: dict[tuple[str, int], tuple[float, bool]] = {}
+        distinct: dict[Instance, tuple[float, bool]] = {}
         for _, _, instance, unit, seconds, _ in raw:
             if seconds is not None:
-                distinct.setdefault(instance, (seconds, unit[1] != "cpu"))
+                distinct.setdefault(instance, (seconds, unit.is_gpu))
         known = list(distinct.values())
         if known:
             time_unit = "seconds"
@@ -419,7 +373,7 @@ class ParallelismCostModel:
         for index, identity, instance, unit, known_seconds, source in raw:
             task_time = known_seconds
             if task_time is None:
-                task_time = reference / priors.gpu_speed_factor if unit[1] != "cpu" else reference
+                task_time = reference / priors.gpu_speed_factor if unit.is_gpu else reference
             result.append(NodeProfile(index, identity, instance, unit, task_time, source))
         return result, time_unit
 
@@ -444,7 +398,7 @@ class ParallelismCostModel:
         if count == 0 or num_tasks <= 0:
             return 0.0, [0] * count
         # Aliases of one instance are one server: only the first of each instance works.
-        seen: set[tuple[str, int]] = set()
+        seen: set[Instance] = set()
         usable = []
         for i, profile in enumerate(profiles):
             if profile.instance not in seen:
@@ -457,7 +411,7 @@ class ParallelismCostModel:
             shares = _assign(num_tasks, [(i, estimate[i]) for i in usable])
             now_active = {i for i in usable if shares[i] > 0}
             makespan = self._simulate(profiles, shares)
-            if len({profiles[i].unit[0] for i in now_active}) > 1:
+            if len({profiles[i].unit.host for i in now_active}) > 1:
                 makespan *= 1.0 + self.dispatch_overhead()
             if best is None or makespan < best[0] - 1e-12:
                 best = (makespan, [shares.get(i, 0) for i in range(count)])
@@ -471,14 +425,14 @@ class ParallelismCostModel:
                         targets: Iterable[int], trial: _Trial | None = None
                         ) -> dict[int, float]:
         """Time per task of each target while the ``active`` nodes (plus itself) are busy."""
-        streams: dict[tuple[str, str], int] = {}
-        host_units: dict[str, set[tuple[str, str]]] = {}
+        streams: dict[ExecutionUnit, int] = {}
+        host_units: dict[str, set[ExecutionUnit]] = {}
         for i in active:
             unit = profiles[i].unit
             streams[unit] = streams.get(unit, 0) + 1
-            host_units.setdefault(unit[0], set()).add(unit)
+            host_units.setdefault(unit.host, set()).add(unit)
         times = {}
-        factors: dict[tuple[tuple[str, str], int], float] = {}  # every node of a unit shares it
+        factors: dict[tuple[ExecutionUnit, int], float] = {}  # every node of a unit shares it
         for i in targets:
             profile = profiles[i]
             unit = profile.unit
@@ -488,9 +442,9 @@ class ParallelismCostModel:
                 factor = 1.0
                 if k > 1:
                     factor = k * max(0.05, 1.0 + self.contention(unit, k, trial=trial))
-                units_busy = host_units.get(unit[0], set()) | {unit}
+                units_busy = host_units.get(unit.host, set()) | {unit}
                 if len(units_busy) > 1:
-                    factor *= (1.0 + self.host_overhead(unit[0], trial=trial)
+                    factor *= (1.0 + self.host_overhead(unit.host, trial=trial)
                                * (len(units_busy) - 1))
                 factors[(unit, k)] = factor
             times[i] = profile.task_time * factor
@@ -502,7 +456,7 @@ class ParallelismCostModel:
         task each, and whenever a node finishes a task it takes the next one left, however slow
         it is. Contention is simulated as in :meth:`parallel_makespan`; unlike it, no node is
         spared, so a node many times slower than the rest still holds up the batch."""
-        seen: set[tuple[str, int]] = set()
+        seen: set[Instance] = set()
         workers = []
         for i, profile in enumerate(profiles):
             if profile.instance not in seen:
@@ -512,7 +466,7 @@ class ParallelismCostModel:
             return 0.0
         busy = {i: 0.0 for i in workers[:num_tasks]}  # node -> progress through its task
         waiting = num_tasks - len(busy)
-        hosts = {profiles[i].unit[0] for i in busy}
+        hosts = {profiles[i].unit.host for i in busy}
         clock = 0.0
         while busy:
             times = self._per_task_times(profiles, set(busy), busy)
@@ -594,15 +548,15 @@ class ParallelismCostModel:
     def _explain(self, num_tasks: int, profiles: Sequence[NodeProfile],
                  used: Sequence[NodeProfile], speedup: float) -> str:
         units = {p.unit for p in used}
-        hosts = {p.unit[0] for p in used}
+        hosts = {p.unit.host for p in used}
         if num_tasks < 2:
             return "a single task gains nothing from parallelism"
         if len(used) <= 1:
             return "one node takes every task; the others are too slow to help"
         if len(units) == 1:
             (unit,) = units
-            kind = "CPU" if unit[1] == "cpu" else "GPU"
-            return (f"{len(used)} nodes share one {kind} on {unit[0]} and contend for it "
+            kind = "GPU" if unit.is_gpu else "CPU"
+            return (f"{len(used)} nodes share one {kind} on {unit.host} and contend for it "
                     f"(predicted {speedup:.2f}x)")
         if len(hosts) == 1:
             return (f"{len(units)} separate units of one host {next(iter(hosts))} "
@@ -661,23 +615,23 @@ class ParallelismCostModel:
         cal = self._cal
         if mode == "sequential" or len(identities) == 1:
             unit = identities[0].unit
-            _push(cal.task_seconds, unit_label(unit), wall / num_tasks)
-            logger.debug("calibration: %s takes %.3fs per task", unit_label(unit),
+            _push(cal.task_seconds, unit.label, wall / num_tasks)
+            logger.debug("calibration: %s takes %.3fs per task", unit.label,
                          wall / num_tasks)
             return
-        instances: dict[tuple[str, int], HostIdentity] = {}
+        instances: dict[Instance, HostIdentity] = {}
         for identity in identities:
             instances.setdefault(identity.instance, identity)
         members = list(instances.values())
         units = {m.unit for m in members}
-        hosts = {m.unit[0] for m in members}
+        hosts = {m.unit.host for m in members}
         k = len(members)
-        by_unit: dict[tuple[str, str], float] = {}
+        by_unit: dict[ExecutionUnit, float] = {}
         for unit in units:
             seconds = self.measured_task_seconds(unit)
             if seconds is None:
                 logger.debug("calibration: no solo time for %s yet; parallel run not used",
-                             unit_label(unit))
+                             unit.label)
                 return
             by_unit[unit] = seconds
         profiles = [NodeProfile(i, m, m.instance, m.unit, by_unit[m.unit], "calibration")
@@ -695,7 +649,7 @@ class ParallelismCostModel:
             return self._simulate(profiles, shares, trial)
 
         if len(units) == 1:
-            label = unit_label(next(iter(units)))
+            label = next(iter(units)).label
             c = _fit(lambda x: simulated(_Trial("contention", label, streams, x)), wall,
                      low=_MIN_CONTENTION)
             if c is not None:

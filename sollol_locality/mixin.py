@@ -31,7 +31,7 @@ from ._errors import InvalidNodeAddress, LocalityError
 from .config import LocalityConfig
 from .cost_model import ParallelismCostModel
 from .planner import ExecutionPlan, ExecutionPlanner
-from .topology import NodeTopology
+from .topology import ExecutionUnit, NodeTopology
 
 __all__ = ["LocalityAwareMixin", "NodeRegistry"]
 
@@ -64,8 +64,8 @@ class _LocalityState:
         self.planner = planner or ExecutionPlanner(topology, cost_model, config)
         self.lock = threading.Lock()
         self.last_logged: dict[frozenset[str], tuple[str, tuple[str, ...]]] = {}
-        self.inflight: dict[tuple[str, str], int] = {}
-        self.decision_units: dict[int, tuple[str, str]] = {}
+        self.inflight: dict[ExecutionUnit, int] = {}
+        self.decision_units: dict[int, ExecutionUnit] = {}
 
 
 class LocalityAwareMixin:
@@ -226,7 +226,7 @@ class LocalityAwareMixin:
                          and i.node is not node and state.inflight.get(i.unit, 0) == 0), None)
         if busy and idle is not None:
             note = (f" Locality: moved from {chosen.address.url} (its execution unit "
-                    f"{unit[0]}/{unit[1]} is busy with {busy} request(s)) to "
+                    f"{unit.label} is busy with {busy} request(s)) to "
                     f"{idle.address.url} on an idle unit.")
             try:
                 decision.node = idle.node

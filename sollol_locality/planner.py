@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
+from . import _nodefields
 from ._errors import InvalidNodeAddress
 from .addresses import describe_input
 from .config import ENV_MODE, LocalityConfig
-from .cost_model import NodeProfile, ParallelismCostModel, unit_label
-from .topology import HostIdentity, NodeTopology
+from .cost_model import NodeProfile, ParallelismCostModel
+from .topology import ExecutionUnit, HostIdentity, Instance, NodeTopology
 
 __all__ = ["DECISION_CACHE_SECONDS", "ExecutionPlan", "ExecutionPlanner", "PlanDetail"]
 
@@ -304,7 +305,7 @@ class ExecutionPlanner:
         node_list = nodes if isinstance(nodes, list) else list(nodes)
         key: tuple[Any, ...] | None
         try:
-            key = (num_tasks, *map(_signature, node_list))
+            key = (num_tasks, *map(_nodefields.signature, node_list))
             hash(key)
         except TypeError:
             key = None
@@ -409,7 +410,7 @@ class ExecutionPlanner:
                        f"{fastest_url}.", "one-task")
 
         # One stream per execution unit (more where calibration measured a gain), best first.
-        per_unit: dict[tuple[str, str], list[NodeProfile]] = {}
+        per_unit: dict[ExecutionUnit, list[NodeProfile]] = {}
         for profile in sorted(profiles, key=_rank):
             per_unit.setdefault(profile.unit, []).append(profile)
         ordered: list[list[NodeProfile]] = []
@@ -419,15 +420,15 @@ class ExecutionPlanner:
         if len(ordered) == 1 and len(ordered[0]) == 1:
             members = per_unit[fastest.unit]
             unit = fastest.unit
-            kind = "its CPU" if unit[1] == "cpu" else ("its GPU" if unit[1] == "gpu"
-                                                     else f"GPU {unit[1]}")
+            kind = ("its CPU" if not unit.is_gpu else "its GPU" if unit.device is None
+                    else f"GPU {unit.device}")
             if len(profiles) == 1:
                 return seq(f"Sequential: only one node ({fastest_url}) is available.",
                            "one-unit")
             instances = len(_distinct_instances(members))
             return seq(
                 f"Sequential: all {len(profiles)} nodes run on one machine "
-                f"({unit[0]}) and share {kind}; {_tasks(num_tasks)} in parallel there are "
+                f"({unit.host}) and share {kind}; {_tasks(num_tasks)} in parallel there are "
                 f"predicted to run at {naive:.2f}x the speed of running them one after "
                 f"another on {fastest_url}"
                 + (f", a gain under the {model.priors.min_concurrency_gain:.0%} that "
@@ -436,7 +437,7 @@ class ExecutionPlanner:
                 if instances > 1 else
                 f"Sequential: the {len(profiles)} nodes given are aliases of one instance "
                 f"({fastest_url}).",
-                "one-unit", shared=unit[0])
+                "one-unit", shared=unit.host)
         best: tuple[float, list[NodeProfile], list[int], float] | None = None
         limit = min(num_tasks, len(ordered))
         for m in range(1, limit + 1):
@@ -452,11 +453,11 @@ class ExecutionPlanner:
         speedup, chosen, shares, makespan = best
         used = [p for p, s in zip(chosen, shares, strict=True) if s > 0]
         if speedup > self.config.min_speedup and len(used) >= 2:
-            used_hosts = list(dict.fromkeys(p.unit[0] for p in used))
+            used_hosts = list(dict.fromkeys(p.unit.host for p in used))
             used_units = {p.unit for p in used}
             where = (f"{len(used_hosts)} machines ({_names(used_hosts)})" if len(used_hosts) > 1
                      else f"{len(used_units)} units of {used_hosts[0]} "
-                          f"({_names(unit_label(u) for u in used_units)})")
+                          f"({_names(u.label for u in used_units)})")
             left = len(profiles) - len(used)
             tail = (f"; {left} other node(s) would add contention or no speed and are left out"
                     if left else "")
@@ -480,11 +481,11 @@ def _rank(profile: NodeProfile) -> tuple[float, bool, bool, str, int, int]:
     order nodes were listed in."""
     identity = profile.identity
     return (profile.task_time, not identity.is_local, identity.source == "container",
-            profile.instance[0], profile.instance[1], profile.index)
+            profile.instance.host, profile.instance.port, profile.index)
 
 
 def _distinct_instances(profiles: Iterable[NodeProfile]) -> list[NodeProfile]:
-    seen: set[tuple[str, int]] = set()
+    seen: set[Instance] = set()
     result = []
     for profile in profiles:
         if profile.instance not in seen:
@@ -506,25 +507,3 @@ def _names(items: Iterable[str], limit: int = 3) -> str:
     names = list(items)
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def _attr(obj: object, name: str) -> Any:
-    try:
-        return getattr(obj, name, None)
-    except Exception:  # a foreign property that raises counts as absent
-        return None
-
-
-def _signature(node: Any) -> Any:
-    """What a decision depends on for one node: its address and the figures it carries."""
-    if type(node) is str:
-        return node
-    if isinstance(node, Mapping):
-        return (Mapping, *sorted(node.items()))
-    metrics = _attr(node, "metrics")
-    caps = _attr(node, "capabilities")
-    return (type(node), id(node), _attr(node, "url"), _attr(node, "host"), _attr(node, "port"),
-            _attr(metrics, "avg_response_time"), _attr(metrics, "total_requests"),
-            _attr(metrics, "avg_latency"), _attr(caps, "has_gpu"), _attr(caps, "gpu_count"),
-            _attr(node, "gpu"), _attr(node, "device"), _attr(node, "gpu_id"),
-            _attr(node, "has_gpu"))

@@ -52,7 +52,7 @@ from .config import LocalityConfig
 from .cost_model import ParallelismCostModel
 from .mixin import LocalityAwareMixin, _LocalityState
 from .planner import ExecutionPlan, ExecutionPlanner
-from .topology import HostIdentity, NodeTopology
+from .topology import HostIdentity, Instance, NodeTopology
 
 if TYPE_CHECKING:
     LocalityAwarePool: type[Any]  # built on first use by the module __getattr__ below
@@ -189,19 +189,6 @@ def _node_text(node: Any, identity: HostIdentity | InvalidNodeAddress | None = N
     return describe_input(node)
 
 
-def _instance_key(topology: NodeTopology, identity: HostIdentity) -> tuple[str, str, int]:
-    """What makes two nodes one Ollama instance: the machine and the port, except that a
-    container on this machine has its own network namespace (its own ports) and so is keyed by
-    its address."""
-    port = identity.address.port
-    if identity.is_local:
-        classify = topology.local_machine.classify_ip
-        containers = sorted(a for a in identity.addresses if classify(a) == "container")
-        if containers:
-            return ("container", containers[0], port)
-    return ("host", identity.physical_host_id, port)
-
-
 class LocalityAwarePoolMixin:
     """Locality-aware ``count_unique_physical_hosts()``, ``should_use_parallel_execution()``,
     ``plan_execution()``, node normalisation and de-duplication for ``sollol.pool.OllamaPool``.
@@ -305,7 +292,7 @@ class LocalityAwarePoolMixin:
         topology = _state_for(self).planner.topology
         identities = _describe(topology, nodes)
         kept: list[Any] = []
-        first: dict[tuple[str, str, int], tuple[Any, HostIdentity]] = {}
+        first: dict[Instance, tuple[Any, HostIdentity]] = {}
         instances_by_host: dict[str, list[str]] = {}
         for node, identity in zip(nodes, identities, strict=True):
             if isinstance(identity, InvalidNodeAddress):
@@ -313,18 +300,18 @@ class LocalityAwarePoolMixin:
                                identity.reason, extra={"event": "pool_node_unparsed"})
                 kept.append(node)
                 continue
-            key = _instance_key(topology, identity)
-            where = (identity.physical_host_id if key[0] == "host"
-                     else f"{identity.physical_host_id}, container {key[1]}")
+            key = identity.instance
+            where = (identity.physical_host_id if key.host == identity.physical_host_id
+                     else f"{identity.physical_host_id}, container {key.host}")
             if key in first:
                 survivor, survivor_identity = first[key]
                 logger.info(
                     "pool nodes %s and %s are one Ollama instance (machine %s, port %d); "
                     "keeping %s", _node_text(survivor, survivor_identity),
-                    _node_text(node, identity), where, key[2],
+                    _node_text(node, identity), where, key.port,
                     _node_text(survivor, survivor_identity),
                     extra={"event": "pool_node_merged", "host": identity.physical_host_id,
-                           "port": key[2]})
+                           "port": key.port})
                 continue
             first[key] = (node, identity)
             kept.append(node)

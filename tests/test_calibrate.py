@@ -20,6 +20,7 @@ from helpers import gpu_node, offline_config, offline_topology
 
 from sollol_locality import ExecutionPlanner, ParallelismCostModel
 from sollol_locality.cli import main
+from sollol_locality.topology import ExecutionUnit
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) does not put the root on the path
@@ -28,7 +29,7 @@ if str(ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) does not put 
 OFFLINE = ["--nameserver", "127.0.0.1:9", "--dns-timeout", "0.3"]
 WEIGHTS_MB = 8
 TOKENS = 24
-LOCAL = ("localhost", "cpu")
+LOCAL = ExecutionUnit("localhost")
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
