@@ -357,7 +357,7 @@ def _calibration_summary(path: Path) -> dict[str, Any]:
 def run_scenario(letter: str, settings: Settings, workdir: Path, *,
                  say: Callable[[str], None] = _say) -> ScenarioResult:
     """Start the scenario, calibrate, decide, measure every strategy; clean up everything."""
-    from sollol_locality.calibration import calibrate
+    from sollol_locality.probe import calibrate
 
     key = LETTERS[letter]
     scenario = SCENARIOS[key]

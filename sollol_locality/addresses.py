@@ -1,6 +1,6 @@
 """Parsing every node shape into a normalised :class:`NodeAddress`.
 
-Accepted shapes (DESIGN.md, "Node shapes accepted everywhere a node is taken"):
+Accepted shapes (every place that takes a node accepts all of them):
 
 * a string: ``"http://host:11434"``, ``"https://host"``, ``"host:11434"``, ``"host"``,
   ``"[::1]:11434"``, ``"http://[fe80::1%eth0]:11434"``;

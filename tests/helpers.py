@@ -46,7 +46,7 @@ class Metrics:
 
 @dataclass(eq=False)
 class OllamaNode:
-    """The shape of SynapticLlamas' OllamaNode (DESIGN.md lists the attributes used)."""
+    """The shape of SynapticLlamas' OllamaNode (the attributes the library reads)."""
 
     url: str
     name: str = ""

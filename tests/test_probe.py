@@ -184,7 +184,7 @@ def test_refuses_to_overwrite_a_file_that_is_not_a_calibration(
 @pytest.mark.integration
 def test_recalibration_replaces_what_it_measures_and_keeps_the_rest(nodes: list[str],
                                                                     tmp_path: Path) -> None:
-    from sollol_locality.calibration import calibrate
+    from sollol_locality.probe import calibrate
 
     topology = offline_topology()
     old = ParallelismCostModel(offline_config())
