@@ -76,7 +76,48 @@ def signature(node: object) -> Hashable:
         return node
     if isinstance(node, Mapping):
         return (Mapping, *sorted(node.items()))
-    return (type(node), id(node), *(read(node, path) for path in FIELDS))
+    plan = _plan()
+    parts: list[Any] = [type(node), id(node)]
+    for head, tails in plan:
+        try:
+            value = getattr(node, head, None)
+        except Exception:  # a foreign property that raises counts as absent
+            value = None
+        for tail in tails:
+            if tail is None:
+                parts.append(value)
+            elif value is None:
+                parts.append(None)
+            elif type(value) is dict or isinstance(value, Mapping):
+                parts.append(value.get(tail))
+            else:
+                try:
+                    parts.append(getattr(value, tail, None))
+                except Exception:
+                    parts.append(None)
+    return tuple(parts)
+
+
+_Plan = tuple[tuple[str, tuple[str | None, ...]], ...]
+_plans: dict[int, tuple[tuple[tuple[str, ...], ...], _Plan]] = {}
+
+
+def _plan() -> _Plan:
+    """:data:`FIELDS` grouped by their first attribute (each read once per node), rebuilt
+    whenever ``FIELDS`` is replaced."""
+    fields_ = FIELDS
+    cached = _plans.get(id(fields_))
+    if cached is not None and cached[0] is fields_:
+        return cached[1]
+    grouped: dict[str, list[str | None]] = {}
+    for path in fields_:
+        if len(path) > 2:
+            raise ValueError(f"node field paths are one or two attributes long, got {path!r}")
+        grouped.setdefault(path[0], []).append(path[1] if len(path) == 2 else None)
+    plan = tuple((head, tuple(tails)) for head, tails in grouped.items())
+    _plans.clear()
+    _plans[id(fields_)] = (fields_, plan)
+    return plan
 
 
 def is_number(value: object) -> TypeGuard[int | float]:
