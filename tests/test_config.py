@@ -177,6 +177,21 @@ def test_topology_file_is_parsed_and_normalised(tmp_path):
         ("[machines.a]\n",
          "Invalid topology file t.toml, line 1: unknown table 'machines' (expected [hosts.NAME] "
          "or [nodes.\"URL\"])"),
+        ("[nodes.\"http://h:1\"]\nhost = 'a'\nnum_parallel = 0\n",
+         "Invalid topology file t.toml, line 3: [nodes.'http://h:1']: 'num_parallel' must be an "
+         "integer from 1 to 4096, got 0"),
+        ("[nodes.\"http://h:1\"]\nnum_parallel = true\n",
+         "Invalid topology file t.toml, line 2: [nodes.'http://h:1']: 'num_parallel' must be an "
+         "integer from 1 to 4096, got True"),
+        ("[nodes.\"http://h:1\"]\n\ncpus = \"0-x\"\n",
+         "Invalid topology file t.toml, line 3: [nodes.'http://h:1']: 'cpus' must be a CPU list "
+         "such as \"0-7\" or \"0,2,4\", got '0-x'"),
+        ("[nodes.\"http://h:1\"]\ncpus = \"7-3\"\n",
+         "Invalid topology file t.toml, line 2: [nodes.'http://h:1']: 'cpus' must list CPUs from "
+         "0 to 65535 in rising ranges, got '7-3'"),
+        ("[nodes.\"http://h:1\"]\ncores = 2\n",
+         "Invalid topology file t.toml, line 2: [nodes.'http://h:1']: unknown key 'cores' "
+         "(expected host, gpu, zone, num_parallel, cpus)"),
     ],
 )
 def test_malformed_topology_names_file_and_line(text, message):
@@ -187,6 +202,17 @@ def test_malformed_topology_names_file_and_line(text, message):
         assert "not valid TOML" in str(info.value)
     else:
         assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("text", "cpus"),
+    [("0-3", {0, 1, 2, 3}), ("0,2,4", {0, 2, 4}), (" 0-1 , 8 ", {0, 1, 8}), ([4, 5], {4, 5})],
+)
+def test_node_cpus_and_slots_are_parsed(text, cpus):
+    value = f'"{text}"' if isinstance(text, str) else str(text)
+    parsed = parse_topology(f'[nodes."http://h:1"]\nnum_parallel = 4\ncpus = {value}\n', "t")
+    node = parsed.nodes[("h", 1)]
+    assert node.num_parallel == 4 and node.cpus == frozenset(cpus)
 
 
 def test_missing_topology_file_is_a_clear_error(tmp_path):
