@@ -275,7 +275,7 @@ def offline_config(calibration_file: Path | None) -> Any:
     # IP literals only: nothing is resolved; a closed loopback port stands in for a nameserver.
     return LocalityConfig(mode="auto", min_speedup=1.0, topology_file=None,
                           nameservers=(("127.0.0.1", 9),), dns_timeout=0.5,
-                          calibration_file=calibration_file, environ={})
+                          calibration_file=calibration_file)
 
 
 def _library_policy(urls: Sequence[str], chunks: int, calibration_file: Path | None
@@ -363,7 +363,7 @@ def _calibration_summary(path: Path) -> dict[str, Any]:
 def run_scenario(letter: str, settings: Settings, workdir: Path, *,
                  say: Callable[[str], None] = _say) -> ScenarioResult:
     """Start the scenario, calibrate, decide, measure every strategy; clean up everything."""
-    from sollol_locality.calibration import calibrate
+    from sollol_locality.probe import calibrate
 
     key = LETTERS[letter]
     scenario = SCENARIOS[key]

@@ -91,7 +91,7 @@ def sollol_pool(nodes: list[str]) -> Any:
 def run(quick: bool) -> dict[str, Any]:
     from sollol_locality import ExecutionPlanner, LocalityConfig, NodeTopology, ParallelismCostModel
 
-    config = LocalityConfig(calibration_file=None, nameservers="127.0.0.1:9", environ={})
+    config = LocalityConfig(calibration_file=None, nameservers="127.0.0.1:9")
     topology = NodeTopology(config)
     planner = ExecutionPlanner(topology, ParallelismCostModel(config), config)
     repeats = 5 if quick else 15

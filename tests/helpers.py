@@ -20,7 +20,6 @@ def offline_config(**fields: Any) -> LocalityConfig:
         "dns_timeout": 0.3,
         "nameservers": (CLOSED_NAMESERVER,),
         "calibration_file": None,
-        "environ": {},
     }
     base.update(fields)
     return LocalityConfig(**base)
@@ -47,7 +46,7 @@ class Metrics:
 
 @dataclass(eq=False)
 class OllamaNode:
-    """The shape of SynapticLlamas' OllamaNode (DESIGN.md lists the attributes used)."""
+    """The shape of SynapticLlamas' OllamaNode (the attributes the library reads)."""
 
     url: str
     name: str = ""
