@@ -46,11 +46,10 @@ from ._hostsfile import normalise_name, unwrap_ip
 from ._nameservers import Nameserver, parse_nameserver
 from .addresses import IPAddress
 
-__all__ = ["MAX_CNAME_HOPS", "Tally", "TypeAnswer", "configure", "resolve_all"]
+__all__ = ["Tally", "TypeAnswer", "configure", "resolve_all"]
 
 logger = logging.getLogger("sollol_locality.resolver")
 
-MAX_CNAME_HOPS: Final = 8
 _DEFAULT_NAMESERVER: Final = "127.0.0.1"  # what glibc uses when resolv.conf names none
 _RECORD_TYPES: Final = (dns.rdatatype.A, dns.rdatatype.AAAA)
 
@@ -273,18 +272,26 @@ def configure(
 
 
 async def resolve_all(
-    resolver: dns.asyncresolver.Resolver, names: Sequence[str], deadline: float, limit: int
+    resolver: dns.asyncresolver.Resolver,
+    names: Sequence[str],
+    deadline: float,
+    *,
+    limit: int,
+    max_hops: int,
 ) -> tuple[dict[str, tuple[TypeAnswer, TypeAnswer]], Tally]:
     """The A and AAAA answers of every name by ``deadline`` (``time.monotonic``).
 
-    At most ``limit`` lookups run at once. What is unfinished at the deadline is cancelled and
-    comes back as ``"timeout"``, naming the servers asked.
+    At most ``limit`` lookups run at once; a CNAME chain longer than ``max_hops`` fails. What
+    is unfinished at the deadline is cancelled and comes back as ``"timeout"``, naming the
+    servers asked.
     """
     tally = Tally()
+    if not names:
+        return {}, tally
     gate = asyncio.Semaphore(limit)
     jobs = [(name, rdtype, _Trace(tally, deadline)) for name in names for rdtype in _RECORD_TYPES]
     tasks = [
-        asyncio.ensure_future(_lookup(resolver, name, rdtype, trace, deadline, gate))
+        asyncio.ensure_future(_lookup(resolver, name, rdtype, trace, deadline, gate, max_hops))
         for name, rdtype, trace in jobs
     ]
     try:
@@ -313,10 +320,11 @@ async def _lookup(
     trace: _Trace,
     deadline: float,
     gate: asyncio.Semaphore,
+    max_hops: int,
 ) -> TypeAnswer:
     _TRACE.set(trace)  # this task's own context
     async with gate:
-        return await _follow(resolver, name, rdtype, trace, deadline)
+        return await _follow(resolver, name, rdtype, trace, deadline, max_hops)
 
 
 async def _follow(
@@ -325,6 +333,7 @@ async def _follow(
     rdtype: dns.rdatatype.RdataType,
     trace: _Trace,
     deadline: float,
+    max_hops: int,
 ) -> TypeAnswer:
     """Resolve ``name`` (the search list applies), then any CNAME target left unanswered."""
     backend = dns.asyncbackend.get_backend("asyncio")
@@ -351,8 +360,8 @@ async def _follow(
                 isinstance(e[3], dns.message.ChainTooLong) for e in errors
             ):  # dnspython follows a CNAME loop until its limit, then gives up on the server
                 start = _text(trace.response.question[0].name)
-                walked = _walk(trace.response, start)
-                return TypeAnswer("failure", error=_chain_error(name, chain[:-1] + walked))
+                walked = chain[:-1] + _walk(trace.response, start)
+                return TypeAnswer("failure", error=_chain_error(name, walked, max_hops))
             return TypeAnswer("failure", error=_failure_error(name, trace, exc))
         except dns.exception.Timeout:  # dnspython's lifetime ran out just before ours
             return TypeAnswer("timeout", error=_timeout_error(name, trace))
@@ -362,7 +371,7 @@ async def _follow(
         if not chain:
             chain.append(_text(answer.qname))
         chain.extend(_text(rrset[0].target) for rrset in result.cnames)
-        error = _chain_error(name, chain)
+        error = _chain_error(name, chain, max_hops)
         if error is not None:
             return TypeAnswer("failure", error=error)
         canonical = _other(chain[-1], name)
@@ -382,13 +391,13 @@ async def _follow(
         return TypeAnswer("nodata", ttl=negative, canonical_name=canonical)
 
 
-def _chain_error(name: str, chain: list[str]) -> str | None:
+def _chain_error(name: str, chain: list[str], max_hops: int) -> str | None:
     """A CNAME loop or an over-long chain in ``chain`` (names from the first one asked)."""
     for i, hop in enumerate(chain):
         if hop in chain[:i]:
             return "CNAME loop: " + " -> ".join(chain[: i + 1])
-    if len(chain) - 1 > MAX_CNAME_HOPS:
-        return f"CNAME chain too long from {name} (more than {MAX_CNAME_HOPS} hops)"
+    if len(chain) - 1 > max_hops:
+        return f"CNAME chain too long from {name} (more than {max_hops} hops)"
     return None
 
 

@@ -64,7 +64,7 @@ logger = logging.getLogger(__name__)
 Status = Literal["ok", "nxdomain", "nodata", "failure", "timeout"]
 Source = Literal["hosts-file", "dns"]
 
-MAX_CNAME_HOPS: Final = 8  # (the same figure as _dnsio's, which this module does not import)
+MAX_CNAME_HOPS: Final = 8
 """Longest CNAME chain followed; a longer one is a ``"failure"`` ("CNAME chain too long")."""
 
 _MAX_IN_FLIGHT: Final = 256  # lookups (name, type) running at once; the rest wait their turn
@@ -567,7 +567,9 @@ class DnsResolver:
 
         dns_resolver = self._dns_resolver()
         future = self._loop.submit(
-            _dnsio.resolve_all(dns_resolver, names, deadline, _MAX_IN_FLIGHT)
+            _dnsio.resolve_all(
+                dns_resolver, names, deadline, limit=_MAX_IN_FLIGHT, max_hops=MAX_CNAME_HOPS
+            )
         )
         try:
             while True:  # the loop enforces the deadline; this wait only backs it up
