@@ -185,7 +185,8 @@ class _CountingSocket(dns._asyncbackend.DatagramSocket):
     """A datagram socket counting sends and receives (dnspython's own socket does the work)."""
 
     def __init__(self, inner: dns._asyncbackend.DatagramSocket, tally: Tally) -> None:
-        super().__init__(inner.family, socket.SOCK_DGRAM)
+        # (not super().__init__: its signature changed across dnspython 2.x)
+        self.family, self.type = inner.family, socket.SOCK_DGRAM
         self._inner = inner
         self._tally = tally
         self.received = 0
