@@ -209,8 +209,8 @@ class DnsResolver:
     Raises:
         ConfigError: a bad nameserver or option value, naming it.
 
-    The constructor does no I/O and starts no thread. The first lookup starts the event-loop
-    thread; :meth:`close` stops it (a later lookup starts it again).
+    The constructor does no I/O and starts no thread. The event-loop thread runs only while a
+    lookup (or a background refresh) does.
     """
 
     def __init__(
@@ -388,7 +388,7 @@ class DnsResolver:
             return self._refresh_cond.wait_for(lambda: self._refresher is None, timeout)
 
     def close(self) -> None:
-        """Stop background refreshing, wait for the refresh thread and stop the loop thread.
+        """Stop background refreshing and wait for the refresh thread to end.
 
         The resolver still answers afterwards, refreshing expired answers in the foreground.
         """
@@ -399,7 +399,6 @@ class DnsResolver:
             thread = self._refresher
         if thread is not None and thread is not threading.current_thread():
             thread.join()
-        self._loop.stop()
 
     def __enter__(self) -> DnsResolver:
         return self
@@ -566,12 +565,14 @@ class DnsResolver:
         from . import _dnsio
 
         dns_resolver = self._dns_resolver()
-        future = self._loop.submit(
-            _dnsio.resolve_all(
-                dns_resolver, names, deadline, limit=_MAX_IN_FLIGHT, max_hops=MAX_CNAME_HOPS
-            )
-        )
+        loop = self._loop.acquire()
         try:
+            future = asyncio.run_coroutine_threadsafe(
+                _dnsio.resolve_all(
+                    dns_resolver, names, deadline, limit=_MAX_IN_FLIGHT, max_hops=MAX_CNAME_HOPS
+                ),
+                loop,
+            )
             while True:  # the loop enforces the deadline; this wait only backs it up
                 wait = deadline + _LOOP_GRACE - time.monotonic()
                 if cancel is not None:
@@ -586,6 +587,8 @@ class DnsResolver:
         except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
             error = "no answer before the deadline (the resolver's loop was late)"
             return {name: _Outcome("timeout", error=f"{name}: {error}") for name in names}
+        finally:
+            self._loop.release()
         with self._lock:
             self._counters["queries_sent"] += tally.queries_sent
             self._counters["tcp_queries"] += tally.tcp_queries
@@ -609,14 +612,19 @@ class DnsResolver:
 
 
 class _LoopThread:
-    """One private asyncio event loop on a daemon thread, started on first use."""
+    """A private asyncio event loop on a daemon thread, alive while some call uses it.
+
+    The first :meth:`acquire` starts it; the last :meth:`release` cancels what still runs on it,
+    stops it and joins the thread, so an idle resolver holds no thread.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._users = 0
 
-    def submit(self, coro: Any) -> concurrent.futures.Future[Any]:
+    def acquire(self) -> asyncio.AbstractEventLoop:
         with self._lock:
             if self._loop is None:
                 loop = asyncio.new_event_loop()
@@ -625,11 +633,14 @@ class _LoopThread:
                 )
                 thread.start()
                 self._loop, self._thread = loop, thread
-            return asyncio.run_coroutine_threadsafe(coro, self._loop)
+            self._users += 1
+            return self._loop
 
-    def stop(self) -> None:
-        """Cancel what still runs, stop the loop and join its thread (idempotent)."""
+    def release(self) -> None:
         with self._lock:
+            self._users -= 1
+            if self._users > 0:
+                return
             loop, thread = self._loop, self._thread
             self._loop = self._thread = None
         if loop is None or thread is None:
@@ -639,9 +650,8 @@ class _LoopThread:
         except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
             logger.debug("the DNS loop did not wind down in time")
         loop.call_soon_threadsafe(loop.stop)
-        if thread is not threading.current_thread():
-            thread.join()
-            loop.close()
+        thread.join()
+        loop.close()
 
 
 async def _cancel_all() -> None:
