@@ -209,3 +209,21 @@ def test_the_hosts_file_reader_rereads_when_the_file_changes(tmp_path: Path) -> 
     path.write_text("10.0.0.2 b\n")
     assert reader.entries() == [(ip("10.0.0.2"), ["b"])]
     assert reader.peek_names() == {"b": frozenset({ip("10.0.0.2")})}
+
+
+# -- layering: nameserver parsing lives below config and resolver ---------------------------------
+
+
+def test_config_parses_nameservers_without_importing_the_resolver() -> None:
+    import ast
+
+    import sollol_locality.config as config_module
+    from sollol_locality import _nameservers, resolver
+
+    tree = ast.parse(Path(config_module.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "resolver" not in imported and "_nameservers" in imported
+    assert (resolver.Nameserver, resolver.parse_nameserver) == (
+        _nameservers.Nameserver, _nameservers.parse_nameserver,
+    )
+    assert config_module.parse_nameserver("[fe80::1%eth0]:5353") == ("fe80::1%eth0", 5353)
