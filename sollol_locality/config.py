@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from ._errors import ConfigError, InvalidNodeAddress, TopologyFileError
+from ._nameservers import parse_nameserver as _parse_nameserver
 from .addresses import describe_input, parse_node_address
 
 __all__ = [
@@ -108,10 +109,8 @@ def legacy_calibration_file(environ: Mapping[str, str] | None = None) -> Path:
 def parse_nameserver(text: str, *, variable: str = "nameservers") -> tuple[str, int]:
     """Parse ``ip``, ``ip:port``, ``[v6]:port`` (IPv6 may carry ``%zone``) into ``(ip, port)``;
     port 53 by default. The zone, when given, stays on the address (``fe80::1%eth0``)."""
-    from .resolver import parse_nameserver as parse
-
     try:
-        server = parse(text)
+        server = _parse_nameserver(text)
     except ConfigError as exc:
         raise ConfigError(f"{variable}: {exc}", variable=variable, value=text) from None
     ip = server.ip.compressed + (f"%{server.zone}" if server.zone else "")
