@@ -1,0 +1,603 @@
+"""Concurrency inside instances: slots, batching curves, and the allocation of tasks to them.
+
+Layer 4, beside ``cost_model``: pure arithmetic on small frozen inputs, no I/O, importing only
+``_errors`` and the standard library. The cost model maps its profiles onto
+:class:`SlotInstance` and :class:`Contention`; the planner calls :func:`allocate` and reads the
+:class:`Allocation`.
+
+**Slots and the batching curve.** An instance serves up to ``slots`` requests at once (Ollama's
+``OLLAMA_NUM_PARALLEL``). Requests that run together are batched: each decode step serves them all,
+so ``k`` tasks at once take ``curve.ratio(k)`` times as long as one task alone (``ratio(1) ==
+1``). Send more than the concurrency ``c`` an instance is given and the extra requests wait
+(FIFO): ``n`` tasks at concurrency ``c`` run as ``n // c`` full rounds of ``c`` tasks, then one
+round of the ``n % c`` left, taking ``seconds * ((n // c) * ratio(c) + ratio(n % c))`` (with
+``ratio(0) == 0``). With equal tasks this is what continuous batching does: a batch of ``c``
+finishes together and the next ``c`` waiting requests take its slots.
+
+**Contention between instances.** Batching happens inside one instance. Instances that share an
+execution unit still share it as today's model says: while ``k >= 2`` instances of one unit are
+busy, each runs ``k * max(0.05, 1 + c)`` times slower (``c`` from :meth:`Contention.unit`); busy
+units of one host slow each other by :meth:`Contention.host` per other busy unit; a plan over
+two or more hosts loses ``Contention.dispatch`` of its makespan. How many tasks an instance is
+batching does not change what it costs the other instances of its unit.
+
+**The search.** Sequential is every task one after another on the fastest instance. Against it
+:func:`allocate` tries, for the units ranked by the throughput of their best instance (the
+fastest at its best concurrency), every prefix of that ranking (the first unit alone, the first
+two, ...), each unit contributing its best ``Contention.streams`` instances (one unless
+calibration measured that more gain). A prefix of one instance is tried when it batches. For a
+candidate, tasks are balanced so that each goes where it finishes first, given each instance's
+best concurrency for the tasks it holds and the contention of the instances working; the run is
+then simulated as the instances finish (an instance left alone speeds back up), and the balance
+is redone on the instances that got work (at most six times). Each step costs the same for three
+tasks as for a billion: counts come in closed form from the instances' throughputs, and only a
+bounded number of tasks near the balance point (at most twice the slots of the candidate plus
+one per instance) are placed one by one.
+
+With one slot everywhere this is, step for step, what ``ParallelismCostModel.parallel_makespan``
+and the planner's search over units compute today, without the per-task loops.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Final
+
+__all__ = [
+    "CPU_BATCH_COST",
+    "GPU_BATCH_COST",
+    "Allocation",
+    "Assignment",
+    "BatchingCurve",
+    "Contention",
+    "SlotInstance",
+    "allocate",
+    "allocate_across",
+    "describe_allocation",
+    "prior_curve",
+]
+
+CPU_BATCH_COST: Final = 0.5
+"""Prior cost of each extra concurrent sequence on a CPU instance, as a fraction of one task's
+time: 4 tasks at once take 2.5x one task (1.6x the throughput). CPU decode is memory-bandwidth
+bound, so batching pays, but the matrix work grows with every sequence and a CPU has far less
+compute headroom than a GPU. Public figures span a wide range: llama.cpp issue 4064 reports
+4, 8 and 16 tokens/s at batch 1, 2 and 4 on an x86 CPU (nearly free sequences) and no gain at
+all on a phone; the figure here is an estimate between the two, kept on the cautious side, and
+calibration (measured ``k = 1, 2, 4``) replaces it."""
+
+GPU_BATCH_COST: Final = 0.1
+"""Prior cost of each extra concurrent sequence on a GPU instance: 4 tasks at once take 1.3x one
+task (3.1x the throughput). GPU decode reads every weight once per step whatever the batch, so an
+extra sequence costs little until the batch fills the compute units (llama.cpp issue 3479 and
+its batched-bench runs; beehive-lab/GPULlama3.java PR 129 measures aggregate throughput rising
+almost linearly with the batch on an RTX 4090). An estimate; calibration replaces it."""
+
+_MIN_FACTOR: Final = 0.05  # the most a unit can gain from concurrent instances (as today)
+_ROUNDS: Final = 6  # balance, simulate, re-balance on the instances that got work: at most this
+_TIE: Final = 1e-12  # relative: two finish times this close are equal
+
+
+def _check_number(value: object, what: str, *, low: float, strict: bool) -> float:
+    if (not isinstance(value, (int, float)) or isinstance(value, bool)
+            or not math.isfinite(value) or value < low or (strict and value == low)):
+        bound = f"more than {low:g}" if strict else f"at least {low:g}"
+        raise ValueError(f"{what} must be a finite number {bound}, got {value!r}")
+    return float(value)
+
+
+def _check_count(value: object, what: str, *, low: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{what} must be an integer of at least {low}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingCurve:
+    """The time of ``k`` concurrent tasks on one instance divided by the time of one.
+
+    Held as points ``(k, ratio)``, the first always ``(1, 1.0)``, ``k`` increasing and ratios
+    non-decreasing, plus ``tail``: the ratio added by each task beyond the last point. Between
+    points the ratio is linear in ``k``; beyond the last point it grows by ``tail`` per task
+    (the marginal cost of the last measured segment, never negative, so the curve never drops
+    below a point it has passed).
+
+    Build one with :meth:`measured` (what calibration saw), :meth:`prior` (a cost per extra
+    sequence) or :meth:`none` (no batching: ``k`` tasks take ``k`` times one).
+
+    Attributes:
+        points: ``((1, 1.0), (k2, r2), ...)``.
+        tail: ratio per task beyond the last point.
+    """
+
+    points: tuple[tuple[int, float], ...] = ((1, 1.0),)
+    tail: float = 1.0
+
+    def __post_init__(self) -> None:
+        points = self.points
+        if not points or points[0] != (1, 1.0):
+            raise ValueError(f"a batching curve starts at (1, 1.0), got {points!r}")
+        for (k0, r0), (k1, r1) in zip(points, points[1:], strict=False):
+            if not isinstance(k1, int) or isinstance(k1, bool) or k1 <= k0:
+                raise ValueError(f"batching curve points need increasing integer k, "
+                                 f"got {points!r}")
+            if not isinstance(r1, float) or not math.isfinite(r1) or r1 < r0:
+                raise ValueError(f"batching curve ratios must be finite and non-decreasing, "
+                                 f"got {points!r}")
+        _check_number(self.tail, "batching curve tail", low=0.0, strict=False)
+
+    @classmethod
+    def none(cls) -> BatchingCurve:
+        """No batching gain: ``k`` tasks at once take ``k`` times one (a queue)."""
+        return cls()
+
+    @classmethod
+    def prior(cls, cost_per_extra: float) -> BatchingCurve:
+        """``ratio(k) = 1 + cost_per_extra * (k - 1)``: each extra sequence costs that fraction
+        of one task (see :data:`CPU_BATCH_COST` and :data:`GPU_BATCH_COST`)."""
+        cost = _check_number(cost_per_extra, "cost_per_extra", low=0.0, strict=False)
+        return cls(((1, 1.0),), cost)
+
+    @classmethod
+    def measured(cls, points: Mapping[int, float] | Iterable[tuple[int, float]]
+                 ) -> BatchingCurve:
+        """A curve through measured ``k -> ratio`` points (``ratio`` = time of ``k`` tasks at
+        once / time of one).
+
+        A point at ``k = 1`` may be given and must be 1.0. A ratio below an earlier point's
+        (measurement noise: ``k`` tasks cannot take less than fewer tasks) is raised to it.
+        Beyond the last point the curve extends with the last segment's marginal cost; with no
+        point beyond ``k = 1`` it is :meth:`none`.
+
+        Raises:
+            ValueError: ``k`` not a positive integer or given twice, a ratio not a positive
+                finite number, or a ratio at ``k = 1`` other than 1.0.
+        """
+        items = list(points.items()) if isinstance(points, Mapping) else list(points)
+        table: dict[int, float] = {}
+        for item in items:
+            k, ratio = item
+            _check_count(k, "batching curve k", low=1)
+            value = _check_number(ratio, f"batching curve ratio at k={k!r}", low=0.0,
+                                  strict=True)
+            if k in table:
+                raise ValueError(f"batching curve k={k!r} is given twice")
+            if k == 1 and value != 1.0:
+                raise ValueError(f"batching curve ratio at k=1 is 1.0 by definition, "
+                                 f"got {ratio!r}")
+            table[k] = value
+        result: list[tuple[int, float]] = [(1, 1.0)]
+        for k in sorted(table):
+            if k > 1:
+                result.append((k, max(table[k], result[-1][1])))
+        if len(result) == 1:
+            return cls.none()
+        (k0, r0), (k1, r1) = result[-2], result[-1]
+        return cls(tuple(result), (r1 - r0) / (k1 - k0))
+
+    def ratio(self, k: int) -> float:
+        """Time of ``k`` tasks at once over the time of one (``ratio(0) == 0``)."""
+        if k <= 0:
+            return 0.0
+        points = self.points
+        previous = points[0]
+        for point in points[1:]:
+            if k <= point[0]:
+                (k0, r0), (k1, r1) = previous, point
+                return r0 + (r1 - r0) * (k - k0) / (k1 - k0)
+            previous = point
+        last_k, last_r = previous
+        return last_r + self.tail * (k - last_k)
+
+
+def prior_curve(is_gpu: bool, *, cpu_cost: float = CPU_BATCH_COST,
+                gpu_cost: float = GPU_BATCH_COST) -> BatchingCurve:
+    """The prior curve of a GPU or a CPU instance whose slots are known but not yet measured."""
+    return BatchingCurve.prior(gpu_cost if is_gpu else cpu_cost)
+
+
+@dataclass(frozen=True, slots=True)
+class SlotInstance:
+    """One Ollama server process as the allocation sees it.
+
+    Attributes:
+        key: names the instance (unique among the instances of one call), e.g. its URL.
+        unit: the execution unit it runs on (instances of one unit contend); unique across
+            hosts, e.g. ``"host/cpu"``.
+        host: the physical host of the unit.
+        seconds: time of one task alone on it (any unit of time, the same for all instances).
+        slots: requests it serves at once (1: one at a time, the rest queue).
+        curve: its batching curve, read up to ``slots``.
+        is_gpu: whether its unit is a GPU (for the sentence and the prior, not the arithmetic).
+    """
+
+    key: str
+    unit: str
+    host: str
+    seconds: float
+    slots: int = 1
+    curve: BatchingCurve = field(default_factory=BatchingCurve)
+    is_gpu: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("key", "unit", "host"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"instance {name} must be a non-empty string, got {value!r}")
+        _check_number(self.seconds, f"seconds of instance {self.key!r}", low=0.0, strict=True)
+        _check_count(self.slots, f"slots of instance {self.key!r}", low=1)
+        if not isinstance(self.curve, BatchingCurve):
+            raise ValueError(f"curve of instance {self.key!r} must be a BatchingCurve, "
+                             f"got {self.curve!r}")
+
+
+def _frozen_table(table: Mapping[str, object]) -> Mapping[str, object]:
+    return MappingProxyType(dict(table))
+
+
+@dataclass(frozen=True, slots=True)
+class Contention:
+    """How instances that run at the same time slow each other (today's cost-model figures).
+
+    Attributes:
+        cpu: ``c`` for instances sharing a CPU unit when nothing is measured (1.0: two run at
+            0.5x).
+        gpu: ``c`` for instances sharing a GPU.
+        same_host: slowdown of each busy unit per other busy unit of its host.
+        dispatch: fraction of a makespan lost dispatching to two or more hosts.
+        measured: unit -> ``k`` -> measured ``c`` (the nearest measured ``k`` is used, the
+            larger on a tie).
+        host_measured: host -> measured same-host overhead.
+        streams: unit -> how many of its instances may run at once (1 when absent): more only
+            where calibration measured a gain.
+    """
+
+    cpu: float = 1.0
+    gpu: float = 0.25
+    same_host: float = 0.075
+    dispatch: float = 0.05
+    measured: Mapping[str, Mapping[int, float]] = field(default_factory=dict)
+    host_measured: Mapping[str, float] = field(default_factory=dict)
+    streams: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("cpu", "gpu", "same_host", "dispatch"):
+            _check_number(getattr(self, name), f"contention {name}", low=-math.inf,
+                          strict=False)
+        measured = {str(unit): MappingProxyType(dict(by_k))
+                    for unit, by_k in self.measured.items()}
+        object.__setattr__(self, "measured", MappingProxyType(measured))
+        object.__setattr__(self, "host_measured", _frozen_table(self.host_measured))
+        for unit, count in self.streams.items():
+            _check_count(count, f"streams of unit {unit!r}", low=1)
+        object.__setattr__(self, "streams", _frozen_table(self.streams))
+
+    def unit(self, unit: str, k: int, is_gpu: bool) -> float:
+        """``c`` for ``k`` busy instances of ``unit``."""
+        by_k = self.measured.get(unit)
+        if by_k:
+            nearest = min(by_k, key=lambda known: (abs(known - k), -known))
+            return by_k[nearest]
+        return self.gpu if is_gpu else self.cpu
+
+    def host(self, host: str) -> float:
+        """The same-host overhead of ``host``."""
+        value = self.host_measured.get(host)
+        return self.same_host if value is None else value
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """What one instance does in a plan: ``tasks`` tasks, ``concurrency`` of them at once (the
+    rest wait in its queue); ``slots`` is what it could take at once."""
+
+    key: str
+    tasks: int
+    concurrency: int
+    slots: int
+
+
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    """The best allocation of a batch found, against sequential on the fastest instance.
+
+    Attributes:
+        num_tasks: the task count planned for.
+        assignments: the instances that get tasks, in the order the instances were given
+            (counts sum to ``num_tasks``). When no concurrent plan exists (fewer than two
+            tasks, one instance with one slot) it is the sequential one.
+        makespan: predicted makespan of ``assignments``.
+        sequential_key: the fastest instance.
+        sequential_makespan: ``num_tasks`` one after another on it.
+    """
+
+    num_tasks: int
+    assignments: tuple[Assignment, ...]
+    makespan: float
+    sequential_key: str
+    sequential_makespan: float
+
+    @property
+    def speedup(self) -> float:
+        """Sequential makespan over this plan's (below 1.0: the plan is slower)."""
+        return self.sequential_makespan / self.makespan if self.makespan > 0 else 1.0
+
+    @property
+    def parallel(self) -> bool:
+        """Whether tasks overlap: two or more instances, or several tasks at once on one."""
+        return len(self.assignments) >= 2 or any(a.concurrency >= 2 for a in self.assignments)
+
+    @property
+    def tasks_per_instance(self) -> dict[str, int]:
+        return {a.key: a.tasks for a in self.assignments}
+
+    @property
+    def concurrency_per_instance(self) -> dict[str, int]:
+        return {a.key: a.concurrency for a in self.assignments}
+
+
+# -- per-instance arithmetic ------------------------------------------------------------------
+
+
+class _Inst:
+    """An instance prepared for the search: its ratios up to its slots, its best throughput."""
+
+    __slots__ = ("best_cost", "index", "inst", "ratios", "slots")
+
+    def __init__(self, index: int, inst: SlotInstance) -> None:
+        self.index = index
+        self.inst = inst
+        self.slots = inst.slots
+        self.ratios = [0.0, 1.0] + [inst.curve.ratio(k) for k in range(2, inst.slots + 1)]
+        # The least time per task it can reach (at its best concurrency), in its own units.
+        self.best_cost = min(self.ratios[c] / c for c in range(1, self.slots + 1))
+
+    def work(self, n: int) -> tuple[float, int]:
+        """Solo-task times that ``n`` tasks take at the best concurrency, and that concurrency
+        (the larger on a tie: sending more at once costs nothing then)."""
+        if n <= 0:
+            return 0.0, 0
+        ratios = self.ratios
+        if self.slots == 1:
+            return float(n), 1
+        best, best_c = math.inf, 1
+        for c in range(1, min(self.slots, n) + 1):
+            q, r = divmod(n, c)
+            value = q * ratios[c] + ratios[r]
+            if value <= best * (1.0 + _TIE):
+                best, best_c = min(best, value), c
+        return best, best_c
+
+
+def _factors(members: Sequence[_Inst], active: set[int], targets: Iterable[int],
+             contention: Contention) -> dict[int, float]:
+    """Time per solo task of each target while the ``active`` members (and itself) are busy:
+    its seconds times the unit's contention and the host's overhead."""
+    streams: dict[str, int] = {}
+    host_units: dict[str, set[str]] = {}
+    for i in active:
+        inst = members[i].inst
+        streams[inst.unit] = streams.get(inst.unit, 0) + 1
+        host_units.setdefault(inst.host, set()).add(inst.unit)
+    times: dict[int, float] = {}
+    cache: dict[tuple[str, int], float] = {}
+    for i in targets:
+        inst = members[i].inst
+        k = streams.get(inst.unit, 0) + (0 if i in active else 1)
+        factor = cache.get((inst.unit, k))
+        if factor is None:
+            factor = 1.0
+            if k > 1:
+                factor = k * max(_MIN_FACTOR, 1.0 + contention.unit(inst.unit, k, inst.is_gpu))
+            busy = host_units.get(inst.host, set()) | {inst.unit}
+            if len(busy) > 1:
+                factor *= 1.0 + contention.host(inst.host) * (len(busy) - 1)
+            cache[(inst.unit, k)] = factor
+        times[i] = inst.seconds * factor
+    return times
+
+
+def _balance(num_tasks: int, members: Sequence[_Inst], times: Sequence[float]) -> list[int]:
+    """Give each task to the member that would finish it first (ties: the earlier member).
+
+    Member ``i``'s finish time after ``j`` tasks is ``times[i] * work(j)``, non-decreasing in
+    ``j``, so this takes the ``num_tasks`` smallest of those finish times. Every member's first
+    ``base`` tasks finish before a level ``T`` that the balance point provably lies above, so
+    they are given at once; only the few left (at most twice the slots plus one per member)
+    go one by one.
+    """
+    count = len(members)
+    per_task = [times[i] * members[i].best_cost for i in range(count)]
+    slots = [m.slots for m in members]
+    base = [0] * count
+    throughput = sum(1.0 / p for p in per_task)
+    level = (num_tasks - sum(slots)) / throughput
+    if level > 0:
+        for i in range(count):
+            j = max(0, math.floor(level / per_task[i]) - slots[i])
+            while j > 0 and times[i] * members[i].work(j)[0] > level:
+                j -= 1  # rounding only: the bound puts j below the level
+            base[i] = j
+    left = num_tasks - sum(base)
+    heap = [(times[i] * members[i].work(base[i] + 1)[0], i) for i in range(count)]
+    heapq.heapify(heap)
+    for _ in range(left):
+        _, i = heapq.heappop(heap)
+        base[i] += 1
+        heapq.heappush(heap, (times[i] * members[i].work(base[i] + 1)[0], i))
+    return base
+
+
+def _simulate(members: Sequence[_Inst], work: Mapping[int, float],
+              contention: Contention) -> float:
+    """Wall time until every member has done its work (in solo-task times), the contention of
+    the members still busy applied as they finish."""
+    left = {i: w for i, w in work.items() if w > 0}
+    done_below = {i: 1e-9 * max(1.0, w) for i, w in left.items()}
+    clock = 0.0
+    while left:
+        times = _factors(members, set(left), left, contention)
+        first = min(left, key=lambda i: left[i] * times[i])
+        step = left[first] * times[first]
+        clock += step
+        for i in list(left):
+            remaining = 0.0 if i == first else left[i] - step / times[i]
+            if remaining <= done_below[i]:
+                del left[i]
+            else:
+                left[i] = remaining
+    return clock
+
+
+def _evaluate(num_tasks: int, members: Sequence[_Inst], contention: Contention
+              ) -> tuple[float, list[int], list[int]]:
+    """Makespan, tasks and concurrency per member of running the batch across ``members``."""
+    everyone = range(len(members))
+    active = set(everyone)
+    best: tuple[float, list[int], list[int]] | None = None
+    for _ in range(_ROUNDS):
+        factors = _factors(members, active, everyone, contention)
+        shares = _balance(num_tasks, members, [factors[i] for i in everyone])
+        now_active = {i for i in everyone if shares[i] > 0}
+        plans = [members[i].work(shares[i]) for i in everyone]
+        makespan = _simulate(members, {i: plans[i][0] for i in now_active}, contention)
+        if len({members[i].inst.host for i in now_active}) > 1:
+            makespan *= 1.0 + contention.dispatch
+        if best is None or makespan < best[0] - 1e-12:
+            best = (makespan, shares, [c for _, c in plans])
+        if now_active == active:
+            break
+        active = now_active
+    assert best is not None
+    return best
+
+
+# -- the search -------------------------------------------------------------------------------
+
+
+def allocate(num_tasks: int, instances: Sequence[SlotInstance],
+             contention: Contention | None = None) -> Allocation:
+    """The best allocation of ``num_tasks`` equal tasks to ``instances`` found by the search
+    described in the module docstring, against running them one after another on the fastest.
+
+    ``instances`` are given best first (the caller's ranking: it breaks every tie). The result
+    is the best plan in which tasks overlap, even when it is slower than sequential (the caller
+    compares ``speedup`` with its threshold); when none exists it is the sequential plan.
+
+    Raises:
+        ValueError: ``num_tasks`` is not a non-negative integer, no instance is given, or two
+            instances share a key.
+    """
+    prepared, contention, sequential_plan = _prepare(num_tasks, instances, contention)
+    sequential = sequential_plan.sequential_makespan
+    if num_tasks < 2:
+        return sequential_plan
+    # Units ranked by their best instance's least time per task; each unit's members likewise.
+    by_unit: dict[str, list[_Inst]] = {}
+    for member in sorted(prepared, key=lambda m: (m.inst.seconds * m.best_cost, m.index)):
+        by_unit.setdefault(member.inst.unit, []).append(member)
+    ordered = [members[:contention.streams.get(unit, 1)] for unit, members in by_unit.items()]
+    best: tuple[float, list[_Inst], list[int], list[int], float] | None = None
+    for m in range(1, min(num_tasks, len(ordered)) + 1):
+        chosen = [member for streams in ordered[:m] for member in streams]
+        if len(chosen) < 2 and chosen[0].slots < 2:
+            continue
+        makespan, shares, concurrency = _evaluate(num_tasks, chosen, contention)
+        speedup = sequential / makespan if makespan > 0 else 1.0
+        if best is None or speedup > best[0] + 1e-9:
+            best = (speedup, chosen, shares, concurrency, makespan)
+    if best is None:
+        return sequential_plan
+    _, chosen, shares, concurrency, makespan = best
+    return _result(num_tasks, chosen, shares, concurrency, makespan, sequential_plan)
+
+
+def allocate_across(num_tasks: int, instances: Sequence[SlotInstance],
+                    contention: Contention | None = None) -> Allocation:
+    """Running ``num_tasks`` tasks concurrently across exactly ``instances`` (no search: every
+    instance may get tasks, balanced as in :func:`allocate`), against sequential on the
+    fastest; what ``ParallelismCostModel.estimate`` predicts for the nodes it is given.
+
+    Raises:
+        ValueError: as :func:`allocate`.
+    """
+    prepared, contention, sequential_plan = _prepare(num_tasks, instances, contention)
+    if num_tasks < 1:
+        return sequential_plan
+    makespan, shares, concurrency = _evaluate(num_tasks, prepared, contention)
+    return _result(num_tasks, prepared, shares, concurrency, makespan, sequential_plan)
+
+
+def _prepare(num_tasks: int, instances: Sequence[SlotInstance], contention: Contention | None
+             ) -> tuple[list[_Inst], Contention, Allocation]:
+    _check_count(num_tasks, "num_tasks", low=0)
+    contention = contention if contention is not None else Contention()
+    if not instances:
+        raise ValueError("allocate() needs at least one instance")
+    seen: set[str] = set()
+    for inst in instances:
+        if not isinstance(inst, SlotInstance):
+            raise ValueError(f"instances must be SlotInstance objects, got {inst!r}")
+        if inst.key in seen:
+            raise ValueError(f"instance {inst.key!r} is given twice")
+        seen.add(inst.key)
+    prepared = [_Inst(i, inst) for i, inst in enumerate(instances)]
+    fastest = min(prepared, key=lambda m: (m.inst.seconds, m.index))
+    sequential = num_tasks * fastest.inst.seconds if num_tasks > 0 else 0.0
+    sequential_plan = Allocation(
+        num_tasks, (Assignment(fastest.inst.key, num_tasks, min(1, num_tasks), fastest.slots),),
+        sequential, fastest.inst.key, sequential)
+    return prepared, contention, sequential_plan
+
+
+def _result(num_tasks: int, chosen: Sequence[_Inst], shares: Sequence[int],
+            concurrency: Sequence[int], makespan: float, sequential_plan: Allocation
+            ) -> Allocation:
+    used = sorted((i for i in range(len(chosen)) if shares[i] > 0), key=lambda i: chosen[i].index)
+    assignments = tuple(Assignment(chosen[i].inst.key, shares[i], concurrency[i], chosen[i].slots)
+                        for i in used)
+    return Allocation(num_tasks, assignments, makespan, sequential_plan.sequential_key,
+                      sequential_plan.sequential_makespan)
+
+
+# -- the sentence -----------------------------------------------------------------------------
+
+
+def _tasks(count: int) -> str:
+    return f"{count} task" if count == 1 else f"{count} tasks"
+
+
+def _on(assignment: Assignment, name: str) -> str:
+    if assignment.concurrency <= 1:
+        return f"{assignment.tasks} on {name}"
+    return f"{assignment.tasks} on {name}, {assignment.concurrency} at once"
+
+
+def describe_allocation(allocation: Allocation, names: Mapping[str, str] | None = None) -> str:
+    """A fragment of the planner's reason saying what the allocation does, e.g. ``"5 tasks at
+    once on http://h:11434, which batches 4: predicted 2.10x"``.
+
+    ``names`` maps instance keys to what the sentence calls them (default: the keys).
+    """
+    shown = names or {}
+    speedup = f"predicted {allocation.speedup:.2f}x"
+    parts = allocation.assignments
+    if not allocation.parallel:
+        key = parts[0].key if parts else allocation.sequential_key
+        return (f"{_tasks(allocation.num_tasks)} one after another on "
+                f"{shown.get(key, key)}")
+    if len(parts) == 1:
+        (only,) = parts
+        name = shown.get(only.key, only.key)
+        queued = ("" if only.concurrency >= only.tasks
+                  else f", {only.concurrency} at a time" if only.concurrency < only.slots
+                  else "")
+        return (f"{_tasks(only.tasks)} at once on {name}, which batches {only.slots}{queued}: "
+                f"{speedup}")
+    spread = ", ".join(_on(a, shown.get(a.key, a.key)) for a in parts)
+    return (f"{_tasks(allocation.num_tasks)} at once across {len(parts)} instances ({spread}): "
+            f"{speedup}")
