@@ -346,15 +346,42 @@ class Allocation:
 class _Inst:
     """An instance prepared for the search: its ratios up to its slots, its best throughput."""
 
-    __slots__ = ("best_cost", "index", "inst", "ratios", "slots")
+    __slots__ = ("best_c", "best_cost", "index", "inst", "ratios", "settled", "slots")
 
     def __init__(self, index: int, inst: SlotInstance) -> None:
         self.index = index
         self.inst = inst
         self.slots = inst.slots
-        self.ratios = [0.0, 1.0] + [inst.curve.ratio(k) for k in range(2, inst.slots + 1)]
-        # The least time per task it can reach (at its best concurrency), in its own units.
-        self.best_cost = min(self.ratios[c] / c for c in range(1, self.slots + 1))
+        ratios = [0.0, 1.0] + [inst.curve.ratio(k) for k in range(2, inst.slots + 1)]
+        self.ratios = ratios
+        # The least time per task it can reach (at its best concurrency, the larger on a tie),
+        # in its own units.
+        self.best_c = min(range(1, self.slots + 1), key=lambda c: (ratios[c] / c, -c))
+        self.best_cost = ratios[self.best_c] / self.best_c
+        # From how many tasks on the best concurrency always wins: any other c, at cost
+        # a = ratios[c] / c per task, is at least (j - c + 1) * a against at most
+        # (j + best_c - 1) * best_cost, so it loses once j * (a - best_cost) exceeds the rest
+        # (twice that, for the tie tolerance). Equal costs never settle.
+        settled = 0.0
+        b, cb = self.best_cost, self.best_c
+        for c in range(1, self.slots + 1):
+            if c == cb:
+                continue
+            a = ratios[c] / c
+            if a - b <= 1e-9 * b:
+                settled = math.inf
+                break
+            settled = max(settled, 2.0 * ((c - 1) * a + (cb - 1) * b) / (a - b) + 2.0)
+        self.settled = settled
+
+    def value(self, n: int) -> float:
+        """``work(n)``'s time alone (``n >= 1``), for the balance's inner loop."""
+        if self.slots == 1:
+            return float(n)
+        if n > self.settled:
+            q, r = divmod(n, self.best_c)
+            return q * self.ratios[self.best_c] + self.ratios[r]
+        return self.work(n)[0]
 
     def work(self, n: int) -> tuple[float, int]:
         """Solo-task times that ``n`` tasks take at the best concurrency, and that concurrency
@@ -364,6 +391,9 @@ class _Inst:
         ratios = self.ratios
         if self.slots == 1:
             return float(n), 1
+        if n > self.settled:
+            q, r = divmod(n, self.best_c)
+            return q * ratios[self.best_c] + ratios[r], self.best_c
         best, best_c = math.inf, 1
         for c in range(1, min(self.slots, n) + 1):
             q, r = divmod(n, c)
@@ -419,16 +449,17 @@ def _balance(num_tasks: int, members: Sequence[_Inst], times: Sequence[float]) -
     if level > 0:
         for i in range(count):
             j = max(0, math.floor(level / per_task[i]) - slots[i])
-            while j > 0 and times[i] * members[i].work(j)[0] > level:
+            while j > 0 and times[i] * members[i].value(j) > level:
                 j -= 1  # rounding only: the bound puts j below the level
             base[i] = j
     left = num_tasks - sum(base)
-    heap = [(times[i] * members[i].work(base[i] + 1)[0], i) for i in range(count)]
+    values = [m.value for m in members]
+    heap = [(times[i] * values[i](base[i] + 1), i) for i in range(count)]
     heapq.heapify(heap)
     for _ in range(left):
-        _, i = heapq.heappop(heap)
+        i = heap[0][1]
         base[i] += 1
-        heapq.heappush(heap, (times[i] * members[i].work(base[i] + 1)[0], i))
+        heapq.heapreplace(heap, (times[i] * values[i](base[i] + 1), i))
     return base
 
 

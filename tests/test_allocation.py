@@ -422,3 +422,17 @@ def test_allocation_is_frozen():
     assert isinstance(plan, Allocation)
     with pytest.raises(AttributeError):
         plan.makespan = 0.0  # type: ignore[misc]
+
+
+@settings(max_examples=100, deadline=None)
+@given(slots=st.integers(2, 8), curve=_curves, tasks=st.integers(1, 20000))
+def test_work_past_the_settled_point_is_the_full_minimum(slots, curve, tasks):
+    member = _Inst(0, SlotInstance("n", "u", "h", 1.0, slots, curve))
+    ratios = [0.0] + [1.0] + [curve.ratio(k) for k in range(2, slots + 1)]
+    brute = min((tasks // c) * ratios[c] + ratios[tasks % c]
+                for c in range(1, min(slots, tasks) + 1))
+    value, concurrency = member.work(tasks)
+    assert value == pytest.approx(brute, rel=1e-12)
+    assert member.value(tasks) == value
+    assert 1 <= concurrency <= min(slots, tasks)
+    assert (tasks // concurrency) * ratios[concurrency] + ratios[tasks % concurrency] == value
