@@ -403,10 +403,14 @@ class _Inst:
         return best, best_c
 
 
+_Memo = dict[tuple[str, int, int], float]
+
+
 def _factors(members: Sequence[_Inst], active: set[int], targets: Iterable[int],
-             contention: Contention) -> dict[int, float]:
+             contention: Contention, memo: _Memo) -> dict[int, float]:
     """Time per solo task of each target while the ``active`` members (and itself) are busy:
-    its seconds times the unit's contention and the host's overhead."""
+    its seconds times the unit's contention and the host's overhead. ``memo`` keeps each
+    (unit, busy instances, busy units of its host) factor for the rest of one search."""
     streams: dict[str, int] = {}
     host_units: dict[str, set[str]] = {}
     for i in active:
@@ -414,19 +418,20 @@ def _factors(members: Sequence[_Inst], active: set[int], targets: Iterable[int],
         streams[inst.unit] = streams.get(inst.unit, 0) + 1
         host_units.setdefault(inst.host, set()).add(inst.unit)
     times: dict[int, float] = {}
-    cache: dict[tuple[str, int], float] = {}
     for i in targets:
         inst = members[i].inst
-        k = streams.get(inst.unit, 0) + (0 if i in active else 1)
-        factor = cache.get((inst.unit, k))
+        unit = inst.unit
+        k = streams.get(unit, 0) + (0 if i in active else 1)
+        units = host_units.get(inst.host)
+        busy = 1 if units is None else len(units) + (unit not in units)
+        factor = memo.get((unit, k, busy))
         if factor is None:
             factor = 1.0
             if k > 1:
-                factor = k * max(_MIN_FACTOR, 1.0 + contention.unit(inst.unit, k, inst.is_gpu))
-            busy = host_units.get(inst.host, set()) | {inst.unit}
-            if len(busy) > 1:
-                factor *= 1.0 + contention.host(inst.host) * (len(busy) - 1)
-            cache[(inst.unit, k)] = factor
+                factor = k * max(_MIN_FACTOR, 1.0 + contention.unit(unit, k, inst.is_gpu))
+            if busy > 1:
+                factor *= 1.0 + contention.host(inst.host) * (busy - 1)
+            memo[(unit, k, busy)] = factor
         times[i] = inst.seconds * factor
     return times
 
@@ -464,14 +469,14 @@ def _balance(num_tasks: int, members: Sequence[_Inst], times: Sequence[float]) -
 
 
 def _simulate(members: Sequence[_Inst], work: Mapping[int, float],
-              contention: Contention) -> float:
+              contention: Contention, memo: _Memo) -> float:
     """Wall time until every member has done its work (in solo-task times), the contention of
     the members still busy applied as they finish."""
     left = {i: w for i, w in work.items() if w > 0}
     done_below = {i: 1e-9 * max(1.0, w) for i, w in left.items()}
     clock = 0.0
     while left:
-        times = _factors(members, set(left), left, contention)
+        times = _factors(members, set(left), left, contention, memo)
         first = min(left, key=lambda i: left[i] * times[i])
         step = left[first] * times[first]
         clock += step
@@ -484,18 +489,19 @@ def _simulate(members: Sequence[_Inst], work: Mapping[int, float],
     return clock
 
 
-def _evaluate(num_tasks: int, members: Sequence[_Inst], contention: Contention
-              ) -> tuple[float, list[int], list[int]]:
+def _evaluate(num_tasks: int, members: Sequence[_Inst], contention: Contention,
+              memo: _Memo) -> tuple[float, list[int], list[int]]:
     """Makespan, tasks and concurrency per member of running the batch across ``members``."""
     everyone = range(len(members))
     active = set(everyone)
     best: tuple[float, list[int], list[int]] | None = None
     for _ in range(_ROUNDS):
-        factors = _factors(members, active, everyone, contention)
+        factors = _factors(members, active, everyone, contention, memo)
         shares = _balance(num_tasks, members, [factors[i] for i in everyone])
         now_active = {i for i in everyone if shares[i] > 0}
         plans = [members[i].work(shares[i]) for i in everyone]
-        makespan = _simulate(members, {i: plans[i][0] for i in now_active}, contention)
+        makespan = _simulate(members, {i: plans[i][0] for i in now_active}, contention,
+                             memo)
         if len({members[i].inst.host for i in now_active}) > 1:
             makespan *= 1.0 + contention.dispatch
         if best is None or makespan < best[0] - 1e-12:
@@ -533,11 +539,12 @@ def allocate(num_tasks: int, instances: Sequence[SlotInstance],
         by_unit.setdefault(member.inst.unit, []).append(member)
     ordered = [members[:contention.streams.get(unit, 1)] for unit, members in by_unit.items()]
     best: tuple[float, list[_Inst], list[int], list[int], float] | None = None
+    memo: _Memo = {}
     for m in range(1, min(num_tasks, len(ordered)) + 1):
         chosen = [member for streams in ordered[:m] for member in streams]
         if len(chosen) < 2 and chosen[0].slots < 2:
             continue
-        makespan, shares, concurrency = _evaluate(num_tasks, chosen, contention)
+        makespan, shares, concurrency = _evaluate(num_tasks, chosen, contention, memo)
         speedup = sequential / makespan if makespan > 0 else 1.0
         if best is None or speedup > best[0] + 1e-9:
             best = (speedup, chosen, shares, concurrency, makespan)
@@ -559,7 +566,7 @@ def allocate_across(num_tasks: int, instances: Sequence[SlotInstance],
     prepared, contention, sequential_plan = _prepare(num_tasks, instances, contention)
     if num_tasks < 1:
         return sequential_plan
-    makespan, shares, concurrency = _evaluate(num_tasks, prepared, contention)
+    makespan, shares, concurrency = _evaluate(num_tasks, prepared, contention, {})
     return _result(num_tasks, prepared, shares, concurrency, makespan, sequential_plan)
 
 
