@@ -1,9 +1,9 @@
 """Concurrency inside instances: slots, batching curves, and the allocation of tasks to them.
 
 Layer 4, beside ``cost_model``: pure arithmetic on small frozen inputs, no I/O, importing only
-``_errors`` and the standard library. The cost model maps its profiles onto
-:class:`SlotInstance` and :class:`Contention`; the planner calls :func:`allocate` and reads the
-:class:`Allocation`.
+the standard library (bad input is a ``ValueError`` naming the value with ``!r``). The cost
+model maps its profiles onto :class:`SlotInstance` and :class:`Contention`; the planner calls
+:func:`allocate` and reads the :class:`Allocation`.
 
 **Slots and the batching curve.** An instance serves up to ``slots`` requests at once (Ollama's
 ``OLLAMA_NUM_PARALLEL``). Requests that run together are batched: each decode step serves them all,
@@ -31,11 +31,15 @@ best concurrency for the tasks it holds and the contention of the instances work
 then simulated as the instances finish (an instance left alone speeds back up), and the balance
 is redone on the instances that got work (at most six times). Each step costs the same for three
 tasks as for a billion: counts come in closed form from the instances' throughputs, and only a
-bounded number of tasks near the balance point (at most twice the slots of the candidate plus
-one per instance) are placed one by one.
+bounded number of tasks near the balance point (at most twice the candidate's slots plus one per
+instance) are placed one by one. Each instance runs its tasks at the concurrency that finishes
+them soonest (the larger on a tie); an instance whose curve gains nothing at any ``k`` is
+planned as one slot.
 
 With one slot everywhere this is, step for step, what ``ParallelismCostModel.parallel_makespan``
-and the planner's search over units compute today, without the per-task loops.
+and the planner's search over units compute today, without the per-task loops. Where two finish
+times tie exactly, the earlier instance takes the task, as today's loop means to; that loop adds
+times up one task at a time, and its rounding can break such a tie the other way.
 """
 
 from __future__ import annotations
@@ -358,6 +362,8 @@ class _Inst:
         # in its own units.
         self.best_c = min(range(1, self.slots + 1), key=lambda c: (ratios[c] / c, -c))
         self.best_cost = ratios[self.best_c] / self.best_c
+        if self.best_cost >= 1.0 - _TIE:  # batching gains nothing: planned as one slot
+            self.slots, self.best_c, self.best_cost = 1, 1, 1.0
         # From how many tasks on the best concurrency always wins: any other c, at cost
         # a = ratios[c] / c per task, is at least (j - c + 1) * a against at most
         # (j + best_c - 1) * best_cost, so it loses once j * (a - best_cost) exceeds the rest
@@ -587,7 +593,8 @@ def _prepare(num_tasks: int, instances: Sequence[SlotInstance], contention: Cont
     fastest = min(prepared, key=lambda m: (m.inst.seconds, m.index))
     sequential = num_tasks * fastest.inst.seconds if num_tasks > 0 else 0.0
     sequential_plan = Allocation(
-        num_tasks, (Assignment(fastest.inst.key, num_tasks, min(1, num_tasks), fastest.slots),),
+        num_tasks, (Assignment(fastest.inst.key, num_tasks, min(1, num_tasks),
+                               fastest.inst.slots),),
         sequential, fastest.inst.key, sequential)
     return prepared, contention, sequential_plan
 
@@ -596,8 +603,8 @@ def _result(num_tasks: int, chosen: Sequence[_Inst], shares: Sequence[int],
             concurrency: Sequence[int], makespan: float, sequential_plan: Allocation
             ) -> Allocation:
     used = sorted((i for i in range(len(chosen)) if shares[i] > 0), key=lambda i: chosen[i].index)
-    assignments = tuple(Assignment(chosen[i].inst.key, shares[i], concurrency[i], chosen[i].slots)
-                        for i in used)
+    assignments = tuple(Assignment(chosen[i].inst.key, shares[i], concurrency[i],
+                                   chosen[i].inst.slots) for i in used)
     return Allocation(num_tasks, assignments, makespan, sequential_plan.sequential_key,
                       sequential_plan.sequential_makespan)
 

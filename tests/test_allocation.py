@@ -436,3 +436,10 @@ def test_work_past_the_settled_point_is_the_full_minimum(slots, curve, tasks):
     assert member.value(tasks) == value
     assert 1 <= concurrency <= min(slots, tasks)
     assert (tasks // concurrency) * ratios[concurrency] + ratios[tasks % concurrency] == value
+
+
+def test_slots_without_a_batching_gain_are_planned_as_one_slot():
+    queue = cpu("q", "h", 1.0, slots=4, curve=BatchingCurve.none())
+    plan = allocate(5, [queue])
+    assert not plan.parallel and plan.assignments == (Assignment("q", 5, 1, 4),)
+    assert allocate_across(5, [queue]).assignments == (Assignment("q", 5, 1, 4),)
