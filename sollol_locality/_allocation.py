@@ -65,21 +65,23 @@ __all__ = [
     "prior_curve",
 ]
 
-CPU_BATCH_COST: Final = 0.5
+CPU_BATCH_COST: Final = 0.35
 """Prior cost of each extra concurrent sequence on a CPU instance, as a fraction of one task's
-time: 4 tasks at once take 2.5x one task (1.6x the throughput). CPU decode is memory-bandwidth
-bound, so batching pays, but the matrix work grows with every sequence and a CPU has far less
-compute headroom than a GPU. Public figures span a wide range: llama.cpp issue 4064 reports
-4, 8 and 16 tokens/s at batch 1, 2 and 4 on an x86 CPU (nearly free sequences) and no gain at
-all on a phone; the figure here is an estimate between the two, kept on the cautious side, and
-calibration (measured ``k = 1, 2, 4``) replaces it."""
+time: 4 tasks at once take 2.05x one task (about twice the throughput). CPU decode is
+memory-bandwidth bound, so batching pays, but the matrix work grows with every sequence and a
+CPU has far less compute headroom than a GPU. Public figures span a wide range: llama.cpp issue
+4064 reports 4, 8 and 16 tokens/s at batch 1, 2 and 4 on an x86 CPU (sequences nearly free)
+and no gain at all on a phone. An estimate between the two, on the cautious side of the x86
+figure; calibration (``k = 1, 2, 4`` measured) replaces it."""
 
-GPU_BATCH_COST: Final = 0.1
-"""Prior cost of each extra concurrent sequence on a GPU instance: 4 tasks at once take 1.3x one
-task (3.1x the throughput). GPU decode reads every weight once per step whatever the batch, so an
-extra sequence costs little until the batch fills the compute units (llama.cpp issue 3479 and
-its batched-bench runs; beehive-lab/GPULlama3.java PR 129 measures aggregate throughput rising
-almost linearly with the batch on an RTX 4090). An estimate; calibration replaces it."""
+GPU_BATCH_COST: Final = 0.15
+"""Prior cost of each extra concurrent sequence on a GPU instance: 4 tasks at once take 1.45x one
+task (2.8x the throughput). GPU decode reads every weight once per step whatever the batch, so
+an extra sequence costs little until the batch fills the compute units. From
+``llama-batched-bench`` in llama.cpp pull request 16894 (a 7B Q8_0 model, GPU offload): 32
+generated tokens take 0.405 s, 0.469 s and 0.570 s at batch 1, 2 and 4 (ratios 1.16 and 1.41;
+1.20 and 1.53 with a 4096-token prompt). Prompt processing itself scales almost linearly with
+the batch, so prompt-heavy tasks batch worse; calibration replaces the figure."""
 
 _MIN_FACTOR: Final = 0.05  # the most a unit can gain from concurrent instances (as today)
 _ROUNDS: Final = 6  # balance, simulate, re-balance on the instances that got work: at most this

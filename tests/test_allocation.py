@@ -114,7 +114,7 @@ def test_all_tasks_on_one_node_when_it_batches():
     assert plan.makespan == pytest.approx(1 + 3 * CPU_BATCH_COST + 1.0)
     assert plan.makespan < plan.sequential_makespan == 5.0
     assert describe_allocation(plan) == (
-        "5 tasks at once on http://h:11434, which batches 4: predicted 1.43x")
+        "5 tasks at once on http://h:11434, which batches 4: predicted 1.64x")
 
 
 def test_beyond_its_slots_an_instance_queues_in_rounds():
@@ -134,9 +134,9 @@ def test_a_batching_fast_node_takes_most_beside_a_plain_slow_one():
     assert plan.makespan == pytest.approx(4 * (1 + 3 * GPU_BATCH_COST) * 1.05)
     one_slot = allocate(20, [gpu(fast.key, "g", 1.0), slow])
     assert [a.tasks for a in one_slot.assignments] == [11, 9]
-    assert plan.speedup > 2 * one_slot.speedup
+    assert plan.speedup > 1.5 * one_slot.speedup
     assert describe_allocation(plan, {fast.key: "g", slow.key: "p"}) == (
-        "20 tasks at once across 2 instances (16 on g, 4 at once, 4 on p): predicted 3.66x")
+        "20 tasks at once across 2 instances (16 on g, 4 at once, 4 on p): predicted 3.28x")
 
 
 def test_two_batching_instances_of_one_cpu_unit_one_holds_every_task():
@@ -156,7 +156,7 @@ def test_a_slower_instance_that_batches_beats_a_faster_one_that_does_not():
     batching = cpu("batching", "m", 1.2, slots=4)  # same unit, listed second
     plan = allocate(4, [plain, batching])
     assert plan.assignments == (Assignment("batching", 4, 4, 4),)
-    assert plan.speedup == pytest.approx(4 / (1.2 * 2.5))
+    assert plan.speedup == pytest.approx(4 / (1.2 * (1 + 3 * CPU_BATCH_COST)))
 
 
 @pytest.mark.parametrize("tasks", [0, 1])
