@@ -47,7 +47,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Final
 
@@ -62,6 +62,7 @@ __all__ = [
     "allocate",
     "allocate_across",
     "describe_allocation",
+    "dispatch_all",
     "prior_curve",
 ]
 
@@ -576,6 +577,40 @@ def allocate_across(num_tasks: int, instances: Sequence[SlotInstance],
         return sequential_plan
     makespan, shares, concurrency = _evaluate(num_tasks, prepared, contention, {})
     return _result(num_tasks, prepared, shares, concurrency, makespan, sequential_plan)
+
+
+def dispatch_all(num_tasks: int, instances: Sequence[SlotInstance],
+                 contention: Contention | None = None) -> float:
+    """Makespan of "parallel whenever two nodes are healthy": the first ``num_tasks`` instances
+    (in the order given) start one task each, and whenever one finishes a task it takes the
+    next one waiting, however slow it is; no instance is sent more than one at a time.
+
+    In closed form: while tasks wait every instance stays busy, so the queue empties at the
+    ``num_tasks - started``-th completion of the merged sequences ``j * time``; from there the
+    tasks in progress finish with the contention of those still running. What
+    ``ParallelismCostModel.dispatch_all_makespan`` computes task by task.
+
+    Raises:
+        ValueError: as :func:`allocate`.
+    """
+    prepared, contention, _ = _prepare(num_tasks, instances, contention)
+    if num_tasks < 1:
+        return 0.0
+    workers = [_Inst(i, replace(m.inst, slots=1)) for i, m in
+               enumerate(prepared[:num_tasks])]
+    memo: _Memo = {}
+    everyone = set(range(len(workers)))
+    times = _factors(workers, everyone, everyone, contention, memo)
+    waiting = num_tasks - len(workers)
+    done = _balance(waiting, workers, [times[i] for i in range(len(workers))])
+    emptied = max((done[i] * times[i] for i in everyone), default=0.0)
+    # Each instance holds one task, begun at its last completion before the queue emptied.
+    left = {i: 1.0 - (emptied - done[i] * times[i]) / times[i] for i in everyone}
+    makespan = emptied + _simulate(workers, {i: w for i, w in left.items() if w > 1e-9},
+                                   contention, memo)
+    if len({m.inst.host for m in workers}) > 1:
+        makespan *= 1.0 + contention.dispatch
+    return makespan
 
 
 def _prepare(num_tasks: int, instances: Sequence[SlotInstance], contention: Contention | None

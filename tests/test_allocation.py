@@ -26,6 +26,7 @@ from sollol_locality._allocation import (
     allocate,
     allocate_across,
     describe_allocation,
+    dispatch_all,
     prior_curve,
 )
 from sollol_locality.cost_model import NodeProfile, unit_label
@@ -443,3 +444,24 @@ def test_slots_without_a_batching_gain_are_planned_as_one_slot():
     plan = allocate(5, [queue])
     assert not plan.parallel and plan.assignments == (Assignment("q", 5, 1, 4),)
     assert allocate_across(5, [queue]).assignments == (Assignment("q", 5, 1, 4),)
+
+
+def _check_dispatch_all(profiles: list[NodeProfile], priors: CostPriors, tasks: int) -> None:
+    model = ParallelismCostModel(offline_config(), priors=priors)
+    distinct = _distinct_instances(profiles)
+    expected = model.dispatch_all_makespan(tasks, profiles)
+    got = dispatch_all(tasks, _slot_instances(distinct), _contention_of(model, distinct))
+    assert got == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(profiles=_profiles(), priors=st.sampled_from(_PRIORS), tasks=st.integers(0, 40))
+def test_dispatch_all_is_todays(profiles, priors, tasks):
+    _check_dispatch_all(profiles, priors, tasks)
+
+
+def test_dispatch_all_of_a_billion_tasks():
+    nodes = [cpu("a", "h", 1.0), cpu("b", "g", 3.0), gpu("c", "h", 0.25)]
+    # 10**9 tasks over throughputs 1 + 1/3 + 4 (the GPU and CPU of h slowed 7.5% by each other).
+    rate = 1 / 1.075 + 1 / 3 + 4 / 1.075
+    assert dispatch_all(10**9, nodes) == pytest.approx(10**9 / rate * 1.05, rel=1e-6)
