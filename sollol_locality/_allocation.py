@@ -353,11 +353,14 @@ class Allocation:
 class _Inst:
     """An instance prepared for the search: its ratios up to its slots, its best throughput."""
 
-    __slots__ = ("best_c", "best_cost", "index", "inst", "ratios", "settled", "slots")
+    __slots__ = ("best_c", "best_cost", "host", "index", "inst", "is_gpu", "ratios", "seconds",
+                 "settled", "slots", "unit")
 
     def __init__(self, index: int, inst: SlotInstance) -> None:
         self.index = index
         self.inst = inst
+        self.unit, self.host, self.seconds, self.is_gpu = (inst.unit, inst.host, inst.seconds,
+                                                           inst.is_gpu)
         self.slots = inst.slots
         ratios = [0.0, 1.0] + [inst.curve.ratio(k) for k in range(2, inst.slots + 1)]
         self.ratios = ratios
@@ -423,25 +426,25 @@ def _factors(members: Sequence[_Inst], active: set[int], targets: Iterable[int],
     streams: dict[str, int] = {}
     host_units: dict[str, set[str]] = {}
     for i in active:
-        inst = members[i].inst
-        streams[inst.unit] = streams.get(inst.unit, 0) + 1
-        host_units.setdefault(inst.host, set()).add(inst.unit)
+        member = members[i]
+        streams[member.unit] = streams.get(member.unit, 0) + 1
+        host_units.setdefault(member.host, set()).add(member.unit)
     times: dict[int, float] = {}
     for i in targets:
-        inst = members[i].inst
-        unit = inst.unit
+        member = members[i]
+        unit = member.unit
         k = streams.get(unit, 0) + (0 if i in active else 1)
-        units = host_units.get(inst.host)
+        units = host_units.get(member.host)
         busy = 1 if units is None else len(units) + (unit not in units)
         factor = memo.get((unit, k, busy))
         if factor is None:
             factor = 1.0
             if k > 1:
-                factor = k * max(_MIN_FACTOR, 1.0 + contention.unit(unit, k, inst.is_gpu))
+                factor = k * max(_MIN_FACTOR, 1.0 + contention.unit(unit, k, member.is_gpu))
             if busy > 1:
-                factor *= 1.0 + contention.host(inst.host) * (busy - 1)
+                factor *= 1.0 + contention.host(member.host) * (busy - 1)
             memo[(unit, k, busy)] = factor
-        times[i] = inst.seconds * factor
+        times[i] = member.seconds * factor
     return times
 
 
