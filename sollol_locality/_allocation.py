@@ -132,7 +132,8 @@ class BatchingCurve:
             if not isinstance(k1, int) or isinstance(k1, bool) or k1 <= k0:
                 raise ValueError(f"batching curve points need increasing integer k, "
                                  f"got {points!r}")
-            if not isinstance(r1, float) or not math.isfinite(r1) or r1 < r0:
+            if (not isinstance(r1, (int, float)) or isinstance(r1, bool)
+                    or not math.isfinite(r1) or r1 < r0):
                 raise ValueError(f"batching curve ratios must be finite and non-decreasing, "
                                  f"got {points!r}")
         _check_number(self.tail, "batching curve tail", low=0.0, strict=False)

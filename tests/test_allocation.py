@@ -465,3 +465,12 @@ def test_dispatch_all_of_a_billion_tasks():
     # 10**9 tasks over throughputs 1 + 1/3 + 4 (the GPU and CPU of h slowed 7.5% by each other).
     rate = 1 / 1.075 + 1 / 3 + 4 / 1.075
     assert dispatch_all(10**9, nodes) == pytest.approx(10**9 / rate * 1.05, rel=1e-6)
+
+
+def test_a_curve_built_by_hand_is_checked():
+    assert BatchingCurve(((1, 1.0), (4, 2)), 0.5).ratio(6) == 3.0
+    with pytest.raises(ValueError, match="^batching curve ratios must be finite and "
+                                         r"non-decreasing, got \(\(1, 1.0\), \(2, 0.5\)\)$"):
+        BatchingCurve(((1, 1.0), (2, 0.5)))
+    with pytest.raises(ValueError, match="^batching curve points need increasing integer k, "):
+        BatchingCurve(((1, 1.0), (1, 1.0)))
