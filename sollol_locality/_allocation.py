@@ -340,6 +340,11 @@ class Allocation:
         return len(self.assignments) >= 2 or any(a.concurrency >= 2 for a in self.assignments)
 
     @property
+    def by_instance(self) -> dict[str, tuple[int, int]]:
+        """``{instance key: (tasks, concurrency)}`` for the instances that get tasks."""
+        return {a.key: (a.tasks, a.concurrency) for a in self.assignments}
+
+    @property
     def tasks_per_instance(self) -> dict[str, int]:
         return {a.key: a.tasks for a in self.assignments}
 
@@ -660,12 +665,15 @@ def _tasks(count: int) -> str:
 def _on(assignment: Assignment, name: str) -> str:
     if assignment.concurrency <= 1:
         return f"{assignment.tasks} on {name}"
-    return f"{assignment.tasks} on {name}, {assignment.concurrency} at once"
+    if assignment.concurrency >= assignment.tasks:
+        return f"{assignment.tasks} on {name} (all at once)"
+    return f"{assignment.tasks} on {name} ({assignment.concurrency} at a time)"
 
 
 def describe_allocation(allocation: Allocation, names: Mapping[str, str] | None = None) -> str:
     """A fragment of the planner's reason saying what the allocation does, e.g. ``"5 tasks at
-    once on http://h:11434, which batches 4: predicted 2.10x"``.
+    once on http://h:11434, which batches 4: predicted 2.10x"`` or ``"20 tasks across 2
+    instances: 16 on http://g:11434 (4 at a time), 4 on http://p:11434; predicted 3.28x"``.
 
     ``names`` maps instance keys to what the sentence calls them (default: the keys).
     """
@@ -685,5 +693,4 @@ def describe_allocation(allocation: Allocation, names: Mapping[str, str] | None 
         return (f"{_tasks(only.tasks)} at once on {name}, which batches {only.slots}{queued}: "
                 f"{speedup}")
     spread = ", ".join(_on(a, shown.get(a.key, a.key)) for a in parts)
-    return (f"{_tasks(allocation.num_tasks)} at once across {len(parts)} instances ({spread}): "
-            f"{speedup}")
+    return f"{_tasks(allocation.num_tasks)} across {len(parts)} instances: {spread}; {speedup}"

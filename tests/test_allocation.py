@@ -137,7 +137,7 @@ def test_a_batching_fast_node_takes_most_beside_a_plain_slow_one():
     assert [a.tasks for a in one_slot.assignments] == [11, 9]
     assert plan.speedup > 1.5 * one_slot.speedup
     assert describe_allocation(plan, {fast.key: "g", slow.key: "p"}) == (
-        "20 tasks at once across 2 instances (16 on g, 4 at once, 4 on p): predicted 3.28x")
+        "20 tasks across 2 instances: 16 on g (4 at a time), 4 on p; predicted 3.28x")
 
 
 def test_two_batching_instances_of_one_cpu_unit_one_holds_every_task():
@@ -474,3 +474,13 @@ def test_a_curve_built_by_hand_is_checked():
         BatchingCurve(((1, 1.0), (2, 0.5)))
     with pytest.raises(ValueError, match="^batching curve points need increasing integer k, "):
         BatchingCurve(((1, 1.0), (1, 1.0)))
+
+
+def test_batching_instances_on_separate_machines_share_the_batch():
+    a, b = gpu("http://a:11434", "a", slots=4), gpu("http://b:11434", "b", slots=4)
+    plan = allocate(8, [a, b])
+    assert plan.by_instance == {a.key: (4, 4), b.key: (4, 4)}
+    assert plan.makespan == pytest.approx((1 + 3 * GPU_BATCH_COST) * 1.05)
+    assert describe_allocation(plan) == (
+        f"8 tasks across 2 instances: 4 on {a.key} (all at once), 4 on {b.key} (all at once); "
+        f"predicted {8 / ((1 + 3 * GPU_BATCH_COST) * 1.05):.2f}x")
