@@ -1,9 +1,11 @@
 """Concurrency inside instances: slots, batching curves, and the allocation of tasks to them.
 
-Layer 4, beside ``cost_model``: pure arithmetic on small frozen inputs, no I/O, importing only
-the standard library (bad input is a ``ValueError`` naming the value with ``!r``). The cost
-model maps its profiles onto :class:`SlotInstance` and :class:`Contention`; the planner calls
-:func:`allocate` and reads the :class:`Allocation`.
+Layer 4, beside ``cost_model`` and below it (``cost_model`` and ``planner`` import it; it
+imports nothing from the package, only the standard library). Pure arithmetic on small frozen
+inputs, no I/O; bad input is a ``ValueError`` naming the value with ``!r``. The cost model maps
+its profiles onto :class:`SlotInstance` and :class:`Contention`; the planner calls
+:func:`allocate` and reads the :class:`Allocation`; learning fits figures with
+:func:`predict`.
 
 **Slots and the batching curve.** An instance serves up to ``slots`` requests at once (Ollama's
 ``OLLAMA_NUM_PARALLEL``). Requests that run together are batched: each decode step serves them all,
@@ -63,6 +65,7 @@ __all__ = [
     "allocate_across",
     "describe_allocation",
     "dispatch_all",
+    "predict",
     "prior_curve",
 ]
 
@@ -586,6 +589,42 @@ def allocate_across(num_tasks: int, instances: Sequence[SlotInstance],
         return sequential_plan
     makespan, shares, concurrency = _evaluate(num_tasks, prepared, contention, {})
     return _result(num_tasks, prepared, shares, concurrency, makespan, sequential_plan)
+
+
+def predict(instances: Sequence[SlotInstance], plan: Mapping[str, tuple[int, int]],
+            contention: Contention | None = None) -> float:
+    """Makespan of a given allocation: ``plan`` maps instance keys to ``(tasks,
+    concurrency)``; each instance runs its tasks in FIFO rounds at that concurrency, with the
+    contention of the instances still busy, and a plan over two or more hosts pays the dispatch
+    overhead. What learning needs: the figure at which a finished run's prediction meets its
+    wall time (``dataclasses.replace`` on ``contention`` or the curve stands in a trial value).
+
+    Raises:
+        ValueError: a key that is not an instance, a negative task count, or a concurrency
+            outside ``1..slots``.
+    """
+    contention = contention if contention is not None else Contention()
+    members = [_Inst(i, inst) for i, inst in enumerate(instances)]
+    index = {m.inst.key: i for i, m in enumerate(members)}
+    work: dict[int, float] = {}
+    for key, (tasks, concurrency) in plan.items():
+        if key not in index:
+            raise ValueError(f"plan names {key!r}, which is not one of the instances")
+        member = members[index[key]]
+        _check_count(tasks, f"tasks on {key!r}", low=0)
+        if tasks == 0:
+            continue
+        if (not isinstance(concurrency, int) or isinstance(concurrency, bool)
+                or not 1 <= concurrency <= member.inst.slots):
+            raise ValueError(f"concurrency on {key!r} must be an integer from 1 to "
+                             f"{member.inst.slots}, got {concurrency!r}")
+        ratios = [0.0, 1.0] + [member.inst.curve.ratio(k) for k in range(2, concurrency + 1)]
+        q, r = divmod(tasks, concurrency)
+        work[index[key]] = q * ratios[concurrency] + ratios[r]
+    makespan = _simulate(members, work, contention, {})
+    if len({members[i].host for i in work}) > 1:
+        makespan *= 1.0 + contention.dispatch
+    return makespan
 
 
 def dispatch_all(num_tasks: int, instances: Sequence[SlotInstance],

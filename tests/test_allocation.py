@@ -27,6 +27,7 @@ from sollol_locality._allocation import (
     allocate_across,
     describe_allocation,
     dispatch_all,
+    predict,
     prior_curve,
 )
 from sollol_locality.cost_model import NodeProfile, unit_label
@@ -269,6 +270,9 @@ def test_allocation_invariants(instances, contention, tasks):
         assert plan.makespan <= plan.sequential_makespan
     if not plan.parallel:
         assert len(plan.assignments) == 1 and plan.assignments[0].concurrency <= 1
+    else:  # the makespan is that of the allocation it reports
+        assert predict(instances, plan.by_instance, contention) == pytest.approx(
+            plan.makespan, rel=1e-9)
 
 
 # -- slots = 1 everywhere is today's model, exactly -------------------------------------------
@@ -484,3 +488,13 @@ def test_batching_instances_on_separate_machines_share_the_batch():
     assert describe_allocation(plan) == (
         f"8 tasks across 2 instances: 4 on {a.key} (all at once), 4 on {b.key} (all at once); "
         f"predicted {8 / ((1 + 3 * GPU_BATCH_COST) * 1.05):.2f}x")
+
+
+def test_predict_checks_the_plan_it_is_given():
+    nodes = [cpu("a", "h", 1.0, slots=2), cpu("b", "g", 1.0)]
+    assert predict(nodes, {"a": (3, 2), "b": (0, 1)}) == pytest.approx(1 + CPU_BATCH_COST + 1)
+    with pytest.raises(ValueError, match="^plan names 'c', which is not one of the instances$"):
+        predict(nodes, {"c": (1, 1)})
+    with pytest.raises(ValueError, match="^concurrency on 'b' must be an integer from 1 to 1, "
+                                         "got 2$"):
+        predict(nodes, {"b": (2, 2)})
