@@ -320,7 +320,9 @@ class Allocation:
         num_tasks: the task count planned for.
         assignments: the instances that get tasks, in the order the instances were given
             (counts sum to ``num_tasks``). When no concurrent plan exists (fewer than two
-            tasks, one instance with one slot) it is the sequential one.
+            tasks, one unit whose instances have one slot) it is the sequential one; when the
+            best candidate gave every task to one instance at concurrency 1 it is that one
+            (``parallel`` is false either way).
         makespan: predicted makespan of ``assignments``.
         sequential_key: the fastest instance.
         sequential_makespan: ``num_tasks`` one after another on it.
@@ -349,10 +351,12 @@ class Allocation:
 
     @property
     def tasks_per_instance(self) -> dict[str, int]:
+        """``{instance key: tasks}`` (the plan's ``tasks_per_node``)."""
         return {a.key: a.tasks for a in self.assignments}
 
     @property
     def concurrency_per_instance(self) -> dict[str, int]:
+        """``{instance key: tasks sent at once}`` (the plan's ``concurrency_per_node``)."""
         return {a.key: a.concurrency for a in self.assignments}
 
 
