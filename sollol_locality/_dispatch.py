@@ -6,11 +6,11 @@ standard library; the planner's ``run()`` is a thin wrapper over :func:`dispatch
 How a batch runs:
 
 * **As the plan says.** ``nodes[i]`` gets ``tasks_per_node[i]`` tasks, assigned up front and dealt
-  in task order like a weighted round robin (with shares 3 and 3 the tasks go A, B, A, B, ...), so
-  the first tasks of the batch start first on every node. The calling thread schedules; a
-  :class:`concurrent.futures.ThreadPoolExecutor` with a worker per concurrent slot makes the
-  calls. A task is handed to a worker only when its node has a free slot: never more than
-  ``concurrency_per_node[i]`` calls in flight on ``nodes[i]``.
+  in task order like a weighted round robin (shares 3 and 3 go A, B, A, B, A, B; shares 4 and 2
+  go A, B, A, A, B, A), so the first tasks of the batch start first on every node. The calling
+  thread schedules; a :class:`concurrent.futures.ThreadPoolExecutor` with a worker per concurrent
+  slot makes the calls. A task is handed to a worker only when its node has a free slot: never
+  more than ``concurrency_per_node[i]`` calls in flight on ``nodes[i]``.
 * **No work stealing by default.** A node that finishes its share early stays idle. The shares
   are the cost model's optimum; moving a queued task onto whichever node is free first can put the
   last task on a slow node and lengthen the batch, and the timings recorded would describe a plan
@@ -46,7 +46,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, Literal, Protocol, TypeVar
 
@@ -443,6 +443,7 @@ class _Batch(Generic[T, R]):
         self._interrupt: BaseException | None = None
         self._done: queue.SimpleQueue[_Outcome] = queue.SimpleQueue()
         self._executor: ThreadPoolExecutor | None = None
+        self._futures: list[Future[None]] = []  # the calls handed out (done ones pruned)
         self._start = 0.0
 
     # -- set-up
@@ -475,8 +476,8 @@ class _Batch(Generic[T, R]):
             seen[key] = index
             runs.append(_NodeRun(node, key, slot, in_plan=True))
         # Deal the tasks in order, like a weighted round robin: the next task goes to the node
-        # whose share is least used once it takes one more (ties: plan order).
-        dealer = [(1 / share, index) for index, share in enumerate(shares) if share]
+        # that is furthest behind its share, (dealt + 1/2) / share lowest (ties: plan order).
+        dealer = [(0.5 / share, index) for index, share in enumerate(shares) if share]
         heapq.heapify(dealer)
         dealt = [0] * len(shares)
         for task in range(count if nodes else 0):
@@ -484,7 +485,7 @@ class _Batch(Generic[T, R]):
             runs[index].queue.append(task)  # ascending, so already a heap
             dealt[index] += 1
             if dealt[index] < shares[index]:
-                heapq.heappush(dealer, ((dealt[index] + 1) / shares[index], index))
+                heapq.heappush(dealer, ((dealt[index] + 0.5) / shares[index], index))
         return runs
 
     def _reserve_of(self, candidates: Iterable[Any]) -> deque[tuple[Any, str]]:
@@ -582,7 +583,10 @@ class _Batch(Generic[T, R]):
         assert self._executor is not None
         self._attempt_count[task] += 1
         attempt = self._attempt_count[task]
-        self._executor.submit(self._work, run, task, attempt)
+        future = self._executor.submit(self._work, run, task, attempt)
+        self._futures.append(future)
+        if len(self._futures) > 64 and len(self._futures) > 4 * self._in_flight:
+            self._futures = [f for f in self._futures if not f.done()]
         run.in_flight += 1  # counted once submitted: an interrupt in between under-counts, and
         self._in_flight += 1  # shutdown(wait=True) still joins the call
         self._emit("started", task, run.node, attempt)
@@ -687,28 +691,39 @@ class _Batch(Generic[T, R]):
 
     def _drain(self) -> bool:
         """Await the calls in flight (at most ``grace`` seconds); ``False`` if some are
-        abandoned. Their outcomes are kept; nothing new starts."""
+        abandoned. Their outcomes are kept; nothing new starts.
+
+        It waits on the futures, not on the count of calls in flight: a Ctrl-C can land between
+        taking an outcome off the queue and counting it.
+        """
         deadline = None if self._grace is None else time.monotonic() + self._grace
+        pending: set[Future[None]] = {f for f in self._futures if not f.done()}
         try:
-            while self._in_flight > 0:
-                if deadline is None:
-                    outcome = self._done.get()
-                else:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    outcome = self._done.get(timeout=remaining)
-                self._settle(outcome)
-        except queue.Empty:
-            pass
+            while pending:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                _, pending = wait(pending, timeout=remaining, return_when=FIRST_COMPLETED)
+                self._settle_queued()
         except KeyboardInterrupt:  # a second Ctrl-C: stop waiting
-            pass
-        if self._in_flight > 0:
+            pending = {f for f in pending if not f.done()}
+        self._settle_queued()
+        if pending:
             logger.warning("dispatch stopped with %d call(s) still in flight; they are "
                            "abandoned and their threads end when the calls return",
-                           self._in_flight, extra={"event": "dispatch_abandoned"})
+                           len(pending), extra={"event": "dispatch_abandoned"})
             return False
         return True
+
+    def _settle_queued(self) -> None:
+        """Settle every outcome already handed back (a worker queues its outcome before its
+        future is done)."""
+        while True:
+            try:
+                outcome = self._done.get_nowait()
+            except queue.Empty:
+                return
+            self._settle(outcome)
 
     # -- the end
 

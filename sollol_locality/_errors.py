@@ -15,6 +15,8 @@ Messages name the offending input with ``!r`` (credentials removed) and say what
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "CalibrationError",
     "ConfigError",
@@ -84,11 +86,11 @@ class DispatchError(LocalityError):
     """
 
     def __init__(
-        self, message: str, *, results: tuple[object, ...] = (),
+        self, message: str, *, results: tuple[Any, ...] = (),
         failed_tasks: tuple[int, ...] = (),
         node_errors: tuple[tuple[str, BaseException], ...] = (),
         task_errors: tuple[tuple[int, BaseException], ...] = (),
-        attempts: tuple[object, ...] = (), cancelled: bool = False,
+        attempts: tuple[Any, ...] = (), cancelled: bool = False,
     ) -> None:  # fmt: skip
         self.results = results
         self.failed_tasks = failed_tasks
