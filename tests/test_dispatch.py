@@ -7,6 +7,7 @@ emulators on loopback.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import signal
@@ -622,10 +623,18 @@ class HttpCalls:
                 self.in_flight[node] -= 1
 
 
+def emulator(node: EmulatorProcess, path: str = "", *, post: bool = False) -> dict[str, Any]:
+    """The emulator's own endpoint (``/api/emulator``, its counters), or one under it."""
+    request = urllib.request.Request(node.url + "/api/emulator" + path, method="POST" if post
+                                     else "GET", data=b"{}" if post else None)
+    with _OPENER.open(request, timeout=40) as response:
+        body: dict[str, Any] = json.load(response)
+    return body
+
+
 def generates(node: EmulatorProcess) -> int:
     """Generate requests the emulator itself has served."""
-    with _OPENER.open(node.url + "/api/emulator", timeout=10) as response:
-        return int(json.load(response)["generates"])
+    return int(emulator(node)["generates"])
 
 
 @pytest.fixture(scope="module")
@@ -687,3 +696,35 @@ def test_emulators_all_dead_one_clear_error() -> None:
         f"{first.url!r} ({refused}), {second.url!r} ({refused})"
     )
     assert info.value.results == (None,) * 4
+
+
+@pytest.mark.integration
+def test_emulators_count_per_node_concurrency_inside() -> None:
+    if "num_parallel" not in inspect.signature(start_emulator).parameters:
+        pytest.skip("this emulator serves one request at a time and counts no max in flight")
+    slots = (1, 2, 4)
+    # Every emulator could batch 4: a dispatcher sending more than its plan says would show.
+    with (
+        start_emulator(weights_mb=1, num_parallel=4, ready_timeout=30) as one,  # type: ignore[call-arg]
+        start_emulator(weights_mb=1, num_parallel=4, ready_timeout=30) as two,  # type: ignore[call-arg]
+        start_emulator(weights_mb=1, num_parallel=4, ready_timeout=30) as four,  # type: ignore[call-arg]
+    ):
+        nodes = (one, two, four)
+        plan = Plan("parallel", [n.url for n in nodes], [2 * c for c in slots], list(slots))
+        for node in nodes:
+            emulator(node, "/pause", post=True)  # requests queue; none is decoded yet
+        outcome: list[Any] = []
+        runner = threading.Thread(target=lambda: outcome.append(
+            dispatch(plan, list(range(14)), HttpCalls())))
+        runner.start()
+        try:
+            for node, count in zip(nodes, slots, strict=True):
+                # Returns once `count` requests wait there: the plan's concurrency is reached.
+                assert emulator(node, f"/wait?waiting={count}&timeout=30")["queue"] == count
+        finally:
+            for node in nodes:
+                emulator(node, "/resume", post=True)
+            runner.join(GATE * 3)
+        [result] = outcome
+        assert [r["task"] for r in result.results] == list(range(14))
+        assert [emulator(node)["max_in_flight"] for node in nodes] == list(slots)
