@@ -169,6 +169,7 @@ class DispatchEvent:
             ``"failed"`` (it raised), ``"retried"`` (the task was queued again, on ``node``).
         task: the task's index in the batch.
         node: the caller's node object the event is about (for ``"retried"``, the next one).
+        key: that node's registry key (its URL by default, never any credentials).
         attempt: the call's attempt number (for ``"retried"``, the coming attempt's).
         seconds: when the event happened, seconds from the batch's start.
         duration: the call's length in seconds (``"finished"`` and ``"failed"``), else ``None``.
@@ -180,6 +181,7 @@ class DispatchEvent:
     kind: EventKind
     task: int
     node: Any = field(repr=False)
+    key: str
     attempt: int
     seconds: float
     duration: float | None = None
@@ -589,7 +591,7 @@ class _Batch(Generic[T, R]):
             self._futures = [f for f in self._futures if not f.done()]
         run.in_flight += 1  # counted once submitted: an interrupt in between under-counts, and
         self._in_flight += 1  # shutdown(wait=True) still joins the call
-        self._emit("started", task, run.node, attempt)
+        self._emit("started", task, run, attempt)
 
     def _work(self, run: _NodeRun, task: int, attempt: int) -> None:
         """A worker: one call, its outcome handed back to the scheduler (never raised here)."""
@@ -614,31 +616,31 @@ class _Batch(Generic[T, R]):
             self._completed += 1
             if run.failed is None:
                 self._health.record_success(run.node)
-            self._emit("finished", task, run.node, attempt, duration=end - start)
+            self._emit("finished", task, run, attempt, duration=end - start)
             return
         if not isinstance(error, Exception):  # KeyboardInterrupt, SystemExit: stop everything
             if self._interrupt is None:
                 self._interrupt = error
             self._stopping = True
             self._give_up(task, "stopped", error)
-            self._emit("failed", task, run.node, attempt, duration=end - start, error=error)
+            self._emit("failed", task, run, attempt, duration=end - start, error=error)
             return
         if self._node_error is not None and not self._node_error(error):
             self._give_up(task, "task", error)  # the task's own fault: its node stays usable
-            self._emit("failed", task, run.node, attempt, duration=end - start, error=error)
+            self._emit("failed", task, run, attempt, duration=end - start, error=error)
             return
         self._fail_node(run, error)
         if self._stopping or attempt >= self._max_attempts:
             self._give_up(task, "stopped" if self._stopping else "attempts", error)
-            self._emit("failed", task, run.node, attempt, duration=end - start, error=error)
+            self._emit("failed", task, run, attempt, duration=end - start, error=error)
             return
         target = self._pick()
         if target is None:
             self._give_up(task, "no-node", error)
-        self._emit("failed", task, run.node, attempt, duration=end - start, error=error)
+        self._emit("failed", task, run, attempt, duration=end - start, error=error)
         if target is not None:
             heapq.heappush(target.queue, task)
-            self._emit("retried", task, target.node, attempt + 1, error=error)
+            self._emit("retried", task, target, attempt + 1, error=error)
 
     def _fail_node(self, run: _NodeRun, error: BaseException) -> None:
         if run.failed is not None:
@@ -770,12 +772,13 @@ class _Batch(Generic[T, R]):
             task_errors=task_errors, attempts=tuple(self._attempts), cancelled=self._cancelled,
         )  # fmt: skip
 
-    def _emit(self, kind: EventKind, task: int, node: Any, attempt: int, *,
+    def _emit(self, kind: EventKind, task: int, run: _NodeRun, attempt: int, *,
               duration: float | None = None, error: BaseException | None = None) -> None:
         if self._on_event is None:
             return
-        event = DispatchEvent(kind, task, node, attempt, self._clock() - self._start, duration,
-                              error, self._completed, len(self._tasks))
+        event = DispatchEvent(kind, task, run.node, run.key, attempt,
+                              self._clock() - self._start, duration, error, self._completed,
+                              len(self._tasks))
         try:
             self._on_event(event)
         except Exception:  # a progress callback must not break the batch

@@ -262,6 +262,7 @@ def test_failure_events_and_retry_attempts() -> None:
     ]  # fmt: skip
     failed = next(e for e in events if e.kind == "failed")
     assert isinstance(failed.error, ConnectionError) and failed.duration is not None
+    assert failed.key == A and "node" not in repr(failed)
     assert events[-1].completed == events[-1].total == 2
 
 
