@@ -299,6 +299,15 @@ class NodeHealth:
             current = [r for r in self._records.values() if now < r.until]
         return tuple(sorted(current, key=lambda record: record.failed_at))
 
+    def failed_keys(self) -> frozenset[str]:
+        """The keys of the nodes in back-off now: what a decision cache keys on (cheap when no
+        node has failed)."""
+        with self._lock:
+            if not self._records:
+                return frozenset()
+            now = self._clock()
+            return frozenset(key for key, r in self._records.items() if now < r.until)
+
     def exclude(self, nodes: Iterable[T]) -> list[T]:
         """``nodes`` without those in back-off, order kept (nodes that cannot be parsed stay:
         whoever reads them reports them)."""

@@ -538,6 +538,7 @@ def test_exclude_keeps_order_and_unparseable_nodes() -> None:
     health.record_failure(D, OSError("y"))
     assert health.exclude([D, "", A, B, C]) == ["", A, C]
     assert [f.key for f in health.failed_nodes()] == [B, D]
+    assert health.failed_keys() == {B, D} and NodeHealth().failed_keys() == frozenset()
 
 
 @pytest.mark.parametrize(
