@@ -30,8 +30,9 @@ from sollol_locality._allocation import (
     predict,
     prior_curve,
 )
-from sollol_locality.cost_model import NodeProfile, unit_label
+from sollol_locality.cost_model import NodeProfile
 from sollol_locality.planner import _distinct_instances, _rank
+from sollol_locality.topology import ExecutionUnit, Instance
 
 # -- the batching curve -------------------------------------------------------------------------
 
@@ -279,20 +280,20 @@ def test_allocation_invariants(instances, contention, tasks):
 
 
 def _slot_instances(profiles: list[NodeProfile]) -> list[SlotInstance]:
-    return [SlotInstance(f"{p.instance[0]}:{p.instance[1]}", unit_label(p.unit), p.unit[0],
+    return [SlotInstance(p.instance.label, p.unit.label, p.unit.host,
                          p.task_time, is_gpu=p.is_gpu) for p in profiles]
 
 
 def _contention_of(model: ParallelismCostModel, profiles: list[NodeProfile]) -> Contention:
     priors = model.priors
     units = {p.unit for p in profiles}
-    measured = {unit_label(u): {k: model.contention(u, k) for k in range(2, len(profiles) + 2)}
-                for u in units if model._cal.contention.get(unit_label(u))}
-    hosts = {u[0] for u in units}
+    measured = {u.label: {k: model.contention(u, k) for k in range(2, len(profiles) + 2)}
+                for u in units if model.calibration.contention.get(u.label)}
+    hosts = {u.host for u in units}
     return Contention(priors.cpu_contention, priors.gpu_contention, priors.same_host_overhead,
                       model.dispatch_overhead(), measured,
                       {h: model.host_overhead(h) for h in hosts},
-                      {unit_label(u): max(1, model.gains_from_concurrency(u)) for u in units})
+                      {u.label: max(1, model.gains_from_concurrency(u)) for u in units})
 
 
 # Figures whose sums and products are exact in binary floating point. Where two finish times
@@ -318,7 +319,9 @@ def _profiles(draw: Any, *, one_unit_per_host: bool = False) -> list[NodeProfile
         kind = draw(st.sampled_from(["cpu", "gpu", "0", "1"]))
         if one_unit_per_host:
             kind = kinds.setdefault(host, kind)
-        result.append(NodeProfile(i, None, (host, 11434 + i), (host, kind),  # type: ignore[arg-type]
+        unit = (ExecutionUnit(host) if kind == "cpu" else
+                ExecutionUnit(host, True, None if kind == "gpu" else kind))
+        result.append(NodeProfile(i, None, Instance(host, 11434 + i), unit,  # type: ignore[arg-type]
                                   draw(st.sampled_from(_SECONDS)), "prior"))
     return result
 
@@ -332,7 +335,7 @@ def _check_makespan(profiles: list[NodeProfile], priors: CostPriors, tasks: int)
                                                      rel=1e-9)
     if tasks:
         assert plan.tasks_per_instance == {
-            f"{p.instance[0]}:{p.instance[1]}": n for p, n in zip(profiles, shares, strict=True)
+            p.instance.label: n for p, n in zip(profiles, shares, strict=True)
             if n > 0}
 
 
@@ -383,7 +386,7 @@ def _check_planner(planner: ExecutionPlanner, nodes: list[Any], tasks: int) -> N
     profiles, _ = model.profiles(planner.topology.describe_many(nodes))
     ranked = _distinct_instances(sorted(profiles, key=_rank))
     allocation = allocate(tasks, _slot_instances(ranked), _contention_of(model, ranked))
-    chosen = [f"{i.instance[0]}:{i.instance[1]}" for i in plan.identities]
+    chosen = [i.instance.label for i in plan.identities]
     runs_parallel = allocation.parallel and allocation.speedup > planner.config.min_speedup
     assert runs_parallel == (plan.mode == "parallel")
     assert allocation.sequential_makespan == pytest.approx(plan.sequential_seconds, rel=1e-9)

@@ -33,13 +33,7 @@ from sollol_locality._dispatch import (
 from sollol_locality._errors import DispatchError, InvalidNodeAddress, LocalityError
 
 # The Ollama emulator: the one place it is imported (it is moving into the package).
-try:
-    from sollol_locality.testing.emulator import (  # type: ignore[import-not-found]
-        EmulatorProcess,
-        start_emulator,
-    )
-except ImportError:
-    from benchmarks.emulator import EmulatorProcess, start_emulator
+from sollol_locality.testing.emulator import EmulatorProcess, start_emulator
 
 A, B, C, D = "http://a:1", "http://b:2", "http://c:3", "http://d:4"
 GATE = 10.0  # seconds a Barrier waits before the test fails instead of hanging

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dnsserver import DnsTestServer, soa
 from helpers import FakeClock, offline_config
 
 from sollol_locality import NodeTopology
@@ -22,6 +21,7 @@ from sollol_locality import _hostsfile as hostsfile_module
 from sollol_locality._hostsfile import HostsFile, hosts_file
 from sollol_locality.local import LocalMachine, LocalSnapshot, SystemProbe
 from sollol_locality.resolver import DnsResolver, Resolution
+from sollol_locality.testing.dnsserver import DnsTestServer, soa
 
 
 def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
