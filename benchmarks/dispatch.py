@@ -453,12 +453,7 @@ def _strategies(urls: Sequence[str], running: RunningScenario, chunks: int,
 def run_scenario(letter: str, settings: Settings, workdir: Path, *,
                  say: Callable[[str], None] = _say) -> ScenarioResult:
     """Start the scenario, calibrate, decide, measure every strategy; clean up everything."""
-    try:
-        from sollol_locality.probe import (  # type: ignore[import-not-found, unused-ignore]
-            calibrate,
-        )
-    except ImportError:
-        from sollol_locality.calibration import calibrate
+    from sollol_locality.probe import calibrate
 
     key = LETTERS[letter]
     scenario = SCENARIOS[key]

@@ -22,7 +22,7 @@ from .addresses import NodeAddress, parse_node_address
 from .config import LocalityConfig
 from .cost_model import CostPriors, ParallelismCostModel, SpeedupEstimate
 from .mixin import LocalityAwareMixin
-from .planner import ExecutionPlan, ExecutionPlanner
+from .planner import ExecutionPlan, ExecutionPlanner, PlanDetail
 from .topology import HostIdentity, NodeTopology
 
 if TYPE_CHECKING:
@@ -30,7 +30,16 @@ if TYPE_CHECKING:
     from .balancer import LocalityAwareLoadBalancer
     from .pool import LocalityAwarePool, LocalityAwarePoolMixin
 
-__version__ = "0.1.0"
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sollol-locality")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
+__version__ = _version()
 
 __all__ = [
     "CalibrationError",
@@ -49,6 +58,7 @@ __all__ = [
     "NodeAddress",
     "NodeTopology",
     "ParallelismCostModel",
+    "PlanDetail",
     "SpeedupEstimate",
     "TopologyFileError",
     "install",

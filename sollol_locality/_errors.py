@@ -6,7 +6,8 @@ The hierarchy::
     ├── InvalidNodeAddress  (ValueError) a node that cannot be parsed into host and port
     ├── ConfigError         (ValueError) a bad configuration value or environment variable
     │   └── TopologyFileError            a malformed topology file (names the file and line)
-    └── CalibrationError                 a calibration run or file that cannot be used
+    ├── CalibrationError                 a calibration run or file that cannot be used
+    └── DispatchError                    a batch that ended with tasks that got no result
 
 Bad input is also a ``ValueError`` so that callers' existing handlers keep working.
 Messages name the offending input with ``!r`` (credentials removed) and say what was expected.
@@ -14,9 +15,12 @@ Messages name the offending input with ``!r`` (credentials removed) and say what
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "CalibrationError",
     "ConfigError",
+    "DispatchError",
     "InvalidNodeAddress",
     "LocalityError",
     "TopologyFileError",
@@ -62,3 +66,36 @@ class TopologyFileError(ConfigError):
 
 class CalibrationError(LocalityError):
     """A calibration run or calibration file that cannot be used."""
+
+
+class DispatchError(LocalityError):
+    """A batch that ended with some tasks that got no result: every usable node failed, a task ran
+    out of attempts, or the batch was cancelled. Nothing is lost silently: the error carries what
+    did finish.
+
+    Attributes:
+        results: one entry per task, in task order: the task's result, or ``None`` for a task
+            listed in ``failed_tasks``.
+        failed_tasks: indices of the tasks that got no result, in order.
+        node_errors: ``(node_key, error)`` for every node that failed during the batch, in the
+            order they failed (``node_key`` is the node's registry key, its URL by default).
+        task_errors: ``(task_index, error)``: the last error of each failed task that ran at
+            least once.
+        attempts: every call made, in the order they started (the dispatcher's attempt records).
+        cancelled: whether the batch stopped because it was cancelled.
+    """
+
+    def __init__(
+        self, message: str, *, results: tuple[Any, ...] = (),
+        failed_tasks: tuple[int, ...] = (),
+        node_errors: tuple[tuple[str, BaseException], ...] = (),
+        task_errors: tuple[tuple[int, BaseException], ...] = (),
+        attempts: tuple[Any, ...] = (), cancelled: bool = False,
+    ) -> None:  # fmt: skip
+        self.results = results
+        self.failed_tasks = failed_tasks
+        self.node_errors = node_errors
+        self.task_errors = task_errors
+        self.attempts = attempts
+        self.cancelled = cancelled
+        super().__init__(message)

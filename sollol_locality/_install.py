@@ -211,8 +211,8 @@ def install(config: LocalityConfig | None = None, *,
     their parallelism questions from the locality planner. Idempotent and thread-safe.
 
     Args:
-        config: settings for the shared planner (``LocalityConfig()``, the environment, when
-            omitted).
+        config: settings for the shared planner (read from the environment by
+            ``LocalityConfig.from_env()`` when omitted).
         planner: an existing :class:`ExecutionPlanner` to share instead.
 
     Returns:

@@ -1,6 +1,6 @@
 """Parsing every node shape into a normalised :class:`NodeAddress`.
 
-Accepted shapes (DESIGN.md, "Node shapes accepted everywhere a node is taken"):
+Accepted shapes (every place that takes a node accepts all of them):
 
 * a string: ``"http://host:11434"``, ``"https://host"``, ``"host:11434"``, ``"host"``,
   ``"[::1]:11434"``, ``"http://[fe80::1%eth0]:11434"``;
@@ -25,6 +25,7 @@ from functools import lru_cache
 from typing import Any, Final, Protocol, runtime_checkable
 
 from ._errors import InvalidNodeAddress
+from ._nodefields import safe_getattr as _safe_getattr
 
 __all__ = [
     "DEFAULT_PORT",
@@ -164,13 +165,6 @@ def node_reference(node: object) -> str | None:
     if isinstance(host, str):
         return f"{host}\x00{_safe_getattr(node, 'port')}"
     return None
-
-
-def _safe_getattr(node: object, name: str) -> Any:
-    try:
-        return getattr(node, name, None)
-    except Exception:  # a property that raises is treated as absent; callers report it
-        return None
 
 
 def parse_node_address(node: object, *, default_port: int = DEFAULT_PORT) -> NodeAddress:

@@ -1,300 +1,280 @@
-"""Calibration: measure live Ollama nodes and teach the cost model this cluster.
+"""The calibration store: what has been learned about a cluster, and its JSON file (layer 2).
 
-``sollol-locality calibrate [--model M] NODE...`` runs, for real:
+:class:`Calibration` is plain data: bounded windows of measured samples, per execution unit
+(time per task, contention by stream count), per host (same-host overhead), for dispatch across
+machines, and room for what later measurements add: per instance (batching curves: the time of
+``k`` concurrent requests on one instance) and per pair of instances (measured co-location).
+Units, instances and hosts are keyed by their labels (``"host/cpu"``, ``"host:port"``), so this
+module needs nothing from the layers that compute them. The cost model reads it; ``probe`` and
+recorded runs fill it.
 
-1. a check that every node answers (``GET /api/version``) and has the model; if one does not,
-   nothing is measured and nothing is written;
-2. one untimed generate per node, so each node has the model loaded;
-3. ``--rounds`` rounds, each measuring, one after another:
-
-   * each node alone: the time per task of its execution unit;
-   * the nodes of each execution unit together (two instances on one CPU or GPU): the unit's
-     contention; the units of each host together (several GPUs): the same-host overhead; one
-     node per host together: the dispatch overhead between machines;
-
-   interleaved this way, load that comes and goes during the run moves the solo and the
-   concurrent measurements alike instead of biasing the ratio between them;
-
-then writes the calibration file (atomically) that later decisions load automatically. What the
-run measured replaces what the file knew about the same units and hosts (a cluster is calibrated
-as it is now); what it knew about others is kept. A file at the target that is not a calibration
-file is refused, never overwritten. Progress goes to stderr, one line per measurement.
-
-Requests go straight to the nodes (no HTTP proxy from the environment is used).
+The file (``format = "sollol-locality-calibration"``) is written atomically (temporary file,
+fsync, rename) under an exclusive lock on its directory, so two writers never interleave.
+Reading never changes the file: a corrupt one raises :class:`~sollol_locality.CalibrationError`
+naming the file and the reason, and stays where it is for a person to look at.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import http.client
+import contextlib
 import json
-import sys
-import threading
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Sequence
+import math
+import os
+import tempfile
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Final
 
-from ._errors import CalibrationError, InvalidNodeAddress
-from .config import LocalityConfig
-from .cost_model import ParallelismCostModel, unit_label
-from .topology import HostIdentity, NodeTopology
+from ._errors import CalibrationError
+from ._nodefields import is_number
 
-__all__ = ["CalibrationReport", "add_calibrate_parser", "calibrate"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MIN_CONTENTION",
+    "PRIOR_BOUNDS",
+    "SAMPLES_KEPT",
+    "Calibration",
+    "from_dict",
+    "read",
+    "to_dict",
+    "write",
+]
 
-_PROMPT = "Write one long paragraph about the history of distributed computing."
+FORMAT: Final = "sollol-locality-calibration"
+FORMAT_VERSION: Final = 1
+SAMPLES_KEPT: Final = 25
+"""Samples kept per figure: each figure is the median of its last 25 measurements."""
+MIN_CONTENTION: Final = -0.9
+"""The most a unit can gain from concurrency, as a contention figure."""
+PRIOR_BOUNDS: Final[Mapping[str, tuple[float, bool]]] = {
+    # What a file's priors may hold: (bound, whether the bound itself is excluded).
+    "cpu_contention": (MIN_CONTENTION, False),
+    "gpu_contention": (MIN_CONTENTION, False),
+    "same_host_overhead": (0.0, False),
+    "dispatch_overhead": (0.0, False),
+    "gpu_speed_factor": (0.0, True),
+    "min_samples": (0.0, False),
+    "min_concurrency_gain": (0.0, False),
+}
+_LOCK_TIMEOUT_SECONDS: Final = 30.0
+
+Samples = deque[float]
+
+
+def samples(values: Iterable[float] = ()) -> Samples:
+    """A bounded window of samples (the newest :data:`SAMPLES_KEPT`)."""
+    return deque(values, maxlen=SAMPLES_KEPT)
 
 
 @dataclass
-class CalibrationReport:
-    """What a calibration run measured and where it was written."""
+class Calibration:
+    """What observed runs taught: bounded sample windows, keyed by label.
 
-    path: Path | None
-    model: str
-    solo_seconds: dict[str, float] = field(default_factory=dict)  # node url -> median s/task
-    together: list[dict[str, Any]] = field(default_factory=list)
+    Attributes:
+        task_seconds: unit label -> seconds per task alone.
+        contention: unit label -> stream count ``k`` -> contention ``c``.
+        host_overhead: host id -> same-host overhead between its units.
+        dispatch: dispatch overhead of parallel runs across machines.
+        batching: instance label -> concurrent requests ``k`` -> time of ``k`` together / one
+            alone (the instance's batching curve; filled by later measurements).
+        colocation: ``"instance|instance"`` (sorted) -> what a measurement found about the pair
+            (plain JSON data: whether they share a unit, how strongly, when measured).
+        priors: prior values the file carried (checked against :data:`PRIOR_BOUNDS`).
+        observations: how many finished runs taught it.
+    """
+
+    task_seconds: dict[str, Samples] = field(default_factory=dict)
+    contention: dict[str, dict[int, Samples]] = field(default_factory=dict)
+    host_overhead: dict[str, Samples] = field(default_factory=dict)
+    dispatch: Samples = field(default_factory=samples)
+    batching: dict[str, dict[int, Samples]] = field(default_factory=dict)
+    colocation: dict[str, dict[str, Any]] = field(default_factory=dict)
+    priors: dict[str, float] = field(default_factory=dict)
     observations: int = 0
 
+    def __bool__(self) -> bool:
+        """Whether any measured figure is held."""
+        return bool(self.task_seconds or self.contention or self.host_overhead or self.dispatch
+                    or self.batching or self.colocation)
 
-# Nodes are reached directly: a proxy from the environment (http_proxy) would send a request
-# for a LAN or loopback node elsewhere, or time the proxy instead of the node.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    def push(self, table: dict[str, Samples], key: str, value: float) -> None:
+        """Add one sample to ``table[key]``."""
+        table.setdefault(key, samples()).append(value)
 
-# What a node that does not answer properly raises: refused or reset connections and timeouts
-# (OSError, including urllib's URLError/HTTPError), a broken HTTP exchange (HTTPException) and
-# an answer that is not JSON (ValueError).
-_NODE_ERRORS = (OSError, http.client.HTTPException, ValueError)
+    def push_k(self, table: dict[str, dict[int, Samples]], key: str, k: int,
+               value: float) -> None:
+        """Add one sample to ``table[key][k]``."""
+        table.setdefault(key, {}).setdefault(k, samples()).append(value)
 
-
-def _request(url: str, *, payload: dict[str, Any] | None = None, timeout: float) -> Any:
-    data = None if payload is None else json.dumps(payload).encode()
-    request = urllib.request.Request(url, data=data, method="POST" if data else "GET",
-                                     headers={"Content-Type": "application/json"})
-    with _OPENER.open(request, timeout=timeout) as response:
-        return json.loads(response.read().decode() or "null")
-
-
-def _generate(identity: HostIdentity, model: str, num_predict: int, timeout: float) -> float:
-    start = time.perf_counter()
-    _request(f"{identity.address.url}/api/generate",
-             payload={"model": model, "prompt": _PROMPT, "stream": False,
-                      "options": {"num_predict": num_predict}},
-             timeout=timeout)
-    return time.perf_counter() - start
+    def forget(self, *, units: Iterable[str] = (), hosts: Iterable[str] = (),
+               dispatch: bool = False) -> None:
+        """Drop what is known about these units and hosts (and the dispatch overhead)."""
+        for label in units:
+            self.task_seconds.pop(label, None)
+            self.contention.pop(label, None)
+        for host in hosts:
+            self.host_overhead.pop(host, None)
+        if dispatch:
+            self.dispatch.clear()
 
 
-def _together(identities: Sequence[HostIdentity], model: str, num_predict: int,
-              timeout: float) -> float:
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(len(identities) + 1)
-
-    def work(identity: HostIdentity) -> None:
-        barrier.wait()
-        try:
-            _generate(identity, model, num_predict, timeout)
-        except _NODE_ERRORS as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in identities]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - start
-    if errors:
-        raise CalibrationError(f"a node failed during a concurrent run: {errors[0]}")
-    return wall
+def to_dict(cal: Calibration, priors: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """The calibration as plain JSON-able data (``priors`` replaces the ones it carries)."""
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "observations": cal.observations,
+        "priors": dict(cal.priors if priors is None else priors),
+        "task_seconds": {k: list(v) for k, v in cal.task_seconds.items()},
+        "contention": _nested_out(cal.contention),
+        "host_overhead": {k: list(v) for k, v in cal.host_overhead.items()},
+        "dispatch_overhead": list(cal.dispatch),
+        "batching": _nested_out(cal.batching),
+        "colocation": {k: dict(v) for k, v in cal.colocation.items()},
+    }
 
 
-def calibrate(
-    nodes: Sequence[Any],
-    *,
-    model: str | None = None,
-    num_predict: int = 32,
-    rounds: int = 3,
-    timeout: float = 120.0,
-    output: str | Path | None = None,
-    config: LocalityConfig | None = None,
-    topology: NodeTopology | None = None,
-    cost_model: ParallelismCostModel | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> CalibrationReport:
-    """Measure ``nodes`` and write the calibration file; see the module docstring.
+def _nested_out(table: Mapping[str, Mapping[int, Samples]]) -> dict[str, dict[str, list[float]]]:
+    return {key: {str(k): list(v) for k, v in by_k.items()} for key, by_k in table.items()}
+
+
+def read(path: str | os.PathLike[str]) -> Calibration:
+    """The calibration saved at ``path``. The file is only read, never changed.
 
     Raises:
-        CalibrationError: a node cannot be parsed, does not answer or lacks the model (nothing
-            is written), or a measurement fails.
+        CalibrationError: the file cannot be read or is not a calibration file; the message
+            names the file and the reason.
     """
-    if rounds < 1 or num_predict < 1:
-        raise CalibrationError("rounds and num_predict must be at least 1")
-    config = config if config is not None else LocalityConfig()
-    topology = topology if topology is not None else NodeTopology(config)
-    target = Path(output) if output is not None else config.calibration_file
-    if target is None:
-        raise CalibrationError("no calibration file configured; pass --output")
-    say = progress or (lambda line: None)
-    identities: list[HostIdentity] = []
-    seen: set[tuple[str, int]] = set()
-    for result in topology.describe_many(list(nodes)):
-        if isinstance(result, InvalidNodeAddress):
-            raise CalibrationError(str(result))
-        instance = result.instance
-        if instance not in seen:  # aliases of one instance are measured once
-            seen.add(instance)
-            identities.append(result)
-    if not identities:
-        raise CalibrationError("no nodes to calibrate")
-    model_ = cost_model if cost_model is not None else _model_for(target, config)
-    # 1. every node answers and has the model, before anything is measured or written
-    chosen_model = model
-    for identity in identities:
-        url = identity.address.url
-        try:
-            _request(f"{url}/api/version", timeout=min(timeout, 5.0))
-            tags = _request(f"{url}/api/tags", timeout=min(timeout, 5.0))
-        except _NODE_ERRORS as exc:
-            reason = getattr(exc, "reason", exc)
-            raise CalibrationError(f"node {url} does not answer: {reason}") from exc
-        names = [m.get("name") for m in (tags or {}).get("models", []) if isinstance(m, dict)]
-        if chosen_model is None:
-            if not names:
-                raise CalibrationError(f"node {url} has no model; pass --model")
-            chosen_model = names[0]
-        elif names and chosen_model not in names and f"{chosen_model}:latest" not in names:
-            raise CalibrationError(f"node {url} does not have model {chosen_model!r} "
-                                   f"(it has {', '.join(map(str, names))})")
-    assert chosen_model is not None
-    report = CalibrationReport(path=None, model=chosen_model)
-    groups = _groups(identities)
-    # What this run measures replaces what the model knew about the same units and hosts.
-    model_._forget(units={unit_label(i.unit) for i in identities},
-                   hosts={g.key for g in groups if g.kind == "host"},
-                   dispatch=any(g.kind == "machines" for g in groups))
-    solo: dict[str, list[float]] = {i.address.url: [] for i in identities}
+    shown = os.fspath(path)
     try:
-        # 2. load the model everywhere
-        for identity in identities:
-            say(f"warming {identity.address.url} ({chosen_model})")
-            _generate(identity, chosen_model, num_predict, timeout)
-        # 3. rounds of: each node alone, then each group together
-        for round_ in range(rounds):
-            for identity in identities:
-                wall = _generate(identity, chosen_model, num_predict, timeout)
-                solo[identity.address.url].append(wall)
-                model_.observe("sequential", [identity.node], 1, wall, identities=[identity])
-                say(f"{identity.address.url} alone, round {round_ + 1}/{rounds}: {wall:.3f}s")
-            for group in groups:
-                members = group.members
-                wall = _together(members, chosen_model, num_predict, timeout)
-                model_.observe("parallel", [m.node for m in members], len(members), wall,
-                               identities=members)
-                say(f"{group.label} together, round {round_ + 1}/{rounds}: {wall:.3f}s")
-                report.together.append({"group": group.label, "nodes": len(members),
-                                        "wall": wall})
-    except _NODE_ERRORS as exc:
-        raise CalibrationError(f"calibration failed, nothing written: {exc}") from exc
-    report.solo_seconds = {url: sorted(times)[len(times) // 2] for url, times in solo.items()}
-    report.path = model_.save(target)
-    report.observations = model_.observations
-    say(f"wrote {report.path}")
-    return report
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CalibrationError(f"cannot read calibration file {shown}: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise CalibrationError(
+            f"calibration file {shown} is not valid JSON (line {exc.lineno}): {exc.msg}"
+        ) from exc
+    except RecursionError as exc:
+        raise CalibrationError(f"calibration file {shown} is nested too deeply") from exc
+    return from_dict(data, shown)
 
 
-@dataclass(frozen=True)
-class _Group:
-    """Nodes measured together: ``kind`` ``"unit"`` (the nodes of one execution unit, ``key``
-    its label), ``"host"`` (one node per unit of a host with several, ``key`` the host id) or
-    ``"machines"`` (one node per machine)."""
-
-    kind: str
-    key: str
-    label: str
-    members: list[HostIdentity]
-
-
-def _groups(identities: Sequence[HostIdentity]) -> list[_Group]:
-    groups: list[_Group] = []
-    by_unit: dict[tuple[str, str], list[HostIdentity]] = {}
-    by_host: dict[str, dict[tuple[str, str], HostIdentity]] = {}
-    for identity in identities:
-        by_unit.setdefault(identity.unit, []).append(identity)
-        by_host.setdefault(identity.physical_host_id, {}).setdefault(identity.unit, identity)
-    for unit, members in by_unit.items():
-        if len(members) > 1:
-            label = unit_label(unit)
-            groups.append(_Group("unit", label, f"{len(members)} nodes on {label}", members))
-    for host, units in by_host.items():
-        if len(units) > 1:
-            groups.append(_Group("host", host, f"{len(units)} units of {host}",
-                                 list(units.values())))
-    if len(by_host) > 1:
-        groups.append(_Group("machines", "", f"one node on each of {len(by_host)} machines",
-                             [next(iter(u.values())) for u in by_host.values()]))
-    return groups
+def write(path: str | os.PathLike[str], cal: Calibration,
+          priors: Mapping[str, float] | None = None) -> Path:
+    """Write ``cal`` to ``path`` atomically, under ``path.lock``; returns the path."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    data = json.dumps(to_dict(cal, priors), indent=2, sort_keys=True)
+    with _locked(target):
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    return target
 
 
-def _model_for(target: Path, config: LocalityConfig) -> ParallelismCostModel:
-    """A model holding what ``target`` already knows (nothing when it does not exist yet).
+@contextlib.contextmanager
+def _locked(target: Path) -> Iterator[None]:
+    """Hold the writers' lock of ``target``: an exclusive ``flock`` on its directory where the
+    platform has one (nothing is left behind in the directory), else a lock file beside it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        from filelock import FileLock
+
+        with FileLock(str(target.with_name(f".{target.name}.lock")),
+                      timeout=_LOCK_TIMEOUT_SECONDS):
+            yield
+        return
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _samples(value: object, where: str, low: float | None = None) -> Samples:
+    if not isinstance(value, list) or not all(is_number(v) for v in value):
+        raise CalibrationError(f"{where} must be a list of numbers")
+    if low is not None and any(v < low for v in value):
+        # Outside what can be learned: a hand-edited or damaged file, which would make
+        # predictions meaningless (or divide by zero).
+        raise CalibrationError(f"{where} must be at least {low:g}")
+    return samples(float(v) for v in value[-SAMPLES_KEPT:])
+
+
+def _nested_in(raw: object, shown: str, name: str, low: float | None,
+               min_k: int) -> dict[str, dict[int, Samples]]:
+    result: dict[str, dict[int, Samples]] = {}
+    for key, by_k in (raw or {}).items():  # type: ignore[attr-defined]
+        if not isinstance(by_k, dict):
+            raise CalibrationError(f"{shown}: {name}[{key!r}] must be a table")
+        if any(int(k) < min_k for k in by_k):
+            raise CalibrationError(f"{shown}: {name}[{key!r}] stream counts must be at least "
+                                   f"{min_k}")
+        result[str(key)] = {int(k): _samples(v, f"{shown}: {name}[{key!r}][{k!r}]", low)
+                            for k, v in by_k.items()}
+    return result
+
+
+def from_dict(data: object, shown: str = "<calibration>") -> Calibration:
+    """Parse and check the JSON form of a calibration (``shown`` names it in errors).
 
     Raises:
-        CalibrationError: ``target`` exists but is not a readable calibration file (it is not
-            overwritten).
+        CalibrationError: not a calibration, or a figure out of range.
     """
-    model = ParallelismCostModel(dataclasses.replace(config, calibration_file=None))
-    if target.exists():
-        try:
-            model.load(target)
-        except CalibrationError as exc:
-            raise CalibrationError(f"{exc}; not overwriting it (remove it or pass another "
-                                   "--output)") from exc
-    return model
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CalibrationError(f"{shown} is not a sollol-locality calibration file")
+    try:
+        cal = Calibration()
+        for key, values in (data.get("task_seconds") or {}).items():
+            window = _samples(values, f"{shown}: task_seconds[{key!r}]")
+            if any(v <= 0 for v in window):
+                raise CalibrationError(f"{shown}: task_seconds[{key!r}] must be positive")
+            cal.task_seconds[str(key)] = window
+        cal.contention = _nested_in(data.get("contention"), shown, "contention",
+                                    MIN_CONTENTION, 2)
+        for host, values in (data.get("host_overhead") or {}).items():
+            cal.host_overhead[str(host)] = _samples(values, f"{shown}: host_overhead[{host!r}]",
+                                                    0.0)
+        cal.dispatch = _samples(data.get("dispatch_overhead") or [], f"{shown}: dispatch", 0.0)
+        cal.batching = _nested_in(data.get("batching"), shown, "batching", 0.0, 1)
+        colocation = data.get("colocation")
+        colocation = {} if colocation is None else colocation
+        if not isinstance(colocation, dict) or not all(isinstance(v, dict)
+                                                       for v in colocation.values()):
+            raise CalibrationError(f"{shown}: colocation must be a table of tables")
+        cal.colocation = {str(k): dict(v) for k, v in colocation.items()}
+        cal.priors = _priors(data.get("priors"), shown)
+        observations = data.get("observations", 0)
+        cal.observations = int(observations) if is_number(observations) else 0
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise CalibrationError(f"{shown} is malformed: {exc}") from exc
+    return cal
 
 
-def add_calibrate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Register ``sollol-locality calibrate`` on the command's sub-parsers."""
-    parser = sub.add_parser(
-        "calibrate", parents=[common], help="measure live nodes and write the calibration file",
-        description="Probe live Ollama nodes (alone, then together where they share a machine) "
-                    "and write the calibration file later decisions use.")
-    parser.add_argument("--model", "-m", help="model to run (default: the first the node has)")
-    parser.add_argument("--tokens", type=int, default=32, metavar="N",
-                        help="tokens per generate (num_predict; default 32)")
-    parser.add_argument("--rounds", type=int, default=3, metavar="R",
-                        help="repetitions of each measurement (default 3)")
-    parser.add_argument("--timeout", type=float, default=120.0, metavar="S",
-                        help="seconds one request may take (default 120)")
-    parser.add_argument("--output", "-o", metavar="FILE",
-                        help="where to write (default $SOLLOL_LOCALITY_CALIBRATION or the user "
-                             "cache)")
-    parser.add_argument("nodes", nargs="+", metavar="NODE", help="node address")
-    parser.set_defaults(handler=_cmd_calibrate)
-
-
-def _cmd_calibrate(args: argparse.Namespace, out: TextIO) -> int:
-    from .cli import _config
-
-    config = _config(args)
-    if args.output is None and config.calibration_file is None:
-        raise CalibrationError("the calibration file is turned off; pass --output FILE")
-
-    def progress(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    report = calibrate(args.nodes, model=args.model, num_predict=args.tokens, rounds=args.rounds,
-                       timeout=args.timeout, output=args.output, config=config,
-                       progress=progress)
-    if args.json:
-        json.dump({"path": str(report.path), "model": report.model,
-                   "solo_seconds": report.solo_seconds, "together": report.together,
-                   "observations": report.observations}, out, indent=2)
-        out.write("\n")
-    else:
-        out.write(f"calibrated {len(report.solo_seconds)} node(s) with {report.model}; "
-                  f"wrote {report.path}\n")
-    return 0
+def _priors(raw: object, shown: str) -> dict[str, float]:
+    if not isinstance(raw, dict):
+        return {}
+    values: dict[str, float] = {}
+    for name, value in raw.items():
+        if not isinstance(name, str) or not is_number(value):
+            continue
+        low, strict = PRIOR_BOUNDS.get(name, (-math.inf, False))
+        if value < low or (strict and value == low):
+            raise CalibrationError(f"{shown}: prior {name} = {value!r} is out of range "
+                                   f"(expected {'more than' if strict else 'at least'} "
+                                   f"{low:g})")
+        values[name] = value
+    return values

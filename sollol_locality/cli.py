@@ -4,9 +4,12 @@
     group nodes by physical host, each with how its identity was decided;
 ``sollol-locality plan --tasks N [--json] NODE...``
     the execution plan for N tasks: mode, nodes to use, predicted speedup, reason, and what
-    dispatching to every node at once would cost.
+    dispatching to every node at once would cost;
+``sollol-locality calibrate [--model M] NODE...``
+    probe live nodes (:mod:`sollol_locality.probe`) and write the calibration file.
 
-Both reason about addresses only: no Ollama needs to run, and nothing is probed.
+``hosts`` and ``plan`` reason about addresses only: no Ollama needs to run, and nothing is
+probed.
 Exit status: 0 when an answer was printed (nodes that cannot be parsed are listed as invalid),
 2 for a usage or configuration error.
 """
@@ -20,7 +23,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from ._errors import ConfigError, InvalidNodeAddress, LocalityError
+from ._errors import CalibrationError, ConfigError, InvalidNodeAddress, LocalityError
 from .addresses import describe_input
 
 __all__ = ["build_parser", "main"]
@@ -62,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="parallel only above this predicted speedup (default 1.0)")
     plan.add_argument("--calibration", metavar="FILE",
                       help="calibration file (default $SOLLOL_LOCALITY_CALIBRATION or the "
-                           "user cache)")
+                           "user state directory)")
     plan.add_argument("nodes", nargs="+", metavar="NODE",
                       help="node address: URL, host:port or host")
     plan.set_defaults(handler=_cmd_plan)
@@ -71,11 +74,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_calibrate(sub: Any, common: argparse.ArgumentParser) -> None:
-    try:
-        from .calibration import add_calibrate_parser
-    except ImportError:  # the calibration command ships with the calibration module
-        return
-    add_calibrate_parser(sub, common)
+    """Register ``sollol-locality calibrate`` on the command's sub-parsers."""
+    parser = sub.add_parser(
+        "calibrate", parents=[common], help="measure live nodes and write the calibration file",
+        description="Probe live Ollama nodes (alone, then together where they share a machine) "
+                    "and write the calibration file later decisions use.")
+    parser.add_argument("--model", "-m", help="model to run (default: the first the node has)")
+    parser.add_argument("--tokens", type=int, default=32, metavar="N",
+                        help="tokens per generate (num_predict; default 32)")
+    parser.add_argument("--rounds", type=int, default=3, metavar="R",
+                        help="repetitions of each measurement (default 3)")
+    parser.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                        help="seconds one request may take (default 120)")
+    parser.add_argument("--output", "-o", metavar="FILE",
+                        help="where to write (default $SOLLOL_LOCALITY_CALIBRATION or the user "
+                             "state directory)")
+    parser.add_argument("nodes", nargs="+", metavar="NODE", help="node address")
+    parser.set_defaults(handler=_cmd_calibrate)
+
+
+def _cmd_calibrate(args: argparse.Namespace, out: TextIO) -> int:
+    from .probe import calibrate
+
+    config = _config(args)
+    if args.output is None and config.calibration_file is None:
+        raise CalibrationError("the calibration file is turned off; pass --output FILE")
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    report = calibrate(args.nodes, model=args.model, num_predict=args.tokens, rounds=args.rounds,
+                       timeout=args.timeout, output=args.output, config=config,
+                       progress=progress)
+    if args.json:
+        json.dump({"path": str(report.path), "model": report.model,
+                   "solo_seconds": report.solo_seconds, "together": report.together,
+                   "observations": report.observations}, out, indent=2)
+        out.write("\n")
+    else:
+        out.write(f"calibrated {len(report.solo_seconds)} node(s) with {report.model}; "
+                  f"wrote {report.path}\n")
+    return 0
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -96,7 +135,7 @@ def _config(args: argparse.Namespace) -> Any:
         fields["min_speedup"] = args.min_speedup
     if getattr(args, "calibration", None):
         fields["calibration_file"] = args.calibration
-    return LocalityConfig(**fields)
+    return LocalityConfig.from_env(**fields)
 
 
 def describe_identity(identity: Any) -> dict[str, Any]:
@@ -107,7 +146,7 @@ def describe_identity(identity: Any) -> dict[str, Any]:
         "is_local": identity.is_local,
         "addresses": sorted(identity.addresses),
         "device": identity.device,
-        "unit": "/".join(identity.unit),
+        "unit": identity.unit.label,
         "locality_group": identity.locality_group,
         "resolved": identity.resolved,
         "source": identity.source,

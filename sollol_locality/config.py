@@ -1,7 +1,8 @@
 """Configuration: :class:`LocalityConfig`, its environment variables, and the topology file.
 
-Every field of :class:`LocalityConfig` may be given as a keyword; a field left out is read from its
-environment variable, and when that is unset too, takes its default:
+Every field of :class:`LocalityConfig` may be given as a keyword; one left out takes its default.
+:meth:`LocalityConfig.from_env` reads the environment: a field it is not given is read from its
+variable, and when that is unset too, takes its default:
 
 =================  ===============================  =========================================
 field              environment                      default
@@ -11,12 +12,13 @@ min_speedup        ``SOLLOL_LOCALITY_MIN_SPEEDUP``  ``1.0``
 topology_file      ``SOLLOL_LOCALITY_TOPOLOGY``     none
 dns_timeout        ``SOLLOL_LOCALITY_DNS_TIMEOUT``  ``1.0`` second for one whole decision
 nameservers        ``SOLLOL_LOCALITY_NAMESERVERS``  the system's (``ip[:port],...``)
-calibration_file   ``SOLLOL_LOCALITY_CALIBRATION``  ``~/.cache/sollol-locality/calibration.json``
+calibration_file   ``SOLLOL_LOCALITY_CALIBRATION``  the user state directory (platformdirs)
 =================  ===============================  =========================================
 
 A bad value raises :class:`~sollol_locality.ConfigError` at construction, naming the variable (or
 field) and the value. Setting ``SOLLOL_LOCALITY_CALIBRATION`` to an empty string or ``none`` turns
-the calibration file off.
+the calibration file off. While no file exists at the default location, the first release's
+(``~/.cache/sollol-locality/calibration.json``) is read, never written.
 
 The topology file (TOML) states what no probe can know::
 
@@ -27,6 +29,8 @@ The topology file (TOML) states what no probe can know::
     [nodes."http://10.0.0.5:11435"]
     host = "gpu-box-1"
     gpu = "1"
+    num_parallel = 4        # slots: the instance's OLLAMA_NUM_PARALLEL
+    cpus = "0-7"            # the CPU set the instance is pinned to
 """
 
 from __future__ import annotations
@@ -36,11 +40,12 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import InitVar, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
 from ._errors import ConfigError, InvalidNodeAddress, TopologyFileError
+from ._nameservers import parse_nameserver as _parse_nameserver
 from .addresses import describe_input, parse_node_address
 
 __all__ = [
@@ -56,7 +61,9 @@ __all__ = [
     "NodeOverride",
     "TopologyOverrides",
     "default_calibration_file",
+    "legacy_calibration_file",
     "load_topology_file",
+    "parse_cpu_list",
     "parse_nameserver",
     "parse_topology",
 ]
@@ -71,32 +78,66 @@ ENV_NAMESERVERS: Final = "SOLLOL_LOCALITY_NAMESERVERS"
 ENV_CALIBRATION: Final = "SOLLOL_LOCALITY_CALIBRATION"
 
 _MODES: Final = ("auto", "parallel", "sequential")
-_UNSET: Any = object()
+_APP: Final = "sollol-locality"
+_CALIBRATION_NAME: Final = "calibration.json"
 
 
 def default_calibration_file(environ: Mapping[str, str] | None = None) -> Path:
-    """Where ``calibrate`` writes and decisions look by default: the user's cache directory."""
+    """Where ``calibrate`` writes and decisions look by default: the user's state directory.
+
+    With ``environ`` omitted this is platformdirs' ``user_state_path("sollol-locality")``; with
+    a mapping, the same rule on it (``XDG_STATE_HOME``, else ``HOME/.local/state``), so that a
+    test or a caller can point it elsewhere without touching the process environment.
+    """
+    if environ is None:
+        import platformdirs
+
+        return platformdirs.user_state_path(_APP) / _CALIBRATION_NAME
+    base = environ.get("XDG_STATE_HOME") or str(
+        Path(environ.get("HOME") or Path.home()) / ".local" / "state")
+    return Path(base) / _APP / _CALIBRATION_NAME
+
+
+def legacy_calibration_file(environ: Mapping[str, str] | None = None) -> Path:
+    """Where the first release kept the calibration file (the user's cache directory); still
+    read when the file at :func:`default_calibration_file` does not exist."""
     env = os.environ if environ is None else environ
     base = env.get("XDG_CACHE_HOME") or str(Path(env.get("HOME") or Path.home()) / ".cache")
-    return Path(base) / "sollol-locality" / "calibration.json"
+    return Path(base) / _APP / _CALIBRATION_NAME
 
 
 def parse_nameserver(text: str, *, variable: str = "nameservers") -> tuple[str, int]:
     """Parse ``ip``, ``ip:port``, ``[v6]:port`` (IPv6 may carry ``%zone``) into ``(ip, port)``;
     port 53 by default. The zone, when given, stays on the address (``fe80::1%eth0``)."""
-    from .resolver import parse_nameserver as parse
-
     try:
-        server = parse(text)
+        server = _parse_nameserver(text)
     except ConfigError as exc:
         raise ConfigError(f"{variable}: {exc}", variable=variable, value=text) from None
     ip = server.ip.compressed + (f"%{server.zone}" if server.zone else "")
     return ip, server.port
 
 
+Nameservers = tuple[tuple[str, int], ...]
+
+# field -> its environment variable, in the order from_env reads them.
+_ENVIRONMENT: Final[tuple[tuple[str, str], ...]] = (
+    ("mode", ENV_MODE),
+    ("min_speedup", ENV_MIN_SPEEDUP),
+    ("topology_file", ENV_TOPOLOGY),
+    ("dns_timeout", ENV_DNS_TIMEOUT),
+    ("nameservers", ENV_NAMESERVERS),
+    ("calibration_file", ENV_CALIBRATION),
+)
+
+
 @dataclass(frozen=True, slots=True)
 class LocalityConfig:
     """Settings for topology, resolution and the execution decision.
+
+    Plain construction reads nothing from the environment: a field left out takes its default.
+    :meth:`from_env` reads the ``SOLLOL_LOCALITY_*`` variables for the fields it is not given.
+    A path may be given as a string and ``nameservers`` as ``"ip[:port],..."``; both are
+    normalised. A bad value raises :class:`~sollol_locality.ConfigError` naming the field.
 
     Attributes:
         mode: ``"auto"`` lets the cost model decide; ``"parallel"`` / ``"sequential"`` force it.
@@ -105,66 +146,92 @@ class LocalityConfig:
         dns_timeout: seconds one decision may spend resolving all its names together.
         nameservers: ``(ip, port)`` pairs to send DNS queries to, or ``None`` for the system's.
         calibration_file: JSON written by ``calibrate`` / ``ParallelismCostModel.save``, used when
-            present; ``None`` turns it off.
+            present; ``None`` turns it off (the default of plain construction).
         hosts_file: the hosts file read before DNS (``None`` to ignore it).
+        calibration_fallback: a file read instead of ``calibration_file`` while that one does
+            not exist (:meth:`from_env` sets it to the first release's cache location); never
+            written.
     """
 
-    mode: Mode = _UNSET
-    min_speedup: float = _UNSET
-    topology_file: Path | None = _UNSET
-    dns_timeout: float = _UNSET
-    nameservers: tuple[tuple[str, int], ...] | None = _UNSET
-    calibration_file: Path | None = _UNSET
+    mode: Mode = "auto"
+    min_speedup: float = 1.0
+    topology_file: Path | None = None
+    dns_timeout: float = 1.0
+    nameservers: Nameservers | None = None
+    calibration_file: Path | None = None
     hosts_file: Path | None = Path("/etc/hosts")
-    environ: InitVar[Mapping[str, str] | None] = None
-    _from_env: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
+    calibration_fallback: Path | None = None
 
-    def __post_init__(self, environ: Mapping[str, str] | None) -> None:
+    def __post_init__(self) -> None:
+        values = _normalise(
+            {f: getattr(self, f) for f in _FIELDS}, {f: f for f in _FIELDS})
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None,
+                 **overrides: Any) -> LocalityConfig:
+        """A config from the environment: each field in ``overrides`` as given, each other one
+        from its ``SOLLOL_LOCALITY_*`` variable when that is set, else its default.
+
+        ``calibration_file`` defaults to :func:`default_calibration_file`, with the first
+        release's location (:func:`legacy_calibration_file`) as ``calibration_fallback``; a
+        variable set to ``""`` or ``none`` turns it off.
+
+        Raises:
+            ConfigError: a variable's value is invalid (the error names the variable and the
+                value), or an override is (naming the field).
+        """
         env = os.environ if environ is None else environ
-        from_env: set[str] = set()
-
-        def pick(name: str, variable: str) -> tuple[Any, str | None]:
-            value = getattr(self, name)
-            if value is not _UNSET:
-                return value, None
-            raw = env.get(variable)
-            if raw is None or raw.strip() == "" and name not in ("calibration_file",):
-                return _UNSET, None
-            from_env.add(name)
-            return raw, variable
-
-        mode, var = pick("mode", ENV_MODE)
-        object.__setattr__(self, "mode", _check_mode("auto" if mode is _UNSET else mode, var))
-        value, var = pick("min_speedup", ENV_MIN_SPEEDUP)
-        object.__setattr__(self, "min_speedup",
-                           _check_float(1.0 if value is _UNSET else value, var or "min_speedup",
-                                        low=0.0, allow_low=False))
-        value, var = pick("dns_timeout", ENV_DNS_TIMEOUT)
-        object.__setattr__(self, "dns_timeout",
-                           _check_float(1.0 if value is _UNSET else value, var or "dns_timeout",
-                                        low=0.0, allow_low=False, high=60.0))
-        value, var = pick("topology_file", ENV_TOPOLOGY)
-        object.__setattr__(self, "topology_file", None if value is _UNSET or value is None
-                           else _check_path(value, var or "topology_file"))
-        value, var = pick("nameservers", ENV_NAMESERVERS)
-        object.__setattr__(self, "nameservers", None if value is _UNSET or value is None
-                           else _check_nameservers(value, var or "nameservers"))
-        value, var = pick("calibration_file", ENV_CALIBRATION)
-        if value is _UNSET:
-            calibration: Path | None = default_calibration_file(env)
-        elif value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
-            calibration = None
-        else:
-            calibration = _check_path(value, var or "calibration_file")
-        object.__setattr__(self, "calibration_file", calibration)
-        if self.hosts_file is not None:
-            object.__setattr__(self, "hosts_file", _check_path(self.hosts_file, "hosts_file"))
-        object.__setattr__(self, "_from_env", frozenset(from_env))
+        unknown = set(overrides) - set(_FIELDS)
+        if unknown:
+            raise TypeError(f"LocalityConfig.from_env() got unknown field(s) "
+                            f"{', '.join(sorted(unknown))}")
+        raw: dict[str, Any] = {}
+        names: dict[str, str] = {}
+        for name, variable in _ENVIRONMENT:
+            if name in overrides:
+                continue
+            value = env.get(variable)
+            if value is None or (value.strip() == "" and name != "calibration_file"):
+                continue
+            raw[name], names[name] = value, variable
+        fields_ = {**_normalise(raw, names), **overrides}
+        if "calibration_file" not in fields_:
+            fields_["calibration_file"] = default_calibration_file(environ)
+            fields_.setdefault("calibration_fallback", legacy_calibration_file(environ))
+        return cls(**fields_)
 
     @property
     def forced(self) -> bool:
         """Whether ``mode`` forces a decision instead of letting the cost model choose."""
         return self.mode != "auto"
+
+
+_FIELDS: Final = ("mode", "min_speedup", "topology_file", "dns_timeout", "nameservers",
+                  "calibration_file", "hosts_file", "calibration_fallback")
+
+
+def _normalise(values: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
+    """Check and normalise field values; ``names`` says what to call each in an error (the
+    field, or the environment variable it came from)."""
+    result: dict[str, Any] = {}
+    for name, value in values.items():
+        shown = names[name]
+        if name == "mode":
+            result[name] = _check_mode(value, shown)
+        elif name == "min_speedup":
+            result[name] = _check_float(value, shown, low=0.0, allow_low=False)
+        elif name == "dns_timeout":
+            result[name] = _check_float(value, shown, low=0.0, allow_low=False, high=60.0)
+        elif name == "nameservers":
+            result[name] = None if value is None else _check_nameservers(value, shown)
+        elif name == "calibration_file" and (
+                value is None or isinstance(value, str) and value.strip().lower() in ("", "none")):
+            result[name] = None
+        else:
+            result[name] = None if value is None else _check_path(value, shown)
+    return result
 
 
 def _check_mode(value: object, variable: str | None) -> Mode:
@@ -239,12 +306,16 @@ class HostOverride:
 
 @dataclass(frozen=True, slots=True)
 class NodeOverride:
-    """One ``[nodes."URL"]`` table: which machine a node runs on and on which GPU."""
+    """One ``[nodes."URL"]`` table: which machine a node runs on, on which GPU, how many
+    requests its instance serves at once (``num_parallel``) and the CPUs it is pinned to
+    (``cpus``, a CPU list such as ``"0-7"`` or ``"0,2,4"``)."""
 
     url: str
     host: str | None = None
     gpu: str | None = None
     zone: str | None = None
+    num_parallel: int | None = None
+    cpus: frozenset[int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,10 +429,11 @@ def parse_topology(text: str, path: str = "<topology>") -> TopologyOverrides:
             address = parse_node_address(url)
         except InvalidNodeAddress as exc:
             raise fail(f"[nodes.{shown}]: {exc.reason}", url) from None
-        extra = set(table) - {"host", "gpu", "zone"}
+        extra = set(table) - {"host", "gpu", "zone", "num_parallel", "cpus"}
         if extra:
             key = sorted(extra)[0]
-            raise fail(f"[nodes.{shown}]: unknown key {key!r} (expected host, gpu, zone)", key)
+            raise fail(f"[nodes.{shown}]: unknown key {key!r} (expected host, gpu, zone, "
+                       "num_parallel, cpus)", key)
         host = table.get("host")
         if host is not None and (not isinstance(host, str) or not host.strip()):
             raise fail(f"[nodes.{shown}]: 'host' must be a non-empty string", "host")
@@ -371,13 +443,63 @@ def parse_topology(text: str, path: str = "<topology>") -> TopologyOverrides:
         zone = table.get("zone")
         if zone is not None and (not isinstance(zone, str) or not zone.strip()):
             raise fail(f"[nodes.{shown}]: 'zone' must be a non-empty string", "zone")
+        slots = table.get("num_parallel")
+        if slots is not None and (not isinstance(slots, int) or isinstance(slots, bool)
+                                  or not 1 <= slots <= _MAX_SLOTS):
+            raise fail(f"[nodes.{shown}]: 'num_parallel' must be an integer from 1 to "
+                       f"{_MAX_SLOTS}, got {slots!r}", "num_parallel")
+        cpus_raw = table.get("cpus")
+        cpus: frozenset[int] | None = None
+        if cpus_raw is not None:
+            try:
+                cpus = parse_cpu_list(cpus_raw)
+            except ValueError as exc:
+                raise fail(f"[nodes.{shown}]: 'cpus' {exc}", "cpus") from None
         nodes[(address.host, address.port)] = NodeOverride(
             address.url,
             host.strip().lower() if isinstance(host, str) else None,
             None if gpu is None else str(gpu),
             zone.strip() if isinstance(zone, str) else None,
+            slots,
+            cpus,
         )
     return TopologyOverrides(hosts, nodes, alias_index, path)
+
+
+_MAX_SLOTS: Final = 4096
+_MAX_CPU: Final = 65535
+
+
+def parse_cpu_list(value: object) -> frozenset[int]:
+    """A CPU set from the kernel's list format (``"0-7"``, ``"0,2,4"``, ``"0-3,8-11"``) or a
+    list of CPU numbers.
+
+    Raises:
+        ValueError: not a CPU list; the message says why (``must be ...``).
+    """
+    items: list[object]
+    if isinstance(value, str):
+        items = [part.strip() for part in value.split(",")]
+    elif isinstance(value, list):
+        items = list(value)
+    else:
+        raise ValueError(f"must be a CPU list such as \"0-7\" or \"0,2,4\", got {value!r}")
+    cpus: set[int] = set()
+    for item in items:
+        if isinstance(item, int) and not isinstance(item, bool):
+            low = high = item
+        elif isinstance(item, str) and re.fullmatch(r"\d+(-\d+)?", item):
+            first, _, last = item.partition("-")
+            low, high = int(first), int(last or first)
+        else:
+            raise ValueError(f"must be a CPU list such as \"0-7\" or \"0,2,4\", got {value!r}")
+        if not 0 <= low <= high <= _MAX_CPU:
+            raise ValueError(f"must list CPUs from 0 to {_MAX_CPU} in rising ranges, got "
+                             f"{value!r}")
+        cpus.update(range(low, high + 1))
+    if not cpus:
+        raise ValueError(f"must name at least one CPU, got {value!r}")
+    return frozenset(cpus)
 
 
 def normalise_host(text: str) -> str:

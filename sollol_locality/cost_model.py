@@ -32,57 +32,39 @@ what finished runs measured.
 
 from __future__ import annotations
 
-import contextlib
 import heapq
-import json
 import logging
-import math
 import os
 import statistics
-import tempfile
 import threading
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
+from . import _nodefields, calibration
 from ._errors import CalibrationError, InvalidNodeAddress
+from .calibration import MIN_CONTENTION as _MIN_CONTENTION
+from .calibration import Calibration
 from .config import LocalityConfig
 
 if TYPE_CHECKING:
-    from .topology import HostIdentity, NodeTopology
+    from .topology import ExecutionUnit, HostIdentity, Instance, NodeTopology
 
 __all__ = [
     "CostPriors",
     "NodeProfile",
     "ParallelismCostModel",
     "SpeedupEstimate",
-    "node_latency",
-]
+    ]
 
 logger = logging.getLogger(__name__)
-
-_SAMPLES_KEPT: Final = 25
-_MIN_CONTENTION: Final = -0.9  # the most a unit can gain from concurrency, as observe() learns it
-# What a calibration file's priors may hold: (bound, whether the bound itself is excluded).
-_PRIOR_BOUNDS: Final[dict[str, tuple[float, bool]]] = {
-    "cpu_contention": (_MIN_CONTENTION, False),
-    "gpu_contention": (_MIN_CONTENTION, False),
-    "same_host_overhead": (0.0, False),
-    "dispatch_overhead": (0.0, False),
-    "gpu_speed_factor": (0.0, True),
-    "min_samples": (0.0, False),
-    "min_concurrency_gain": (0.0, False),
-}
-_FORMAT_VERSION: Final = 1
-
 
 @dataclass(frozen=True, slots=True)
 class CostPriors:
     """Every number the cost model assumes before calibration, in one documented place.
 
-    The defaults follow the figures measured in the original proposal (``shared/PROPOSAL.md``):
+    The defaults follow the figures measured in the original proposal for this library:
     same host, CPU: about 50% slower in parallel (two nodes: 0.5x); one GPU shared: 20% slower
     (0.8x, "30 to 50% overhead" at its upper end relative to ideal); different GPUs of one host:
     5 to 10% overhead; different hosts: near-ideal, minus a dispatch overhead.
@@ -167,8 +149,8 @@ class NodeProfile:
 
     index: int
     identity: HostIdentity
-    instance: tuple[str, int]
-    unit: tuple[str, str]
+    instance: Instance
+    unit: ExecutionUnit
     task_time: float
     speed_source: str
 
@@ -178,71 +160,15 @@ class NodeProfile:
 
     @property
     def unit_label(self) -> str:
-        return unit_label(self.unit)
+        return self.unit.label
 
     @property
     def is_gpu(self) -> bool:
-        return self.unit[1] != "cpu"
-
-
-def unit_label(unit: tuple[str, str]) -> str:
-    """``("host", "cpu")`` -> ``"host/cpu"``; a GPU id ``"1"`` -> ``"host/gpu:1"``."""
-    host, kind = unit
-    if kind in ("cpu", "gpu"):
-        return f"{host}/{kind}"
-    return f"{host}/gpu:{kind}"
-
-
-def node_latency(node: object, min_samples: int) -> float | None:
-    """Seconds per request the node object itself reports, once it has enough samples."""
-    if isinstance(node, str):
-        return None
-    if isinstance(node, Mapping):
-        count = node.get("total_requests", node.get("requests"))
-        if count is not None and not (_is_number(count) and float(count) >= min_samples):
-            return None
-        for key, scale in (("latency_ms", 1e-3), ("avg_latency_ms", 1e-3),
-                           ("avg_response_time", 1.0)):
-            value = node.get(key)
-            if _is_number(value) and float(value) > 0:
-                return float(value) * scale
-        return None
-    metrics = _attr(node, "metrics")
-    if metrics is None:
-        return None
-    count = _attr(metrics, "total_requests")
-    if not _is_number(count) or count < min_samples:
-        return None
-    seconds = _attr(metrics, "avg_response_time")
-    if _is_number(seconds) and seconds > 0:
-        return float(seconds)
-    millis = _attr(metrics, "avg_latency")
-    if _is_number(millis) and millis > 0:
-        return float(millis) / 1000.0
-    return None
+        return self.unit.is_gpu
 
 
 def _is_number(value: object) -> TypeGuard[int | float]:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
-def _attr(obj: object, name: str) -> Any:
-    try:
-        return getattr(obj, name, None)
-    except Exception:  # a foreign property that raises counts as absent
-        return None
-
-
-@dataclass
-class _Calibration:
-    """What observed runs taught: robust medians of bounded sample windows."""
-
-    task_seconds: dict[str, deque[float]] = field(default_factory=dict)  # unit label -> s/task
-    contention: dict[str, dict[int, deque[float]]] = field(default_factory=dict)  # unit -> k -> c
-    host_overhead: dict[str, deque[float]] = field(default_factory=dict)  # host -> overhead
-    dispatch: deque[float] = field(default_factory=lambda: deque(maxlen=_SAMPLES_KEPT))
-    observations: int = 0
+    return _nodefields.is_number(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,62 +232,91 @@ def _median(samples: Iterable[float] | None) -> float | None:
 class ParallelismCostModel:
     """Predicts sequential and parallel makespans and learns from finished runs.
 
+    The model is pure: it predicts from node profiles (identities a :class:`NodeTopology`
+    described, which the caller passes in) and does no I/O of its own, apart from the
+    calibration file: the one ``config.calibration_file`` names (or, while that does not exist,
+    ``config.calibration_fallback``) is read on first use, never in the constructor. A file
+    that cannot be used is left untouched: one warning is logged and the priors decide.
+
     Args:
-        config: settings; the calibration file it names is loaded when it exists (a corrupt one
-            is renamed aside with a warning and the priors are used).
+        config: settings (only the calibration file is used).
         priors: the assumptions before calibration (:class:`CostPriors`).
     """
 
     def __init__(self, config: LocalityConfig | None = None, *,
                  priors: CostPriors | None = None) -> None:
-        self.config = config if config is not None else LocalityConfig()
+        self.config = config if config is not None else LocalityConfig.from_env()
         self.priors = priors if priors is not None else CostPriors()
-        self._cal = _Calibration()
+        self._cal = Calibration()
         self._lock = threading.RLock()
         self._version = 0
         self._loaded_from: Path | None = None
-        self._default_topology: NodeTopology | None = None
-        path = self.config.calibration_file
-        if path is not None and Path(path).exists():
-            self._load_or_set_aside(Path(path))
+        self._pending_load = self.config.calibration_file is not None
 
     # -- calibration state ------------------------------------------------------------------
+
+    def _ensure_loaded(self) -> None:
+        """Read the configured calibration file, once, on first use."""
+        if not self._pending_load:
+            return
+        with self._lock:
+            if not self._pending_load:
+                return
+            self._pending_load = False
+            path = self.config.calibration_file
+            fallback = self.config.calibration_fallback
+            if path is not None and not Path(path).exists():
+                path = fallback if fallback is not None and Path(fallback).exists() else None
+            if path is None:
+                return
+            try:
+                self._install(calibration.read(path), Path(path))
+            except CalibrationError as exc:
+                logger.warning("%s; the file is left as it is, deciding with priors", exc,
+                               extra={"event": "calibration_corrupt", "path": os.fspath(path)})
+
+    @property
+    def calibration(self) -> Calibration:
+        """What the model has learned (loading the configured file on first use). The object
+        is the model's own: change it only under :meth:`observe`."""
+        self._ensure_loaded()
+        return self._cal
 
     @property
     def version(self) -> int:
         """Changes whenever calibration changes (used to invalidate cached decisions)."""
+        self._ensure_loaded()
         return self._version
 
     @property
     def observations(self) -> int:
         """How many finished runs the model has learned from (including loaded ones)."""
-        return self._cal.observations
+        return self.calibration.observations
 
     @property
     def calibrated(self) -> bool:
         """Whether any measured figure is in use."""
-        cal = self._cal
-        return bool(cal.task_seconds or cal.contention or cal.host_overhead or cal.dispatch)
+        return bool(self.calibration)
 
-    def contention(self, unit: tuple[str, str], k: int, *, trial: _Trial | None = None) -> float:
+    def contention(self, unit: ExecutionUnit, k: int, *, trial: _Trial | None = None) -> float:
         """``c`` for ``k`` concurrent nodes on ``unit``: measured if known (nearest measured
         ``k``), else the CPU or GPU prior. ``trial`` (learning only) stands a candidate value in
         for one stream count of one unit, as if it had been measured."""
         # A copy: observe() may add a stream count from another thread while this one decides.
-        by_k: dict[int, Any] = dict(self._cal.contention.get(unit_label(unit)) or {})
-        if trial is not None and trial.kind == "contention" and trial.key == unit_label(unit):
+        by_k: dict[int, Any] = dict(self.calibration.contention.get(unit.label) or {})
+        if trial is not None and trial.kind == "contention" and trial.key == unit.label:
             by_k[trial.k] = (trial.value,)
         if by_k:
             nearest = min(by_k, key=lambda known: (abs(known - k), -known))
             value = _median(by_k[nearest])
             if value is not None:
                 return value
-        return self.priors.cpu_contention if unit[1] == "cpu" else self.priors.gpu_contention
+        return self.priors.gpu_contention if unit.is_gpu else self.priors.cpu_contention
 
-    def gains_from_concurrency(self, unit: tuple[str, str]) -> int:
+    def gains_from_concurrency(self, unit: ExecutionUnit) -> int:
         """The largest measured number of concurrent nodes that made ``unit`` faster (1 if none)
         by more than noise: their contention must be at most ``-priors.min_concurrency_gain``."""
-        by_k = dict(self._cal.contention.get(unit_label(unit)) or {})  # a copy, as above
+        by_k = dict(self.calibration.contention.get(unit.label) or {})  # a copy, as above
         best = 1
         margin = self.priors.min_concurrency_gain
         for k, samples in by_k.items():
@@ -373,15 +328,15 @@ class ParallelismCostModel:
     def host_overhead(self, host: str, *, trial: _Trial | None = None) -> float:
         if trial is not None and trial.kind == "host" and trial.key == host:
             return trial.value
-        value = _median(self._cal.host_overhead.get(host))
+        value = _median(self.calibration.host_overhead.get(host))
         return self.priors.same_host_overhead if value is None else value
 
     def dispatch_overhead(self) -> float:
-        value = _median(self._cal.dispatch)
+        value = _median(self.calibration.dispatch)
         return self.priors.dispatch_overhead if value is None else value
 
-    def measured_task_seconds(self, unit: tuple[str, str]) -> float | None:
-        return _median(self._cal.task_seconds.get(unit_label(unit)))
+    def measured_task_seconds(self, unit: ExecutionUnit) -> float | None:
+        return _median(self.calibration.task_seconds.get(unit.label))
 
     # -- profiles ---------------------------------------------------------------------------
 
@@ -389,8 +344,7 @@ class ParallelismCostModel:
                  ) -> tuple[list[NodeProfile], str]:
         """Node profiles for described nodes (invalid ones skipped) and the time unit."""
         priors = self.priors
-        raw: list[tuple[int, HostIdentity, tuple[str, int], tuple[str, str], float | None,
-                        str]] = []
+        raw: list[tuple[int, HostIdentity, Instance, ExecutionUnit, float | None, str]] = []
         for index, identity in enumerate(identities):
             if isinstance(identity, InvalidNodeAddress):
                 continue
@@ -398,16 +352,16 @@ class ParallelismCostModel:
             seconds: float | None = self.measured_task_seconds(unit)
             source = "calibration"
             if seconds is None:
-                seconds = node_latency(identity.node, priors.min_samples)
+                seconds = _nodefields.latency(identity.node, priors.min_samples)
                 source = "metrics" if seconds is not None else "prior"
             instance = identity.instance
             raw.append((index, identity, instance, unit, seconds, source))
         # The reference speed for nodes without data: the median over distinct instances, so
         # that listing one instance under several names never shifts it.
-        distinct: dict[tuple[str, int], tuple[float, bool]] = {}
+        distinct: dict[Instance, tuple[float, bool]] = {}
         for _, _, instance, unit, seconds, _ in raw:
             if seconds is not None:
-                distinct.setdefault(instance, (seconds, unit[1] != "cpu"))
+                distinct.setdefault(instance, (seconds, unit.is_gpu))
         known = list(distinct.values())
         if known:
             time_unit = "seconds"
@@ -419,7 +373,7 @@ class ParallelismCostModel:
         for index, identity, instance, unit, known_seconds, source in raw:
             task_time = known_seconds
             if task_time is None:
-                task_time = reference / priors.gpu_speed_factor if unit[1] != "cpu" else reference
+                task_time = reference / priors.gpu_speed_factor if unit.is_gpu else reference
             result.append(NodeProfile(index, identity, instance, unit, task_time, source))
         return result, time_unit
 
@@ -444,7 +398,7 @@ class ParallelismCostModel:
         if count == 0 or num_tasks <= 0:
             return 0.0, [0] * count
         # Aliases of one instance are one server: only the first of each instance works.
-        seen: set[tuple[str, int]] = set()
+        seen: set[Instance] = set()
         usable = []
         for i, profile in enumerate(profiles):
             if profile.instance not in seen:
@@ -457,7 +411,7 @@ class ParallelismCostModel:
             shares = _assign(num_tasks, [(i, estimate[i]) for i in usable])
             now_active = {i for i in usable if shares[i] > 0}
             makespan = self._simulate(profiles, shares)
-            if len({profiles[i].unit[0] for i in now_active}) > 1:
+            if len({profiles[i].unit.host for i in now_active}) > 1:
                 makespan *= 1.0 + self.dispatch_overhead()
             if best is None or makespan < best[0] - 1e-12:
                 best = (makespan, [shares.get(i, 0) for i in range(count)])
@@ -471,14 +425,14 @@ class ParallelismCostModel:
                         targets: Iterable[int], trial: _Trial | None = None
                         ) -> dict[int, float]:
         """Time per task of each target while the ``active`` nodes (plus itself) are busy."""
-        streams: dict[tuple[str, str], int] = {}
-        host_units: dict[str, set[tuple[str, str]]] = {}
+        streams: dict[ExecutionUnit, int] = {}
+        host_units: dict[str, set[ExecutionUnit]] = {}
         for i in active:
             unit = profiles[i].unit
             streams[unit] = streams.get(unit, 0) + 1
-            host_units.setdefault(unit[0], set()).add(unit)
+            host_units.setdefault(unit.host, set()).add(unit)
         times = {}
-        factors: dict[tuple[tuple[str, str], int], float] = {}  # every node of a unit shares it
+        factors: dict[tuple[ExecutionUnit, int], float] = {}  # every node of a unit shares it
         for i in targets:
             profile = profiles[i]
             unit = profile.unit
@@ -488,9 +442,9 @@ class ParallelismCostModel:
                 factor = 1.0
                 if k > 1:
                     factor = k * max(0.05, 1.0 + self.contention(unit, k, trial=trial))
-                units_busy = host_units.get(unit[0], set()) | {unit}
+                units_busy = host_units.get(unit.host, set()) | {unit}
                 if len(units_busy) > 1:
-                    factor *= (1.0 + self.host_overhead(unit[0], trial=trial)
+                    factor *= (1.0 + self.host_overhead(unit.host, trial=trial)
                                * (len(units_busy) - 1))
                 factors[(unit, k)] = factor
             times[i] = profile.task_time * factor
@@ -502,7 +456,7 @@ class ParallelismCostModel:
         task each, and whenever a node finishes a task it takes the next one left, however slow
         it is. Contention is simulated as in :meth:`parallel_makespan`; unlike it, no node is
         spared, so a node many times slower than the rest still holds up the batch."""
-        seen: set[tuple[str, int]] = set()
+        seen: set[Instance] = set()
         workers = []
         for i, profile in enumerate(profiles):
             if profile.instance not in seen:
@@ -512,7 +466,7 @@ class ParallelismCostModel:
             return 0.0
         busy = {i: 0.0 for i in workers[:num_tasks]}  # node -> progress through its task
         waiting = num_tasks - len(busy)
-        hosts = {profiles[i].unit[0] for i in busy}
+        hosts = {profiles[i].unit.host for i in busy}
         clock = 0.0
         while busy:
             times = self._per_task_times(profiles, set(busy), busy)
@@ -551,15 +505,14 @@ class ParallelismCostModel:
         return clock
 
     def estimate(self, num_tasks: int, nodes: Iterable[Any],
-                 topology: NodeTopology | None = None) -> SpeedupEstimate:
-        """Predict running ``num_tasks`` concurrently across exactly ``nodes`` against running
-        them one after another on the fastest of them.
+                 topology: NodeTopology) -> SpeedupEstimate:
+        """Predict running ``num_tasks`` concurrently across exactly ``nodes`` (described by
+        ``topology``) against running them one after another on the fastest of them.
 
         Nodes that cannot be parsed are left out (and named in ``reason``).
         """
         if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 0:
             raise ValueError(f"num_tasks must be a non-negative integer, got {num_tasks!r}")
-        topology = topology if topology is not None else self._topology()
         identities = topology.describe_many(list(nodes))
         return self.estimate_profiles(num_tasks, identities)
 
@@ -587,22 +540,22 @@ class ParallelismCostModel:
                                tuple(per_node))
 
     def estimate_parallel_benefit(self, num_tasks: int, nodes: Iterable[Any],
-                                  topology: NodeTopology | None = None) -> float:
+                                  topology: NodeTopology) -> float:
         """The speedup of :meth:`estimate` as a bare float (below 1.0: parallel is slower)."""
         return self.estimate(num_tasks, nodes, topology).speedup
 
     def _explain(self, num_tasks: int, profiles: Sequence[NodeProfile],
                  used: Sequence[NodeProfile], speedup: float) -> str:
         units = {p.unit for p in used}
-        hosts = {p.unit[0] for p in used}
+        hosts = {p.unit.host for p in used}
         if num_tasks < 2:
             return "a single task gains nothing from parallelism"
         if len(used) <= 1:
             return "one node takes every task; the others are too slow to help"
         if len(units) == 1:
             (unit,) = units
-            kind = "CPU" if unit[1] == "cpu" else "GPU"
-            return (f"{len(used)} nodes share one {kind} on {unit[0]} and contend for it "
+            kind = "GPU" if unit.is_gpu else "CPU"
+            return (f"{len(used)} nodes share one {kind} on {unit.host} and contend for it "
                     f"(predicted {speedup:.2f}x)")
         if len(hosts) == 1:
             return (f"{len(units)} separate units of one host {next(iter(hosts))} "
@@ -638,12 +591,15 @@ class ParallelismCostModel:
         if not node_list:
             raise ValueError("observe() needs the nodes the run used")
         if identities is None:
-            topology = topology if topology is not None else self._topology()
+            if topology is None:
+                raise ValueError("observe() needs the topology that describes the nodes, or "
+                                 "their identities")
             described = topology.describe_many(node_list)
             identities = [i for i in described if not isinstance(i, InvalidNodeAddress)]
         if not identities:
             raise ValueError("observe(): none of the nodes could be parsed")
         with self._lock:
+            self._ensure_loaded()
             self._learn(mode, list(identities), num_tasks, float(wall_seconds))
             self._cal.observations += 1
             self._version += 1
@@ -661,23 +617,23 @@ class ParallelismCostModel:
         cal = self._cal
         if mode == "sequential" or len(identities) == 1:
             unit = identities[0].unit
-            _push(cal.task_seconds, unit_label(unit), wall / num_tasks)
-            logger.debug("calibration: %s takes %.3fs per task", unit_label(unit),
+            cal.push(cal.task_seconds, unit.label, wall / num_tasks)
+            logger.debug("calibration: %s takes %.3fs per task", unit.label,
                          wall / num_tasks)
             return
-        instances: dict[tuple[str, int], HostIdentity] = {}
+        instances: dict[Instance, HostIdentity] = {}
         for identity in identities:
             instances.setdefault(identity.instance, identity)
         members = list(instances.values())
         units = {m.unit for m in members}
-        hosts = {m.unit[0] for m in members}
+        hosts = {m.unit.host for m in members}
         k = len(members)
-        by_unit: dict[tuple[str, str], float] = {}
+        by_unit: dict[ExecutionUnit, float] = {}
         for unit in units:
             seconds = self.measured_task_seconds(unit)
             if seconds is None:
                 logger.debug("calibration: no solo time for %s yet; parallel run not used",
-                             unit_label(unit))
+                             unit.label)
                 return
             by_unit[unit] = seconds
         profiles = [NodeProfile(i, m, m.instance, m.unit, by_unit[m.unit], "calibration")
@@ -695,11 +651,11 @@ class ParallelismCostModel:
             return self._simulate(profiles, shares, trial)
 
         if len(units) == 1:
-            label = unit_label(next(iter(units)))
+            label = next(iter(units)).label
             c = _fit(lambda x: simulated(_Trial("contention", label, streams, x)), wall,
                      low=_MIN_CONTENTION)
             if c is not None:
-                _push_nested(cal.contention, label, streams, c)
+                cal.push_k(cal.contention, label, streams, c)
                 logger.debug("calibration: %s with %d streams: contention %.3f", label,
                              streams, c)
             return
@@ -707,7 +663,7 @@ class ParallelismCostModel:
             host = next(iter(hosts))
             overhead = _fit(lambda x: simulated(_Trial("host", host, 0, x)), wall, low=0.0)
             if overhead is not None:
-                _push(cal.host_overhead, host, overhead)
+                cal.push(cal.host_overhead, host, overhead)
                 logger.debug("calibration: %d units of %s: same-host overhead %.3f", streams,
                              host, overhead)
             return
@@ -722,87 +678,45 @@ class ParallelismCostModel:
         (same-host overhead), and the dispatch overhead when ``dispatch``: a calibration run
         about to measure them again replaces them instead of mixing old samples in."""
         with self._lock:
-            cal = self._cal
-            for label in units:
-                cal.task_seconds.pop(label, None)
-                cal.contention.pop(label, None)
-            for host in hosts:
-                cal.host_overhead.pop(host, None)
-            if dispatch:
-                cal.dispatch.clear()
+            self._ensure_loaded()
+            self._cal.forget(units=units, hosts=hosts, dispatch=dispatch)
             self._version += 1
 
-    # -- persistence ------------------------------------------------------------------------
+    # -- persistence (the file format is :mod:`sollol_locality.calibration`'s) -------------
 
     def to_dict(self) -> dict[str, Any]:
         """The calibration as plain JSON-able data."""
-        cal = self._cal
         with self._lock:
-            return {
-                "format": "sollol-locality-calibration",
-                "version": _FORMAT_VERSION,
-                "observations": cal.observations,
-                "priors": asdict(self.priors),
-                "task_seconds": {k: list(v) for k, v in cal.task_seconds.items()},
-                "contention": {u: {str(k): list(v) for k, v in by_k.items()}
-                               for u, by_k in cal.contention.items()},
-                "host_overhead": {k: list(v) for k, v in cal.host_overhead.items()},
-                "dispatch_overhead": list(cal.dispatch),
-            }
+            return calibration.to_dict(self.calibration, asdict(self.priors))
 
     def save(self, path: str | os.PathLike[str] | None = None) -> Path:
         """Write the calibration as JSON, atomically (temporary file, then rename).
 
         ``path`` defaults to ``config.calibration_file``.
         """
-        target = Path(path) if path is not None else self.config.calibration_file
+        target = path if path is not None else self.config.calibration_file
         if target is None:
             raise CalibrationError("no calibration file configured and no path given")
-        target = Path(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        data = json.dumps(self.to_dict(), indent=2, sort_keys=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return target
+        with self._lock:
+            return calibration.write(target, self.calibration, asdict(self.priors))
 
     def load(self, path: str | os.PathLike[str]) -> None:
-        """Replace the calibration with the one saved at ``path``.
+        """Replace the calibration with the one saved at ``path`` (the file is only read).
 
         Raises:
-            CalibrationError: the file cannot be read or is not a calibration file.
+            CalibrationError: the file cannot be read or is not a calibration file; the
+                message names the file and the reason.
         """
-        shown = os.fspath(path)
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CalibrationError(f"cannot read calibration file {shown}: {exc}") from exc
-        except json.JSONDecodeError as exc:
-            raise CalibrationError(
-                f"calibration file {shown} is not valid JSON (line {exc.lineno}): {exc.msg}"
-            ) from exc
-        except RecursionError as exc:
-            raise CalibrationError(f"calibration file {shown} is nested too deeply") from exc
-        cal = _parse_calibration(data, shown)
+        cal = calibration.read(path)
+        with self._lock:
+            self._pending_load = False
+            self._install(cal, Path(path))
+
+    def _install(self, cal: Calibration, path: Path) -> None:
+        known = {f.name for f in fields(CostPriors)}
+        values = {k: v for k, v in cal.priors.items() if k in known}
         priors = self.priors
-        raw_priors = data.get("priors")
-        if isinstance(raw_priors, dict):
-            known = {f.name for f in fields(CostPriors)}
-            values = {k: v for k, v in raw_priors.items() if k in known and _is_number(v)}
-            for name, value in values.items():
-                low, strict = _PRIOR_BOUNDS.get(name, (-math.inf, False))
-                if value < low or (strict and value == low):
-                    raise CalibrationError(f"{shown}: prior {name} = {value!r} is out of range "
-                                           f"(expected {'more than' if strict else 'at least'} "
-                                           f"{low:g})")
+        if values:
             try:
                 priors = CostPriors(**{**asdict(self.priors), **values})
             except TypeError:
@@ -810,27 +724,8 @@ class ParallelismCostModel:
         with self._lock:
             self._cal = cal
             self.priors = priors
-            self._loaded_from = Path(path)
+            self._loaded_from = path
             self._version += 1
-
-    def _load_or_set_aside(self, path: Path) -> None:
-        try:
-            self.load(path)
-        except CalibrationError as exc:
-            aside = path.with_name(f"{path.name}.corrupt-{os.getpid()}")
-            try:
-                os.replace(path, aside)
-            except OSError:
-                aside = path
-            logger.warning("%s; set aside as %s, deciding with priors", exc, aside,
-                           extra={"event": "calibration_corrupt", "path": str(path)})
-
-    def _topology(self) -> NodeTopology:
-        if self._default_topology is None:
-            from .topology import NodeTopology
-
-            self._default_topology = NodeTopology(self.config)
-        return self._default_topology
 
 
 def _assign(num_tasks: int, workers: Sequence[tuple[int, float]]) -> dict[int, int]:
@@ -843,54 +738,3 @@ def _assign(num_tasks: int, workers: Sequence[tuple[int, float]]) -> dict[int, i
         shares[i] += 1
         heapq.heappush(heap, (finish + t, position, i, t))
     return shares
-
-
-def _push(store: dict[str, deque[float]], key: str, value: float) -> None:
-    store.setdefault(key, deque(maxlen=_SAMPLES_KEPT)).append(value)
-
-
-def _push_nested(store: dict[str, dict[int, deque[float]]], key: str, k: int,
-                 value: float) -> None:
-    store.setdefault(key, {}).setdefault(k, deque(maxlen=_SAMPLES_KEPT)).append(value)
-
-
-def _samples(value: object, where: str, low: float | None = None) -> deque[float]:
-    if not isinstance(value, list) or not all(_is_number(v) for v in value):
-        raise CalibrationError(f"{where} must be a list of numbers")
-    if low is not None and any(v < low for v in value):
-        # Outside what observe() can learn: a hand-edited or damaged file, which would make
-        # predictions meaningless (or divide by zero).
-        raise CalibrationError(f"{where} must be at least {low:g}")
-    return deque((float(v) for v in value[-_SAMPLES_KEPT:]), maxlen=_SAMPLES_KEPT)
-
-
-def _parse_calibration(data: object, shown: str) -> _Calibration:
-    if not isinstance(data, dict) or data.get("format") != "sollol-locality-calibration":
-        raise CalibrationError(f"{shown} is not a sollol-locality calibration file")
-    try:
-        cal = _Calibration()
-        for key, values in (data.get("task_seconds") or {}).items():
-            samples = _samples(values, f"{shown}: task_seconds[{key!r}]")
-            if any(v <= 0 for v in samples):
-                raise CalibrationError(f"{shown}: task_seconds[{key!r}] must be positive")
-            cal.task_seconds[str(key)] = samples
-        for unit, by_k in (data.get("contention") or {}).items():
-            if not isinstance(by_k, dict):
-                raise CalibrationError(f"{shown}: contention[{unit!r}] must be a table")
-            if any(int(k) < 2 for k in by_k):
-                raise CalibrationError(f"{shown}: contention[{unit!r}] stream counts must be "
-                                       "at least 2")
-            cal.contention[str(unit)] = {
-                int(k): _samples(v, f"{shown}: contention[{unit!r}][{k!r}]", _MIN_CONTENTION)
-                for k, v in by_k.items()
-            }
-        for host, values in (data.get("host_overhead") or {}).items():
-            cal.host_overhead[str(host)] = _samples(values, f"{shown}: host_overhead[{host!r}]",
-                                                    0.0)
-        cal.dispatch = _samples(data.get("dispatch_overhead") or [], f"{shown}: dispatch", 0.0)
-        observations = data.get("observations", 0)
-        cal.observations = int(observations) if _is_number(observations) else 0
-    except (AttributeError, TypeError, ValueError) as exc:
-        raise CalibrationError(f"{shown} is malformed: {exc}") from exc
-    return cal
-

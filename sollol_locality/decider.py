@@ -93,7 +93,8 @@ class Decider:
 
     Args:
         config, topology, cost_model, planner: the components to decide with; each left out is
-            taken from the others or built from ``config`` (``LocalityConfig()`` when omitted).
+            taken from the others or built from ``config`` (``LocalityConfig.from_env()``
+            when omitted).
         clock: monotonic seconds, for the in-flight timeouts.
         timeout_factor: an unreported request ends after this multiple of its predicted time...
         timeout_floor: ... but never sooner than this many seconds.
@@ -118,7 +119,8 @@ class Decider:
             cost_model = cost_model or planner.cost_model
         self.owns_topology = topology is None
         config = config or (topology.config if topology is not None else
-                            cost_model.config if cost_model is not None else LocalityConfig())
+                            cost_model.config if cost_model is not None
+                            else LocalityConfig.from_env())
         topology = topology or NodeTopology(config)
         cost_model = cost_model or ParallelismCostModel(config)
         self.planner: ExecutionPlanner = planner or ExecutionPlanner(topology, cost_model, config)
@@ -205,7 +207,7 @@ class Decider:
         )
 
     def _log(self, plan: ExecutionPlan) -> None:
-        detail = plan._detail  # the decision's immutable template: its log key is precomputed
+        detail = plan.detail  # the decision's immutable detail: its log key is precomputed
         key = detail.host_ids if detail is not None else frozenset()
         summary = (plan.mode, detail.chosen_urls if detail is not None else ())
         if self._last_logged.get(key) == summary:
@@ -369,7 +371,7 @@ def _move(decision: Any, node: Any, chosen: HostIdentity, idle: HostIdentity, bu
     """Point ``decision`` at ``idle`` instead of the busy ``chosen``; ``False`` when the decision
     object cannot be changed (the base's choice then stands)."""
     unit = chosen.unit
-    label = "/".join(str(part) for part in unit) if isinstance(unit, tuple) else str(unit)
+    label = unit.label
     note = (f" Locality: moved from {chosen.address.url} (its execution unit {label} is busy "
             f"with {busy} request(s)) to {idle.address.url} on an idle unit.")
     try:
@@ -411,7 +413,7 @@ def attached_decider(adapter: Any) -> Decider:
 def installed_decider(obj: Any) -> Decider:
     """The decider :func:`sollol_locality.install` gave ``obj``'s class; after
     :func:`sollol_locality.uninstall` (a patched method kept as a bound method) a default one
-    built from ``LocalityConfig()``."""
+    built from ``LocalityConfig.from_env()``."""
     found = getattr(type(obj), INSTALLED_KEY, None)
     if isinstance(found, Decider):
         return found

@@ -65,8 +65,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
 from ._errors import ConfigError
+from ._hostsfile import hosts_file
 from ._hostsfile import normalise_name as _normalise_name
-from ._hostsfile import parse_hosts_entries
 from ._hostsfile import unwrap_ip as _unwrap
 from .addresses import IPAddress
 
@@ -117,7 +117,6 @@ _TUNNEL_DEVTYPES: Final = frozenset({
 })
 _MIN_PREFIX: Final = {4: 8, 6: 48}
 _MAX_LOWER_DEPTH: Final = 8
-_MAX_HOSTS_FILE: Final = 16 * 1024 * 1024
 _FALLBACK_ADDRESSES: Final[frozenset[IPAddress]] = frozenset({
     ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Address("::1"),
 })
@@ -462,14 +461,7 @@ class SystemProbe:
     def _read_hosts_file(self) -> list[tuple[IPAddress, list[str]]]:
         if self.hosts_file is None:
             return []
-        try:
-            with open(self.hosts_file, encoding="utf-8", errors="replace") as fh:
-                text = fh.read(_MAX_HOSTS_FILE)
-        except OSError as exc:
-            logger.debug("hosts file %r not read: %s", self.hosts_file, exc,
-                         extra={"event": "local_hosts_file_unread"})
-            return []
-        return parse_hosts_entries(text)
+        return hosts_file(self.hosts_file).entries()
 
     # -- container networks -----------------------------------------------------------------
 

@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
+from . import _nodefields
 from ._errors import InvalidNodeAddress
 from .addresses import describe_input
 from .config import ENV_MODE, LocalityConfig
-from .cost_model import NodeProfile, ParallelismCostModel, unit_label
-from .topology import HostIdentity, NodeTopology
+from .cost_model import NodeProfile, ParallelismCostModel
+from .topology import ExecutionUnit, HostIdentity, Instance, NodeTopology
 
-__all__ = ["DECISION_CACHE_SECONDS", "ExecutionPlan", "ExecutionPlanner"]
+__all__ = ["DECISION_CACHE_SECONDS", "ExecutionPlan", "ExecutionPlanner", "PlanDetail"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +54,14 @@ class ExecutionPlan:
         warnings: things the caller should know (nodes left out, names not resolved, ...).
         forced: whether ``mode`` was forced by configuration rather than chosen by the model.
 
-    The properties below add the detail behind the decision (``cause``, ``num_tasks``,
-    ``units``, ``tasks_per_node``, ``naive_speedup``, ``sequential_seconds``,
+        detail: the :class:`PlanDetail` behind the decision (``None`` only for a plan built by
+            hand).
+
+    The properties below are thin aliases of ``detail`` (``cause``, ``num_tasks``, ``units``,
+    ``tasks_per_node``, ``concurrency_per_node``, ``naive_speedup``, ``sequential_seconds``,
     ``predicted_seconds``, ``time_unit``, ``hosts``, ``excluded``, ``shared_host``,
-    ``identities``); :meth:`to_dict` gives all of it as JSON-friendly data.
+    ``identities``), giving back this call's node objects; :meth:`to_dict` gives all of it as
+    JSON-friendly data.
     """
 
     mode: Literal["parallel", "sequential"]
@@ -66,7 +71,7 @@ class ExecutionPlan:
     reason: str
     warnings: list[str]
     forced: bool
-    _detail: _Template | None = field(default=None, repr=False, compare=False)
+    detail: PlanDetail | None = field(default=None, repr=False, compare=False)
     _candidates: tuple[Any, ...] = field(default=(), repr=False, compare=False)
 
     def __repr__(self) -> str:
@@ -86,69 +91,75 @@ class ExecutionPlan:
         """A stable key for ``reason``: ``"parallel"``, ``"one-unit"``, ``"fast-node"``,
         ``"below-threshold"``, ``"one-task"``, ``"no-nodes"``, ``"forced-parallel"`` or
         ``"forced-sequential"``."""
-        return self._detail.cause if self._detail else "parallel"
+        return self.detail.cause if self.detail else "parallel"
 
     @property
     def num_tasks(self) -> int:
         """The task count planned for."""
-        return self._detail.num_tasks if self._detail else 0
+        return self.detail.num_tasks if self.detail else 0
 
     @property
     def units(self) -> int:
         """Distinct execution units among the usable candidates."""
-        return self._detail.units if self._detail else 0
+        return self.detail.units if self.detail else 0
 
     @property
     def tasks_per_node(self) -> list[int]:
         """Predicted tasks for each node of ``nodes``."""
-        return list(self._detail.tasks) if self._detail else []
+        return list(self.detail.tasks) if self.detail else []
+
+    @property
+    def concurrency_per_node(self) -> list[int]:
+        """How many tasks to have in flight at once on each node of ``nodes`` (1 per node: each
+        node serves one request at a time)."""
+        return list(self.detail.concurrency) if self.detail else []
 
     @property
     def naive_speedup(self) -> float:
         """Predicted speedup of dispatching across every usable candidate at once (what
         "parallel whenever two nodes are healthy" does)."""
-        return self._detail.naive_speedup if self._detail else 1.0
+        return self.detail.naive_speedup if self.detail else 1.0
 
     @property
     def sequential_seconds(self) -> float:
         """Predicted makespan running one after another on the fastest node."""
-        return self._detail.sequential_seconds if self._detail else 0.0
+        return self.detail.sequential_seconds if self.detail else 0.0
 
     @property
     def predicted_seconds(self) -> float:
         """Predicted makespan of this plan."""
-        return self._detail.predicted_seconds if self._detail else 0.0
+        return self.detail.predicted_seconds if self.detail else 0.0
 
     @property
     def time_unit(self) -> str:
         """``"seconds"``, or ``"tasks"`` (units of one task on a reference node) when no node's
         speed is known."""
-        return self._detail.time_unit if self._detail else "tasks"
+        return self.detail.time_unit if self.detail else "tasks"
 
     @property
     def hosts(self) -> dict[str, list[Any]]:
         """Every usable candidate grouped by physical host id (input order kept)."""
-        if self._detail is None:
+        if self.detail is None:
             return {}
         nodes = self._candidates
-        return {h: [nodes[i] for i in idx] for h, idx in self._detail.hosts}
+        return {h: [nodes[i] for i in idx] for h, idx in self.detail.hosts}
 
     @property
     def excluded(self) -> list[tuple[Any, str]]:
         """``(node, reason)`` for each candidate that could not be used."""
-        if self._detail is None:
+        if self.detail is None:
             return []
-        return [(self._candidates[i], r) for i, r in self._detail.excluded]
+        return [(self._candidates[i], r) for i, r in self.detail.excluded]
 
     @property
     def shared_host(self) -> str | None:
         """When parallel was refused because the nodes share one machine, that machine."""
-        return self._detail.shared_host if self._detail else None
+        return self.detail.shared_host if self.detail else None
 
     @property
     def identities(self) -> tuple[HostIdentity, ...]:
         """The :class:`HostIdentity` of each node of ``nodes``."""
-        detail = self._detail
+        detail = self.detail
         if detail is None:
             return ()
         nodes = self._candidates
@@ -163,6 +174,7 @@ class ExecutionPlan:
             "speedup": round(self.speedup, 4),
             "nodes": urls,
             "tasks_per_node": self.tasks_per_node,
+            "concurrency_per_node": self.concurrency_per_node,
             "unique_hosts": self.unique_hosts,
             "units": self.units,
             "reason": self.reason,
@@ -190,9 +202,28 @@ def _safe_url(node: Any) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class _Template:
-    """A plan with node positions instead of node objects, so cached plans never share state
-    with a caller (and give back the objects of the call that asks)."""
+class PlanDetail:
+    """Everything behind an :class:`ExecutionPlan`, with node positions instead of node objects.
+
+    One detail is computed per decision and shared by every plan served from the decision cache,
+    so it never holds a list a caller could change; :class:`ExecutionPlan` turns the positions
+    back into the node objects of the call that asks.
+
+    Attributes:
+        mode, speedup, unique_hosts, reason, warnings, forced: as on the plan.
+        chosen: positions, in the candidate list, of the plan's ``nodes`` (best first).
+        tasks: predicted tasks for each chosen node.
+        concurrency: tasks in flight at once on each chosen node (1 each).
+        cause, num_tasks, units, naive_speedup, sequential_seconds, predicted_seconds,
+            time_unit, shared_host: as the plan's properties of the same names.
+        hosts: ``(host id, candidate positions)`` for each physical host, input order kept.
+        excluded: ``(candidate position, reason)`` for each node that could not be used.
+        identities: the identity of each chosen node as the decision described it (its
+            ``node`` is the object of the call first decided; ``ExecutionPlan.identities``
+            gives this call's).
+        host_ids, chosen_urls: the decision in brief (which machines, which nodes), for telling
+            a changed decision from a repeated one.
+    """
 
     mode: Literal["parallel", "sequential"]
     speedup: float
@@ -213,6 +244,7 @@ class _Template:
     excluded: tuple[tuple[int, str], ...]
     shared_host: str | None
     identities: tuple[HostIdentity, ...]
+    concurrency: tuple[int, ...] = ()
     # What a decision is, for telling a changed decision from a repeated one (computed once).
     host_ids: frozenset[str] = field(init=False, repr=False, compare=False)
     chosen_urls: tuple[str, ...] = field(init=False, repr=False, compare=False)
@@ -221,6 +253,8 @@ class _Template:
         object.__setattr__(self, "host_ids", frozenset(host for host, _ in self.hosts))
         object.__setattr__(self, "chosen_urls",
                            tuple(i.address.url for i in self.identities))
+        if len(self.concurrency) != len(self.chosen):
+            object.__setattr__(self, "concurrency", (1,) * len(self.chosen))
 
     def build(self, nodes: Sequence[Any]) -> ExecutionPlan:
         """A plan for this call: fresh lists, this call's node objects."""
@@ -236,7 +270,7 @@ class ExecutionPlanner:
         topology: host identity (:class:`NodeTopology`); built from ``config`` when omitted.
         cost_model: the makespan model (:class:`ParallelismCostModel`); built when omitted.
         config: settings; taken from the topology or cost model when they are given, else
-            ``LocalityConfig()`` (the environment).
+            ``LocalityConfig.from_env()``.
         clock: monotonic clock for the decision cache.
     """
 
@@ -246,12 +280,13 @@ class ExecutionPlanner:
                  clock: Callable[[], float] = time.monotonic) -> None:
         if config is None:
             config = (topology.config if topology is not None
-                      else cost_model.config if cost_model is not None else LocalityConfig())
+                      else cost_model.config if cost_model is not None
+                      else LocalityConfig.from_env())
         self.config = config
         self.topology = topology if topology is not None else NodeTopology(config)
         self.cost_model = cost_model if cost_model is not None else ParallelismCostModel(config)
         self._clock = clock
-        self._memo: dict[tuple[Any, ...], tuple[float, int, _Template]] = {}
+        self._memo: dict[tuple[Any, ...], tuple[float, int, PlanDetail]] = {}
 
     def select_mode(self, num_tasks: int, nodes: Iterable[Any]) -> Literal["parallel",
                                                                            "sequential"]:
@@ -270,7 +305,7 @@ class ExecutionPlanner:
         node_list = nodes if isinstance(nodes, list) else list(nodes)
         key: tuple[Any, ...] | None
         try:
-            key = (num_tasks, *map(_signature, node_list))
+            key = (num_tasks, *map(_nodefields.signature, node_list))
             hash(key)
         except TypeError:
             key = None
@@ -293,7 +328,7 @@ class ExecutionPlanner:
 
     # -- the decision -----------------------------------------------------------------------
 
-    def _decide(self, num_tasks: int, nodes: Sequence[Any]) -> _Template:
+    def _decide(self, num_tasks: int, nodes: Sequence[Any]) -> PlanDetail:
         identities = self.topology.describe_many(nodes)
         model = self.cost_model
         warnings: list[str] = []
@@ -319,7 +354,7 @@ class ExecutionPlanner:
         if not profiles:
             reason = (f"No usable node among the {len(nodes)} given, so nothing can be "
                       "dispatched." if nodes else "No candidate nodes were given.")
-            return _Template("sequential", 1.0, (), (), reason=reason,
+            return PlanDetail("sequential", 1.0, (), (), reason=reason,
                              warnings=tuple(warnings), forced=self.config.forced,
                              cause="no-nodes", naive_speedup=1.0, sequential_seconds=0.0,
                              predicted_seconds=0.0, shared_host=None, identities=(),
@@ -331,19 +366,19 @@ class ExecutionPlanner:
         naive = sequential / naive_time if naive_time > 0 else 1.0
 
         def seq(reason: str, cause: Cause, *, shared: str | None = None,
-                forced: bool = False) -> _Template:
-            return _Template("sequential", 1.0, (fastest.index,), (num_tasks,), reason=reason,
+                forced: bool = False) -> PlanDetail:
+            return PlanDetail("sequential", 1.0, (fastest.index,), (num_tasks,), reason=reason,
                              warnings=tuple(warnings), forced=forced, cause=cause,
                              naive_speedup=naive, sequential_seconds=sequential,
                              predicted_seconds=sequential, shared_host=shared,
                              identities=(fastest.identity,), **common)  # type: ignore[arg-type]
 
         def par(chosen: Sequence[NodeProfile], shares: Sequence[int], makespan: float,
-                reason: str, cause: Cause, *, forced: bool = False) -> _Template:
+                reason: str, cause: Cause, *, forced: bool = False) -> PlanDetail:
             order = sorted(range(len(chosen)), key=lambda i: _rank(chosen[i]))
             used = [i for i in order if shares[i] > 0]
             speedup = sequential / makespan if makespan > 0 else 1.0
-            return _Template("parallel", speedup, tuple(chosen[i].index for i in used),
+            return PlanDetail("parallel", speedup, tuple(chosen[i].index for i in used),
                              tuple(shares[i] for i in used), reason=reason,
                              warnings=tuple(warnings), forced=forced, cause=cause,
                              naive_speedup=naive, sequential_seconds=sequential,
@@ -375,7 +410,7 @@ class ExecutionPlanner:
                        f"{fastest_url}.", "one-task")
 
         # One stream per execution unit (more where calibration measured a gain), best first.
-        per_unit: dict[tuple[str, str], list[NodeProfile]] = {}
+        per_unit: dict[ExecutionUnit, list[NodeProfile]] = {}
         for profile in sorted(profiles, key=_rank):
             per_unit.setdefault(profile.unit, []).append(profile)
         ordered: list[list[NodeProfile]] = []
@@ -385,15 +420,15 @@ class ExecutionPlanner:
         if len(ordered) == 1 and len(ordered[0]) == 1:
             members = per_unit[fastest.unit]
             unit = fastest.unit
-            kind = "its CPU" if unit[1] == "cpu" else ("its GPU" if unit[1] == "gpu"
-                                                     else f"GPU {unit[1]}")
+            kind = ("its CPU" if not unit.is_gpu else "its GPU" if unit.device is None
+                    else f"GPU {unit.device}")
             if len(profiles) == 1:
                 return seq(f"Sequential: only one node ({fastest_url}) is available.",
                            "one-unit")
             instances = len(_distinct_instances(members))
             return seq(
                 f"Sequential: all {len(profiles)} nodes run on one machine "
-                f"({unit[0]}) and share {kind}; {_tasks(num_tasks)} in parallel there are "
+                f"({unit.host}) and share {kind}; {_tasks(num_tasks)} in parallel there are "
                 f"predicted to run at {naive:.2f}x the speed of running them one after "
                 f"another on {fastest_url}"
                 + (f", a gain under the {model.priors.min_concurrency_gain:.0%} that "
@@ -402,7 +437,7 @@ class ExecutionPlanner:
                 if instances > 1 else
                 f"Sequential: the {len(profiles)} nodes given are aliases of one instance "
                 f"({fastest_url}).",
-                "one-unit", shared=unit[0])
+                "one-unit", shared=unit.host)
         best: tuple[float, list[NodeProfile], list[int], float] | None = None
         limit = min(num_tasks, len(ordered))
         for m in range(1, limit + 1):
@@ -418,11 +453,11 @@ class ExecutionPlanner:
         speedup, chosen, shares, makespan = best
         used = [p for p, s in zip(chosen, shares, strict=True) if s > 0]
         if speedup > self.config.min_speedup and len(used) >= 2:
-            used_hosts = list(dict.fromkeys(p.unit[0] for p in used))
+            used_hosts = list(dict.fromkeys(p.unit.host for p in used))
             used_units = {p.unit for p in used}
             where = (f"{len(used_hosts)} machines ({_names(used_hosts)})" if len(used_hosts) > 1
                      else f"{len(used_units)} units of {used_hosts[0]} "
-                          f"({_names(unit_label(u) for u in used_units)})")
+                          f"({_names(u.label for u in used_units)})")
             left = len(profiles) - len(used)
             tail = (f"; {left} other node(s) would add contention or no speed and are left out"
                     if left else "")
@@ -446,11 +481,11 @@ def _rank(profile: NodeProfile) -> tuple[float, bool, bool, str, int, int]:
     order nodes were listed in."""
     identity = profile.identity
     return (profile.task_time, not identity.is_local, identity.source == "container",
-            profile.instance[0], profile.instance[1], profile.index)
+            profile.instance.host, profile.instance.port, profile.index)
 
 
 def _distinct_instances(profiles: Iterable[NodeProfile]) -> list[NodeProfile]:
-    seen: set[tuple[str, int]] = set()
+    seen: set[Instance] = set()
     result = []
     for profile in profiles:
         if profile.instance not in seen:
@@ -472,25 +507,3 @@ def _names(items: Iterable[str], limit: int = 3) -> str:
     names = list(items)
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def _attr(obj: object, name: str) -> Any:
-    try:
-        return getattr(obj, name, None)
-    except Exception:  # a foreign property that raises counts as absent
-        return None
-
-
-def _signature(node: Any) -> Any:
-    """What a decision depends on for one node: its address and the figures it carries."""
-    if type(node) is str:
-        return node
-    if isinstance(node, Mapping):
-        return (Mapping, *sorted(node.items()))
-    metrics = _attr(node, "metrics")
-    caps = _attr(node, "capabilities")
-    return (type(node), id(node), _attr(node, "url"), _attr(node, "host"), _attr(node, "port"),
-            _attr(metrics, "avg_response_time"), _attr(metrics, "total_requests"),
-            _attr(metrics, "avg_latency"), _attr(caps, "has_gpu"), _attr(caps, "gpu_count"),
-            _attr(node, "gpu"), _attr(node, "device"), _attr(node, "gpu_id"),
-            _attr(node, "has_gpu"))

@@ -45,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._errors import InvalidNodeAddress
@@ -54,7 +54,7 @@ from .config import LocalityConfig
 from .cost_model import ParallelismCostModel
 from .decider import DECIDER_KEY, OPTIONS_KEY, Decider, attached_decider, installed_decider
 from .planner import ExecutionPlan, ExecutionPlanner
-from .topology import HostIdentity, NodeTopology
+from .topology import HostIdentity, Instance, NodeTopology
 
 if TYPE_CHECKING:
     LocalityAwarePool: type[Any]  # built on first use by the module __getattr__ below
@@ -252,7 +252,7 @@ class LocalityAwarePoolMixin:
             return
         identities = _decider(self).topology.describe_many(nodes)
         kept: list[Any] = []
-        first: dict[Hashable, tuple[Any, HostIdentity]] = {}
+        first: dict[Instance, tuple[Any, HostIdentity]] = {}
         instances_by_host: dict[str, list[str]] = {}
         for node, identity in zip(nodes, identities, strict=True):
             if isinstance(identity, InvalidNodeAddress):
@@ -261,18 +261,17 @@ class LocalityAwarePoolMixin:
                 kept.append(node)
                 continue
             key = identity.instance
-            port = identity.address.port
-            where = (identity.physical_host_id if identity.container is None
-                     else f"{identity.physical_host_id}, container {identity.container}")
+            where = (identity.physical_host_id if key.host == identity.physical_host_id
+                     else f"{identity.physical_host_id}, container {key.host}")
             if key in first:
                 survivor, survivor_identity = first[key]
                 logger.info(
                     "pool nodes %s and %s are one Ollama instance (machine %s, port %d); "
                     "keeping %s", _node_text(survivor, survivor_identity),
-                    _node_text(node, identity), where, port,
+                    _node_text(node, identity), where, key.port,
                     _node_text(survivor, survivor_identity),
                     extra={"event": "pool_node_merged", "host": identity.physical_host_id,
-                           "port": port})
+                           "port": key.port})
                 continue
             first[key] = (node, identity)
             kept.append(node)

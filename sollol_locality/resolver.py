@@ -1,53 +1,52 @@
-"""Host name → addresses: a small multiplexed stub resolver with a TTL cache.
+"""Host name → addresses: dnspython's resolver under our cache, one deadline per call.
 
-:class:`DnsResolver` answers many names under **one** deadline. All the A and AAAA queries of a
-call go out over one non-blocking UDP socket per address family and the replies are gathered
-with :mod:`selectors` until every name is answered or the deadline passes, so ten thousand
-names cost no more threads than one. The pieces, from the outside in:
+:class:`DnsResolver` answers many names under **one** deadline. The DNS work is dnspython's
+(:class:`dns.asyncresolver.Resolver`, configured from resolv.conf as dnspython reads it: the
+``search`` list or ``domain``, ``options ndots``, ``timeout``, ``rotate``), driven by
+:mod:`sollol_locality._dnsio` on one private event-loop thread: every A and AAAA lookup of a call
+runs concurrently there, and whatever is unfinished at the deadline is cancelled (dnspython's own
+``lifetime`` may overshoot by its back-off sleep). The caller's thread (or event loop) only waits
+for that call. On top, our layer:
 
-* the cache: bounded (LRU), per-entry expiry from the answer's TTL, negative caching (RFC 2308),
-  failures cached with exponential backoff, serve-stale (RFC 8767) while at most one background
-  thread refreshes expired answers;
-* the hosts file, read directly and re-read when it changes; a name found there never causes a
-  DNS query;
-* :class:`_Lookup`, the DNS logic of one (name, type) resolution (CNAME chains, rcodes, server
-  rotation), which does no I/O;
-* :class:`_Exchange`, all the I/O: sockets, retries after ``per_try_timeout``, TCP when a reply
-  is truncated, the deadline.
+* the cache: bounded (LRU), per-entry expiry from the answer's TTL clamped to
+  ``[min_ttl, max_ttl]``, negative caching (RFC 2308), failures cached with exponential backoff,
+  serve-stale (RFC 8767) while at most one background thread refreshes expired answers;
+* the hosts file (one shared reader per path, see :mod:`_hostsfile`); a name found there never
+  causes a DNS query.
+
+A name resolved through the search list is cached under the name asked, and its
+:attr:`Resolution.canonical_name` says the name it resolved as (``node-a`` -> ``node-a.lab``).
 
 Two clocks are kept apart on purpose: cache expiry uses the injected ``clock`` (tests tick a fake
-one), socket waits and the per-call deadline use the real :func:`time.monotonic`.
+one), the per-call deadline uses the real :func:`time.monotonic`.
 
 dnspython is imported on first use, never when this module is imported.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
-import errno
-import heapq
 import ipaddress
 import logging
 import os
-import selectors
-import socket
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, runtime_checkable
 
 from ._errors import ConfigError
+from ._hostsfile import hosts_file as _shared_hosts_file
 from ._hostsfile import normalise_name as _normalise
-from ._hostsfile import parse_hosts_entries
+from ._hostsfile import parse_hosts
+from ._nameservers import Nameserver, parse_nameserver, parse_nameservers
 from .addresses import IPAddress
 
 if TYPE_CHECKING:
-    import dns.message
-    import dns.name
-    import dns.rdatatype
-    import dns.rrset
+    from ._dnsio import TypeAnswer
 
 __all__ = [
     "MAX_CNAME_HOPS",
@@ -56,6 +55,7 @@ __all__ = [
     "Resolution",
     "Resolver",
     "ResolverStats",
+    "parse_hosts",
     "parse_nameserver",
 ]
 
@@ -67,13 +67,10 @@ Source = Literal["hosts-file", "dns"]
 MAX_CNAME_HOPS: Final = 8
 """Longest CNAME chain followed; a longer one is a ``"failure"`` ("CNAME chain too long")."""
 
-_INITIAL_WINDOW: Final = 64  # UDP tries awaiting a reply at once, at first; the rest wait
-_MAX_WINDOW: Final = 256  # the window grows by one per reply up to this (a gentle slow start)
-_MAX_PENDING_IDS: Final = 60000  # query ids kept open per socket (late replies are accepted)
-_SOCKET_BUFFER: Final = 1 << 20  # asked for; the kernel may grant less
-_RECV_SIZE: Final = 65535
+_MAX_IN_FLIGHT: Final = 256  # lookups (name, type) running at once; the rest wait their turn
+_DEFAULT_PER_TRY: Final = 0.4  # when neither the caller nor resolv.conf sets a per-try timeout
+_LOOP_GRACE: Final = 0.05  # how long past the deadline the caller waits for the loop to finish
 _FAILURE_WARN_THRESHOLD: Final = 3  # consecutive failing calls before one warning per server
-_DEFAULT_NAMESERVER: Final = "127.0.0.1"  # what glibc uses when resolv.conf names none
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,7 +89,8 @@ class Resolution:
             has no A or AAAA record); ``"failure"`` (servers answered with an error, or a CNAME
             loop); ``"timeout"`` (no usable answer before the deadline).
         source: ``"hosts-file"`` or ``"dns"``.
-        canonical_name: the end of the CNAME chain when there was one.
+        canonical_name: the name the answer is for when it is not ``name``: the end of a CNAME
+            chain, or the name a search domain made (``node-a.lab`` for ``node-a``).
         stale: served past its TTL (while a refresh runs, or because refreshing failed).
         error: what went wrong, for logs: names the servers and their failures.
     """
@@ -128,38 +126,13 @@ class Resolver(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class Nameserver:
-    """A DNS server to send queries to."""
-
-    ip: IPAddress
-    port: int = 53
-    zone: str | None = None
-
-    @property
-    def family(self) -> socket.AddressFamily:
-        return socket.AF_INET if self.ip.version == 4 else socket.AF_INET6
-
-    @property
-    def sockaddr(self) -> tuple[str, int]:
-        """The address to give ``sendto`` / ``connect``."""
-        host = str(self.ip)
-        return (f"{host}%{self.zone}" if self.zone else host, self.port)
-
-    def __str__(self) -> str:
-        if self.ip.version == 6:
-            zone = f"%{self.zone}" if self.zone else ""
-            return f"[{self.ip}{zone}]:{self.port}"
-        return f"{self.ip}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
 class ResolverStats:
     """Counters since the resolver was built (a snapshot; see :attr:`DnsResolver.stats`).
 
     Attributes:
         queries_sent: DNS queries sent, UDP tries and TCP queries together.
         tcp_queries: queries sent over TCP after a truncated UDP reply.
-        replies_ignored: datagrams dropped: unknown id, wrong source or question, unparsable.
+        replies_ignored: datagrams dropped: wrong id, source or question, unparsable.
         cache_hits: names answered from the cache (fresh, negative, failed or stale).
         stale_served: answers served past their TTL.
         refreshes: names refreshed by the background thread.
@@ -175,50 +148,15 @@ class ResolverStats:
     hosts_file_hits: int = 0
 
 
-def parse_nameserver(text: str) -> Nameserver:
-    """Parse ``"ip"``, ``"ip:port"``, ``"[ipv6]"`` or ``"[ipv6]:port"`` (IPv6 may carry ``%zone``).
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """What DNS said about one name (A and AAAA together), before caching."""
 
-    Raises:
-        ConfigError: not an IP address with an optional port; the message names the value.
-    """
-    if not isinstance(text, str):
-        raise ConfigError(
-            f"Invalid nameserver {text!r}: expected a string", variable="nameservers", value=text
-        )
-    value = text.strip()
-    host, port_text = value, None
-    if value.startswith("["):
-        close = value.find("]")
-        host, rest = value[1:close], value[close + 1:]
-        if close == -1 or (rest and not rest.startswith(":")):
-            raise _bad_nameserver(text)
-        port_text = rest[1:] if rest else None
-    elif value.count(":") == 1:
-        host, _, port_text = value.partition(":")
-    host, _, zone = host.partition("%")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        raise _bad_nameserver(text) from None
-    if zone and ip.version != 6:
-        raise _bad_nameserver(text)
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    port = 53
-    if port_text is not None:
-        if not (port_text.isascii() and port_text.isdigit() and 1 <= int(port_text) <= 65535):
-            raise _bad_nameserver(text)
-        port = int(port_text)
-    return Nameserver(ip, port, zone or None)
-
-
-def _bad_nameserver(text: str) -> ConfigError:
-    return ConfigError(
-        f"Invalid nameserver {text!r}: expected an IP address, ip:port or [ipv6]:port "
-        "(port 1 to 65535)",
-        variable="nameservers",
-        value=text,
-    )
+    status: Status
+    addresses: frozenset[IPAddress] = frozenset()
+    ttl: float | None = None  # positive TTL, or the negative TTL from the SOA; None if unknown
+    canonical_name: str | None = None
+    error: str | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,12 +184,13 @@ class _Entry:
 
 
 class DnsResolver:
-    """A :class:`Resolver` backed by DNS (dnspython messages) and the hosts file.
+    """A :class:`Resolver` backed by the hosts file and dnspython's resolver.
 
     Args:
         nameservers: ``"ip"``, ``"ip:port"`` or ``"[v6]:port"`` strings (a single string may list
-            them separated by commas). When given, no packet goes to any other server. ``None``
-            uses the ``nameserver`` lines of ``resolv_conf``, read on the first lookup.
+            them separated by commas). When given, no packet goes to any other server: they
+            replace resolv.conf's ``nameserver`` lines and nothing else (its ``search``,
+            ``domain`` and ``options`` still apply). ``None`` uses resolv.conf's servers.
         hosts_file: path of the hosts file, ``None`` to ignore it.
         clock: monotonic clock for cache expiry only.
         min_ttl, max_ttl: bounds applied to a positive answer's TTL.
@@ -260,15 +199,18 @@ class DnsResolver:
             after each consecutive failure of the same name, up to ``max_failure_ttl``.
         stale_ttl: how long past its TTL a positive answer may still be served (RFC 8767).
         maxsize: most names cached; the least recently used is evicted.
-        per_try_timeout: wait for one UDP try before retrying on the next server.
-        resolv_conf: where the system's nameservers are read when ``nameservers`` is ``None``.
+        per_try_timeout: wait for one try before the next server (or the next round); ``None``
+            takes resolv.conf's ``options timeout:``, else 0.4 s.
+        resolv_conf: the resolv.conf file, read on the first lookup (a missing one reads as
+            empty: 127.0.0.1, no search list). A ``nameserver`` line may carry a port.
         refresh_timeout: deadline of one background refresh.
         hosts_check_interval: the hosts file's mtime is checked at most this often (``clock``).
 
     Raises:
         ConfigError: a bad nameserver or option value, naming it.
 
-    The constructor does no I/O and starts no thread.
+    The constructor does no I/O and starts no thread. The event-loop thread runs only while a
+    lookup (or a background refresh) does.
     """
 
     def __init__(
@@ -284,7 +226,7 @@ class DnsResolver:
         max_failure_ttl: float = 60.0,
         stale_ttl: float = 86400.0,
         maxsize: int = 4096,
-        per_try_timeout: float = 0.4,
+        per_try_timeout: float | None = None,
         resolv_conf: str | os.PathLike[str] = "/etc/resolv.conf",
         refresh_timeout: float = 2.0,
         hosts_check_interval: float = 2.0,
@@ -299,7 +241,8 @@ class DnsResolver:
             ("hosts_check_interval", hosts_check_interval),
         ):
             _check_number(option, value, minimum=0.0)
-        _check_number("per_try_timeout", per_try_timeout, minimum=0.0, inclusive=False)
+        if per_try_timeout is not None:
+            _check_number("per_try_timeout", per_try_timeout, minimum=0.0, inclusive=False)
         _check_number("refresh_timeout", refresh_timeout, minimum=0.0, inclusive=False)
         if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
             raise ConfigError(
@@ -313,18 +256,9 @@ class DnsResolver:
                 variable="max_ttl",
                 value=max_ttl,
             )
-        self._nameservers: tuple[Nameserver, ...] | None = None
-        if nameservers is not None:
-            items = nameservers.split(",") if isinstance(nameservers, str) else list(nameservers)
-            parsed = tuple(parse_nameserver(item) for item in items)
-            if not parsed:
-                raise ConfigError(
-                    "Invalid nameservers []: expected at least one nameserver",
-                    variable="nameservers",
-                    value=nameservers,
-                )
-            self._nameservers = tuple(dict.fromkeys(parsed))
+        self._configured = None if nameservers is None else parse_nameservers(nameservers)
         self._resolv_conf = os.fspath(resolv_conf)
+        self._per_try = None if per_try_timeout is None else float(per_try_timeout)
         self._clock = clock
         self._min_ttl = float(min_ttl)
         self._max_ttl = float(max_ttl)
@@ -333,20 +267,20 @@ class DnsResolver:
         self._max_failure_ttl = float(max_failure_ttl)
         self._stale_ttl = float(stale_ttl)
         self._maxsize = maxsize
-        self._per_try = float(per_try_timeout)
         self._refresh_timeout = float(refresh_timeout)
-        self._hosts = (
-            None
-            if hosts_file is None
-            else _HostsFile(os.fspath(hosts_file), clock, float(hosts_check_interval))
-        )
+        self._hosts = None if hosts_file is None else _shared_hosts_file(hosts_file)
+        self._hosts_interval = float(hosts_check_interval)
+        self._hosts_checked: float | None = None
 
-        self._lock = threading.Lock()  # the cache, the counters, the nameserver list
+        self._lock = threading.Lock()  # the cache, the counters, the DNS configuration
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
         self._counters: dict[str, int] = dict.fromkeys(
             (f.name for f in dataclasses.fields(ResolverStats)), 0
         )
         self._server_failures: dict[Nameserver, int] = {}
+        self._dns: Any = None  # the configured dns.asyncresolver.Resolver, built on first use
+        self._servers: tuple[Nameserver, ...] | None = None
+        self._loop = _LoopThread()
 
         self._refresh_cond = threading.Condition()  # the refresher's state below
         self._refresh_pending: dict[str, None] = {}  # an ordered set
@@ -371,6 +305,7 @@ class DnsResolver:
         results: dict[str, Resolution] = {}
         wanted: dict[str, list[str]] = {}  # normalised name -> the names given for it
         refresh: list[str] = []
+        hosts = self._hosts_names(now)
         for given in names:
             name = _normalise(given)
             literal = _literal_resolution(name)
@@ -380,7 +315,7 @@ class DnsResolver:
             if not name:  # would ask for the root zone
                 results[given] = Resolution(name, frozenset(), "failure", "dns", error="empty name")
                 continue
-            addresses = self._hosts.lookup(name) if self._hosts is not None else None
+            addresses = hosts.get(name) if hosts is not None else None
             if addresses is not None:
                 results[given] = Resolution(name, addresses, "ok", "hosts-file")
                 self._count("hosts_file_hits")
@@ -414,6 +349,17 @@ class DnsResolver:
         )
         return results
 
+    def _hosts_names(self, now: float) -> dict[str, frozenset[IPAddress]] | None:
+        """The hosts file's names; its mtime is checked at most every ``hosts_check_interval``."""
+        if self._hosts is None:
+            return None
+        with self._lock:
+            check = self._hosts_checked is None or now - self._hosts_checked >= self._hosts_interval
+            if check:
+                self._hosts_checked = now
+        names = None if check else self._hosts.peek_names()
+        return self._hosts.names() if names is None else names
+
     def resolve(self, name: str, *, timeout: float) -> Resolution:
         """Resolve one name; see :meth:`resolve_many`."""
         return self.resolve_many([name], timeout=timeout)[name]
@@ -428,8 +374,9 @@ class DnsResolver:
         literal = _literal_resolution(name)
         if literal is not None:
             return literal
-        if self._hosts is not None:
-            addresses = self._hosts.peek(name)
+        hosts = self._hosts.peek_names() if self._hosts is not None else None
+        if hosts is not None:
+            addresses = hosts.get(name)
             if addresses is not None:
                 return Resolution(name, addresses, "ok", "hosts-file")
         with self._lock:
@@ -473,11 +420,12 @@ class DnsResolver:
 
     @property
     def nameservers(self) -> tuple[Nameserver, ...]:
-        """The servers queried (reads resolv.conf the first time when none were configured)."""
-        with self._lock:
-            if self._nameservers is None:
-                self._nameservers = _read_resolv_conf(self._resolv_conf)
-            return self._nameservers
+        """The servers queried (the first call reads resolv.conf when none were configured)."""
+        if self._configured is not None:
+            return self._configured
+        self._dns_resolver()
+        assert self._servers is not None
+        return self._servers
 
     def __len__(self) -> int:
         """Names in the cache (including expired ones not yet evicted)."""
@@ -485,7 +433,7 @@ class DnsResolver:
             return len(self._cache)
 
     def __repr__(self) -> str:
-        servers = "system" if self._nameservers is None else ", ".join(map(str, self._nameservers))
+        servers = "system" if self._configured is None else ", ".join(map(str, self._configured))
         return f"<DnsResolver nameservers={servers} cached={len(self._cache)}>"
 
     # -- cache (callers hold self._lock) ------------------------------------------------------
@@ -598,31 +546,55 @@ class DnsResolver:
                 self._refresh_active = set()
                 self._refresh_cond.notify_all()
 
-    # -- DNS ----------------------------------------------------------------------------------
+    # -- DNS (dnspython, on the loop thread) ----------------------------------------------------
+
+    def _dns_resolver(self) -> Any:
+        """dnspython's resolver, configured from resolv.conf on first use."""
+        from . import _dnsio
+
+        with self._lock:
+            if self._dns is None:
+                self._dns, self._servers = _dnsio.configure(
+                    self._resolv_conf, self._configured, self._per_try, _DEFAULT_PER_TRY
+                )
+            return self._dns
 
     def _resolve_dns(
         self, names: list[str], deadline: float, cancel: threading.Event | None
     ) -> dict[str, _Outcome]:
-        import dns.rdatatype
+        from . import _dnsio
 
-        servers = self.nameservers
-        pairs = {
-            name: (
-                _Lookup(name, dns.rdatatype.A, servers),
-                _Lookup(name, dns.rdatatype.AAAA, servers),
+        dns_resolver = self._dns_resolver()
+        loop = self._loop.acquire()
+        try:
+            future = asyncio.run_coroutine_threadsafe(
+                _dnsio.resolve_all(
+                    dns_resolver, names, deadline, limit=_MAX_IN_FLIGHT, max_hops=MAX_CNAME_HOPS
+                ),
+                loop,
             )
-            for name in names
-        }
-        exchange = _Exchange(
-            [lookup for pair in pairs.values() for lookup in pair], deadline, self._per_try, cancel
-        )
-        exchange.run()
+            while True:  # the loop enforces the deadline; this wait only backs it up
+                wait = deadline + _LOOP_GRACE - time.monotonic()
+                if cancel is not None:
+                    wait = min(wait, 0.05)
+                try:
+                    answers, tally = future.result(timeout=max(wait, 0.0))
+                    break
+                except concurrent.futures.TimeoutError:
+                    if (cancel is not None and cancel.is_set()) or time.monotonic() >= deadline:
+                        future.cancel()
+                        raise
+        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+            error = "no answer before the deadline (the resolver's loop was late)"
+            return {name: _Outcome("timeout", error=f"{name}: {error}") for name in names}
+        finally:
+            self._loop.release()
         with self._lock:
-            self._counters["queries_sent"] += exchange.queries_sent
-            self._counters["tcp_queries"] += exchange.tcp_queries
-            self._counters["replies_ignored"] += exchange.replies_ignored
-            self._note_server_health(exchange.server_ok, exchange.server_failed)
-        return {name: _combine(name, a, aaaa) for name, (a, aaaa) in pairs.items()}
+            self._counters["queries_sent"] += tally.queries_sent
+            self._counters["tcp_queries"] += tally.tcp_queries
+            self._counters["replies_ignored"] += tally.replies_ignored
+            self._note_server_health(tally.server_ok, tally.server_failed)
+        return {name: _combine(*answers[name]) for name in names}
 
     def _note_server_health(self, ok: set[Nameserver], failed: dict[Nameserver, str]) -> None:
         for server in ok:
@@ -637,6 +609,56 @@ class DnsResolver:
                     "nameserver %s failed %d resolutions in a row: %s", server, count, reason,
                     extra={"event": "nameserver_failing", "nameserver": str(server)},
                 )
+
+
+class _LoopThread:
+    """A private asyncio event loop on a daemon thread, alive while some call uses it.
+
+    The first :meth:`acquire` starts it; the last :meth:`release` cancels what still runs on it,
+    stops it and joins the thread, so an idle resolver holds no thread.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._users = 0
+
+    def acquire(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(
+                    target=loop.run_forever, name="sollol-locality-dns", daemon=True
+                )
+                thread.start()
+                self._loop, self._thread = loop, thread
+            self._users += 1
+            return self._loop
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users > 0:
+                return
+            loop, thread = self._loop, self._thread
+            self._loop = self._thread = None
+        if loop is None or thread is None:
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(_cancel_all(), loop).result(timeout=5.0)
+        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+            logger.debug("the DNS loop did not wind down in time")
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+
+
+async def _cancel_all() -> None:
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _check_number(option: str, value: object, *, minimum: float, inclusive: bool = True) -> None:
@@ -675,260 +697,9 @@ def _unwrap(ip: IPAddress) -> IPAddress:
     return ip
 
 
-def _read_resolv_conf(path: str) -> tuple[Nameserver, ...]:
-    """The ``nameserver`` lines of resolv.conf; 127.0.0.1 when it names none (as glibc does)."""
-    servers: list[Nameserver] = []
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            lines = handle.read().splitlines()
-    except OSError as exc:
-        logger.debug("cannot read %s (%s); using %s", path, exc, _DEFAULT_NAMESERVER)
-        lines = []
-    for line in lines:
-        fields = line.split()
-        if len(fields) >= 2 and fields[0] == "nameserver":
-            try:
-                servers.append(parse_nameserver(fields[1]))
-            except ConfigError as exc:
-                logger.debug("ignoring line %r of %s: %s", line, path, exc)
-    if not servers:
-        servers.append(parse_nameserver(_DEFAULT_NAMESERVER))
-    logger.debug("nameservers from %s: %s", path, ", ".join(map(str, servers)))
-    return tuple(dict.fromkeys(servers))
-
-
-# --------------------------------------------------------------------------------------------
-# The hosts file
-
-
-class _HostsFile:
-    """``/etc/hosts`` parsed once, re-read when its mtime changes (checked at most every
-    ``check_interval`` seconds of ``clock``)."""
-
-    def __init__(self, path: str, clock: Callable[[], float], check_interval: float) -> None:
-        self._path = path
-        self._clock = clock
-        self._interval = check_interval
-        self._lock = threading.Lock()
-        self._names: dict[str, frozenset[IPAddress]] | None = None
-        self._signature: tuple[int, int, int] | None = None
-        self._checked_at = 0.0
-
-    def lookup(self, name: str) -> frozenset[IPAddress] | None:
-        with self._lock:
-            now = self._clock()
-            if self._names is None or now - self._checked_at >= self._interval:
-                self._checked_at = now
-                self._reload_if_changed()
-            assert self._names is not None
-            return self._names.get(name)
-
-    def peek(self, name: str) -> frozenset[IPAddress] | None:
-        with self._lock:
-            return None if self._names is None else self._names.get(name)
-
-    def _reload_if_changed(self) -> None:
-        try:
-            st = os.stat(self._path)
-        except OSError as exc:
-            if self._names is None or self._signature is not None:
-                logger.debug("hosts file %s not used: %s", self._path, exc)
-            self._names, self._signature = {}, None
-            return
-        signature = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if self._names is not None and signature == self._signature:
-            return
-        try:
-            with open(self._path, encoding="utf-8", errors="replace") as handle:
-                text = handle.read()
-        except OSError as exc:
-            logger.debug("cannot read hosts file %s: %s", self._path, exc)
-            self._names, self._signature = {}, None
-            return
-        self._names, self._signature = parse_hosts(text), signature
-        logger.debug("read %d names from %s", len(self._names), self._path)
-
-
-def parse_hosts(text: str) -> dict[str, frozenset[IPAddress]]:
-    """Names (lower case, no trailing dot) to addresses, from hosts-file text."""
-    names: dict[str, set[IPAddress]] = {}
-    for ip, aliases in parse_hosts_entries(text):
-        for alias in aliases:
-            names.setdefault(alias, set()).add(ip)
-    return {name: frozenset(ips) for name, ips in names.items()}
-
-
-# --------------------------------------------------------------------------------------------
-# DNS logic of one lookup (no I/O)
-
-
-@dataclass(frozen=True, slots=True)
-class _Outcome:
-    status: Status
-    addresses: frozenset[IPAddress] = frozenset()
-    ttl: float | None = None  # positive TTL, or the negative TTL from the SOA; None if unknown
-    canonical_name: str | None = None
-    error: str | None = None
-
-
-_Action = Literal["done", "next-server", "requery", "tcp"]
-
-
-class _Lookup:
-    """Resolving one name for one record type: CNAME chains, rcodes and server rotation."""
-
-    __slots__ = (
-        "name", "rdtype", "qname", "chain", "chain_ttl", "servers", "_rotation", "failed",
-        "tried", "last_server", "outcome", "inflight", "timer", "awaiting", "queued",
-    )
-
-    def __init__(
-        self, name: str, rdtype: dns.rdatatype.RdataType, servers: tuple[Nameserver, ...]
-    ) -> None:
-        self.name = name
-        self.rdtype = rdtype
-        self.qname = name  # the name queried now: moves along a CNAME chain
-        self.chain = [name]
-        self.chain_ttl: float | None = None
-        self.servers = servers
-        self._rotation = 0
-        self.failed: dict[Nameserver, str] = {}  # servers that answered with an error
-        self.tried: dict[Nameserver, None] = {}  # every server queried, in order
-        self.last_server: Nameserver | None = None
-        self.outcome: _Outcome | None = None
-        self.inflight: list[tuple[object, int]] = []  # (channel, query id) of open tries
-        self.timer = 0  # bumped to cancel a pending retry timer
-        self.awaiting = False  # a UDP try is within its per-try time (it holds a window slot)
-        self.queued = False  # waiting for a window slot
-
-    @property
-    def done(self) -> bool:
-        return self.outcome is not None
-
-    def next_server(self) -> Nameserver | None:
-        """The next server in rotation that has not answered this query with an error."""
-        count = len(self.servers)
-        for step in range(count):
-            server = self.servers[(self._rotation + step) % count]
-            if server not in self.failed:
-                self._rotation = (self._rotation + step + 1) % count
-                self.tried[server] = None
-                self.last_server = server
-                return server
-        return None
-
-    def make_query(self) -> dns.message.Message:
-        import dns.message
-
-        return dns.message.make_query(self.qname + ".", self.rdtype)
-
-    def finish(
-        self,
-        status: Status,
-        error: str | None = None,
-        *,
-        addresses: frozenset[IPAddress] = frozenset(),
-        ttl: float | None = None,
-    ) -> None:
-        canonical = self.chain[-1] if len(self.chain) > 1 else None
-        self.outcome = _Outcome(status, addresses, ttl, canonical, error)
-
-    def server_failed(self, server: Nameserver, reason: str) -> _Action:
-        self.failed[server] = reason
-        if len(self.failed) >= len(self.servers):
-            details = "; ".join(f"{s} {r}" for s, r in self.failed.items())
-            self.finish("failure", f"{self.qname}: {details}")
-            return "done"
-        return "next-server"
-
-    def on_reply(self, server: Nameserver, reply: dns.message.Message, *, tcp: bool) -> _Action:
-        """Act on a reply that matches the query sent to ``server``."""
-        import dns.flags
-        import dns.rcode
-
-        if reply.flags & dns.flags.TC and not tcp:
-            return "tcp"
-        rcode = reply.rcode()
-        if rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
-            return self.server_failed(server, f"answered {dns.rcode.to_text(rcode)}")
-        end, records, loop_error = self._follow_chain(reply)
-        if loop_error is not None:
-            self.finish("failure", loop_error)
-            return "done"
-        if rcode == dns.rcode.NXDOMAIN:
-            self.finish("nxdomain", ttl=_negative_ttl(reply))
-            return "done"
-        if records is not None:
-            addresses = frozenset(_unwrap(ipaddress.ip_address(rd.address)) for rd in records)
-            ttl = float(records.ttl)
-            if self.chain_ttl is not None:
-                ttl = min(ttl, self.chain_ttl)
-            self.finish("ok", addresses=addresses, ttl=ttl)
-            return "done"
-        negative = _negative_ttl(reply)
-        if end != self.qname and negative is None:
-            # The reply carries the CNAME but not the target's records: ask for the target.
-            self.qname = end
-            self.failed.clear()
-            return "requery"
-        self.finish("nodata", ttl=negative)
-        return "done"
-
-    def _follow_chain(
-        self, reply: dns.message.Message
-    ) -> tuple[str, dns.rrset.RRset | None, str | None]:
-        """Walk the CNAMEs in the answer from the queried name.
-
-        Returns the name reached, its records of our type (an RRset) or ``None``, and an error
-        for a loop or an over-long chain.
-        """
-        import dns.name
-        import dns.rdataclass
-        import dns.rdatatype
-
-        current = dns.name.from_text(self.qname)
-        while True:
-            records = reply.get_rrset(reply.answer, current, dns.rdataclass.IN, self.rdtype)
-            if records is not None and len(records) > 0:
-                return _text(current), records, None
-            cname = reply.get_rrset(
-                reply.answer, current, dns.rdataclass.IN, dns.rdatatype.CNAME
-            )
-            if cname is None or len(cname) == 0:
-                return _text(current), None, None
-            target = _text(cname[0].target)
-            ttl = float(cname.ttl)
-            self.chain_ttl = ttl if self.chain_ttl is None else min(self.chain_ttl, ttl)
-            if target in self.chain:
-                path = " -> ".join([*self.chain, target])
-                return target, None, f"CNAME loop: {path}"
-            self.chain.append(target)
-            if len(self.chain) - 1 > MAX_CNAME_HOPS:
-                return target, None, (
-                    f"CNAME chain too long from {self.name} (more than {MAX_CNAME_HOPS} hops)"
-                )
-            current = cname[0].target
-
-
-def _text(name: dns.name.Name) -> str:
-    return _normalise(name.to_text(omit_final_dot=True))
-
-
-def _negative_ttl(reply: dns.message.Message) -> float | None:
-    """RFC 2308: the lesser of the SOA's TTL and its MINIMUM field, if the reply has an SOA."""
-    import dns.rdatatype
-
-    for rrset in reply.authority:
-        if rrset.rdtype == dns.rdatatype.SOA and len(rrset) > 0:
-            return float(min(rrset.ttl, rrset[0].minimum))
-    return None
-
-
-def _combine(name: str, a: _Lookup, aaaa: _Lookup) -> _Outcome:
+def _combine(a: TypeAnswer, aaaa: TypeAnswer) -> _Outcome:
     """One answer for a name from its A and AAAA lookups."""
-    outcomes = [
-        lookup.outcome or _Outcome("timeout", error=_timeout_error(lookup)) for lookup in (a, aaaa)
-    ]
+    outcomes = (a, aaaa)
     canonical = next((o.canonical_name for o in outcomes if o.canonical_name), None)
     ok = [o for o in outcomes if o.status == "ok"]
     if ok:
@@ -941,432 +712,6 @@ def _combine(name: str, a: _Lookup, aaaa: _Lookup) -> _Outcome:
         status: Status = "nxdomain" if "nxdomain" in statuses else "nodata"
         ttls = [o.ttl for o in outcomes if o.status == status and o.ttl is not None]
         return _Outcome(status, ttl=min(ttls) if ttls else None, canonical_name=canonical)
-    failed = [o for o in outcomes if o.status in ("failure", "timeout")]
-    status = "timeout" if any(o.status == "timeout" for o in failed) else "failure"
-    errors = list(dict.fromkeys(o.error for o in failed if o.error))
+    status = "timeout" if "timeout" in statuses else "failure"
+    errors = list(dict.fromkeys(o.error for o in outcomes if o.error))
     return _Outcome(status, canonical_name=canonical, error="; ".join(errors) or None)
-
-
-def _timeout_error(lookup: _Lookup) -> str:
-    if not lookup.tried:
-        return f"{lookup.qname}: no query sent before the deadline"
-    servers = ", ".join(map(str, lookup.tried))
-    return f"{lookup.qname}: no reply from {servers} before the deadline"
-
-
-# --------------------------------------------------------------------------------------------
-# I/O: one exchange of many queries under one deadline
-
-
-class _UdpChannel:
-    """One non-blocking UDP socket for one address family and its outstanding queries."""
-
-    def __init__(self, family: socket.AddressFamily) -> None:
-        self.sock = socket.socket(family, socket.SOCK_DGRAM)
-        self.sock.setblocking(False)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
-        # (lookup, server, query) by query id; an id stays until its lookup finishes, so a late
-        # reply to an earlier try is still accepted.
-        self.pending: dict[int, tuple[_Lookup, Nameserver, dns.message.Message]] = {}
-        self.sendq: deque[tuple[int, bytes, tuple[str, int]]] = deque()
-        self.writing = False
-
-
-class _TcpQuery:
-    """One query over TCP (after a truncated UDP reply), driven by the selector."""
-
-    def __init__(
-        self, lookup: _Lookup, server: Nameserver, query: dns.message.Message
-    ) -> None:
-        self.lookup = lookup
-        self.server = server
-        self.query = query
-        wire = query.to_wire()
-        self.out = len(wire).to_bytes(2, "big") + wire
-        self.buffer = bytearray()
-        self.connected = False
-        self.sock = socket.socket(server.family, socket.SOCK_STREAM)
-        self.sock.setblocking(False)
-
-
-class _Exchange:
-    """Send every lookup's queries and gather the replies until all are done or the deadline."""
-
-    def __init__(
-        self,
-        lookups: list[_Lookup],
-        deadline: float,
-        per_try: float,
-        cancel: threading.Event | None,
-    ) -> None:
-        self.lookups = lookups
-        self.deadline = deadline
-        self.per_try = per_try
-        self.cancel = cancel
-        self.selector = selectors.DefaultSelector()
-        self.channels: dict[socket.AddressFamily, _UdpChannel] = {}
-        self.waiting: deque[_Lookup] = deque()  # to send once the window has room
-        self.in_window = 0  # lookups with a UDP try within its per-try time
-        self.window = _INITIAL_WINDOW
-        self.timers: list[tuple[float, int, int, _Lookup]] = []  # (when, seq, timer id, lookup)
-        self.seq = 0
-        self.active = 0
-        self.queries_sent = 0
-        self.tcp_queries = 0
-        self.replies_ignored = 0
-        self.server_ok: set[Nameserver] = set()
-        self.server_failed: dict[Nameserver, str] = {}
-
-    def run(self) -> None:
-        try:
-            for lookup in self.lookups:
-                if not lookup.done:
-                    self.active += 1
-                    self._send(lookup)
-            while self.active > 0:
-                now = time.monotonic()
-                if now >= self.deadline or (self.cancel is not None and self.cancel.is_set()):
-                    break
-                self._fire_timers(now)
-                self._flush()
-                if self.active == 0:
-                    break
-                wake = self.deadline
-                if self.timers:
-                    wake = min(wake, self.timers[0][0])
-                wait = max(wake - time.monotonic(), 0.0)
-                if self.cancel is not None:
-                    wait = min(wait, 0.05)
-                for key, mask in self.selector.select(wait):
-                    handler = key.data
-                    if isinstance(handler, _UdpChannel):
-                        if mask & selectors.EVENT_READ:
-                            self._receive_udp(handler)
-                        if mask & selectors.EVENT_WRITE:
-                            self._flush_channel(handler)
-                    else:
-                        self._tcp_event(handler, mask)
-        finally:
-            self._close()
-        for lookup in self.lookups:
-            if not lookup.done:
-                for server in lookup.tried:
-                    self.server_failed.setdefault(server, "no reply before the deadline")
-
-    # -- sending ------------------------------------------------------------------------------
-
-    def _send(self, lookup: _Lookup) -> None:
-        """Send the lookup's next try (or queue it while the in-flight window is full)."""
-        import dns.exception
-
-        if self._window_full():
-            if not lookup.queued:
-                lookup.queued = True
-                self.waiting.append(lookup)
-            return
-        while True:
-            server = lookup.next_server()
-            if server is None:
-                self._finish(lookup)
-                return
-            try:
-                channel = self._channel(server.family)
-            except OSError as exc:
-                if lookup.server_failed(server, f"cannot open a socket: {exc}") == "done":
-                    self._finish(lookup)
-                    return
-                continue
-            try:
-                query = lookup.make_query()
-            except dns.exception.DNSException as exc:
-                lookup.finish("failure", f"cannot query {lookup.qname!r}: {exc}")
-                self._finish(lookup)
-                return
-            query.id = self._new_id(channel, query.id)
-            channel.pending[query.id] = (lookup, server, query)
-            lookup.inflight.append((channel, query.id))
-            channel.sendq.append((query.id, query.to_wire(), server.sockaddr))
-            self._arm_timer(lookup, min(time.monotonic() + self.per_try, self.deadline))
-            if not lookup.awaiting:
-                lookup.awaiting = True
-                self.in_window += 1
-            return
-
-    def _settle(self, lookup: _Lookup) -> None:
-        """The lookup's current try is over (answered, timed out, failed): free its slot."""
-        if lookup.awaiting:
-            lookup.awaiting = False
-            self.in_window -= 1
-
-    @staticmethod
-    def _new_id(channel: _UdpChannel, qid: int) -> int:
-        while qid in channel.pending:
-            qid = int.from_bytes(os.urandom(2), "big")
-        return qid
-
-    def _channel(self, family: socket.AddressFamily) -> _UdpChannel:
-        channel = self.channels.get(family)
-        if channel is None:
-            channel = _UdpChannel(family)
-            self.channels[family] = channel
-            self.selector.register(channel.sock, selectors.EVENT_READ, channel)
-        return channel
-
-    def _flush(self) -> None:
-        while self.waiting and not self._window_full():
-            lookup = self.waiting.popleft()
-            lookup.queued = False
-            if not lookup.done and not lookup.awaiting:
-                self._send(lookup)
-        for channel in self.channels.values():
-            self._flush_channel(channel)
-
-    def _window_full(self) -> bool:
-        return self.in_window >= self.window or any(
-            len(c.pending) >= _MAX_PENDING_IDS for c in self.channels.values()
-        )
-
-    def _flush_channel(self, channel: _UdpChannel) -> None:
-        while channel.sendq:
-            qid, wire, sockaddr = channel.sendq[0]
-            if qid not in channel.pending:  # its lookup finished meanwhile
-                channel.sendq.popleft()
-                continue
-            try:
-                channel.sock.sendto(wire, sockaddr)
-            except BlockingIOError:
-                break
-            except OSError as exc:  # unreachable network and the like: the try is lost
-                lookup, server, _ = channel.pending[qid]
-                logger.debug("sending to %s failed: %s", server, exc)
-                self.server_failed.setdefault(server, f"send failed: {exc}")
-                channel.sendq.popleft()
-                self._drop_try(channel, qid)
-                self._settle(lookup)
-                if lookup.server_failed(server, f"send failed: {exc}") == "done":
-                    self._finish(lookup)
-                elif not lookup.inflight:
-                    self._send(lookup)
-                continue
-            channel.sendq.popleft()
-            self.queries_sent += 1
-        want_write = bool(channel.sendq)
-        if want_write != channel.writing:
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want_write else 0)
-            self.selector.modify(channel.sock, events, channel)
-            channel.writing = want_write
-
-    # -- timers -------------------------------------------------------------------------------
-
-    def _arm_timer(self, lookup: _Lookup, when: float) -> None:
-        lookup.timer += 1
-        self.seq += 1
-        heapq.heappush(self.timers, (when, self.seq, lookup.timer, lookup))
-
-    def _fire_timers(self, now: float) -> None:
-        while self.timers and self.timers[0][0] <= now:
-            _, _, timer, lookup = heapq.heappop(self.timers)
-            if lookup.done or timer != lookup.timer:
-                continue
-            if lookup.last_server is not None:
-                self.server_failed.setdefault(
-                    lookup.last_server, f"no reply within {self.per_try:g} s"
-                )
-            # Retry on the next server; earlier tries stay open, a late reply still counts.
-            # Lookups still waiting for a first try go first.
-            self._settle(lookup)
-            if self.waiting and not lookup.queued:
-                lookup.queued = True
-                self.waiting.append(lookup)
-            else:
-                self._send(lookup)
-
-    # -- receiving ----------------------------------------------------------------------------
-
-    def _receive_udp(self, channel: _UdpChannel) -> None:
-        import dns.exception
-        import dns.message
-
-        while True:
-            try:
-                data, source = channel.sock.recvfrom(_RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # e.g. an ICMP error reported on the socket
-                logger.debug("receive failed: %s", exc)
-                return
-            qid = int.from_bytes(data[:2], "big") if len(data) >= 12 else -1
-            entry = channel.pending.get(qid)
-            if entry is None or not _same_address(source, entry[1]):
-                self.replies_ignored += 1
-                continue
-            lookup, server, query = entry
-            try:
-                reply = dns.message.from_wire(data)
-            except dns.exception.DNSException as exc:
-                logger.debug("ignoring an unparsable reply from %s: %s", server, exc)
-                self.replies_ignored += 1
-                continue
-            if not query.is_response(reply):
-                self.replies_ignored += 1
-                continue
-            self._drop_try(channel, query.id)
-            self._on_reply(lookup, server, query, reply, tcp=False)
-
-    def _on_reply(
-        self,
-        lookup: _Lookup,
-        server: Nameserver,
-        query: dns.message.Message,
-        reply: dns.message.Message,
-        *,
-        tcp: bool,
-    ) -> None:
-        self._settle(lookup)
-        self.window = min(self.window + 1, _MAX_WINDOW)
-        action = lookup.on_reply(server, reply, tcp=tcp)
-        if server in lookup.failed:
-            self.server_failed.setdefault(server, lookup.failed[server])
-        else:
-            self.server_ok.add(server)  # it answered, even if with a CNAME loop
-        if action == "done":
-            self._finish(lookup)
-        elif action == "tcp":
-            self._start_tcp(lookup, server, query)
-        elif action == "requery":
-            self._cancel_tries(lookup)
-            self._send(lookup)
-        elif not lookup.inflight:  # next-server, with no other try still open
-            self._send(lookup)
-
-    def _drop_try(self, channel: _UdpChannel, qid: int) -> None:
-        entry = channel.pending.pop(qid, None)
-        if entry is not None:
-            try:
-                entry[0].inflight.remove((channel, qid))
-            except ValueError:
-                pass
-
-    def _cancel_tries(self, lookup: _Lookup) -> None:
-        for channel, qid in lookup.inflight:
-            if isinstance(channel, _UdpChannel):
-                channel.pending.pop(qid, None)
-            elif isinstance(channel, _TcpQuery):
-                self._close_tcp(channel)
-        lookup.inflight.clear()
-        lookup.timer += 1
-        self._settle(lookup)
-
-    def _finish(self, lookup: _Lookup) -> None:
-        if lookup.outcome is None:  # every server failed before a query could be sent
-            details = "; ".join(f"{s} {r}" for s, r in lookup.failed.items())
-            lookup.finish("failure", f"{lookup.qname}: {details or 'no nameserver'}")
-        self._cancel_tries(lookup)
-        self.active -= 1
-
-    # -- TCP ----------------------------------------------------------------------------------
-
-    def _start_tcp(self, lookup: _Lookup, server: Nameserver, query: dns.message.Message) -> None:
-        lookup.timer += 1  # TCP has the rest of the deadline, no per-try retry
-        try:
-            conn = _TcpQuery(lookup, server, query)
-            error = conn.sock.connect_ex(server.sockaddr)
-        except OSError as exc:
-            self._tcp_failed(lookup, server, f"TCP connect failed: {exc}")
-            return
-        if error not in (0, errno.EINPROGRESS):
-            conn.sock.close()
-            self._tcp_failed(lookup, server, f"TCP connect failed: {os.strerror(error)}")
-            return
-        lookup.inflight.append((conn, 0))
-        self.selector.register(conn.sock, selectors.EVENT_WRITE, conn)
-        self.queries_sent += 1
-        self.tcp_queries += 1
-
-    def _tcp_event(self, conn: _TcpQuery, mask: int) -> None:
-        import dns.exception
-        import dns.message
-
-        if conn.lookup.done or conn.sock.fileno() == -1:
-            return  # closed earlier in this round of events
-        try:
-            if mask & selectors.EVENT_WRITE:
-                if not conn.connected:
-                    error = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    if error:
-                        raise OSError(error, os.strerror(error))
-                    conn.connected = True
-                sent = conn.sock.send(conn.out)
-                conn.out = conn.out[sent:]
-                if not conn.out:
-                    self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
-                return
-            chunk = conn.sock.recv(_RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._tcp_done(conn, f"TCP failed: {exc}")
-            return
-        if not chunk:
-            self._tcp_done(conn, "TCP connection closed without a reply")
-            return
-        conn.buffer += chunk
-        if len(conn.buffer) < 2:
-            return
-        size = int.from_bytes(conn.buffer[:2], "big")
-        if len(conn.buffer) < 2 + size:
-            return
-        try:
-            reply = dns.message.from_wire(bytes(conn.buffer[2:2 + size]))
-        except dns.exception.DNSException as exc:
-            self._tcp_done(conn, f"unparsable TCP reply: {exc}")
-            return
-        if not conn.query.is_response(reply):
-            self._tcp_done(conn, "TCP reply does not match the query")
-            return
-        self._tcp_done(conn, None)
-        self._on_reply(conn.lookup, conn.server, conn.query, reply, tcp=True)
-
-    def _tcp_done(self, conn: _TcpQuery, error: str | None) -> None:
-        self._close_tcp(conn)
-        try:
-            conn.lookup.inflight.remove((conn, 0))
-        except ValueError:
-            pass
-        if error is not None:
-            logger.debug("%s: %s", conn.server, error)
-            self._tcp_failed(conn.lookup, conn.server, error)
-
-    def _tcp_failed(self, lookup: _Lookup, server: Nameserver, error: str) -> None:
-        self.server_failed.setdefault(server, error)
-        if lookup.done:
-            return
-        if lookup.server_failed(server, error) == "done":
-            self._finish(lookup)
-        elif not lookup.inflight:
-            self._send(lookup)
-
-    def _close_tcp(self, conn: _TcpQuery) -> None:
-        if conn.sock.fileno() != -1:
-            self.selector.unregister(conn.sock)
-            conn.sock.close()
-
-    def _close(self) -> None:
-        for lookup in self.lookups:
-            for channel, _ in lookup.inflight:
-                if isinstance(channel, _TcpQuery):
-                    self._close_tcp(channel)
-        for channel in self.channels.values():
-            self.selector.unregister(channel.sock)
-            channel.sock.close()
-        self.selector.close()
-
-
-def _same_address(source: tuple[object, ...], server: Nameserver) -> bool:
-    host, port = source[0], source[1]
-    if port != server.port or not isinstance(host, str):
-        return False
-    try:
-        return bool(_unwrap(ipaddress.ip_address(host.partition("%")[0])) == server.ip)
-    except ValueError:
-        return False

@@ -31,14 +31,16 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
 from typing import Any, Final
 
+from . import _nodefields
 from ._errors import InvalidNodeAddress, TopologyFileError
 from .addresses import NodeAddress, describe_input, parse_node_address
 from .config import LocalityConfig, TopologyOverrides, load_topology_file
 
-__all__ = ["HostIdentity", "NodeTopology", "LOCALHOST_ID"]
+__all__ = ["ExecutionUnit", "HostIdentity", "Instance", "NodeTopology", "LOCALHOST_ID"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,81 @@ LOCALHOST_ID: Final = "localhost"
 _SIBLINGS_MAX: Final = 65536
 _MEMO_MAX: Final = 65536  # (host, port) entries; about 1 KB each when names resolve
 _RELOAD_CHECK_SECONDS: Final = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """One Ollama server process: where it runs and the port it listens on.
+
+    Aliases of one machine and port (a name and its address, two names of one host) are one
+    instance. A container on this machine has its own network namespace, so its address stands
+    in for the machine there: ``localhost:11434`` and a container's ``:11434`` are two
+    instances of one machine.
+
+    Attributes:
+        host: the physical host id, or a local container's address.
+        port: the port the server listens on.
+    """
+
+    host: str
+    port: int
+
+    @property
+    def label(self) -> str:
+        """``host:port`` (an IPv6 host in brackets)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def __str__(self) -> str:
+        return self.label
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionUnit:
+    """What tasks compete for: one host's CPUs (all of them, or a CPU set), or one GPU.
+
+    Tasks on one unit contend; tasks on different units do not (apart from the same-host
+    overhead of units of one machine). Nodes of one GPU host that declare no device share one
+    GPU unit.
+
+    Attributes:
+        host: the physical host id the unit belongs to.
+        is_gpu: whether the unit is a GPU.
+        device: the GPU id, when one is known.
+        cpus: the CPU set, when the instance is pinned to one (``None``: the whole machine).
+        label: ``"host/cpu"``, ``"host/cpu:0-3"``, ``"host/gpu"`` or ``"host/gpu:ID"``; the
+            key calibration stores the unit's figures under.
+    """
+
+    host: str
+    is_gpu: bool = False
+    device: str | None = None
+    cpus: frozenset[int] | None = None
+    label: str = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.is_gpu:
+            text = f"{self.host}/gpu" + (f":{self.device}" if self.device is not None else "")
+        else:
+            text = f"{self.host}/cpu" + (f":{_cpu_text(self.cpus)}" if self.cpus else "")
+        object.__setattr__(self, "label", text)
+
+    def __str__(self) -> str:
+        return self.label
+
+
+def _cpu_text(cpus: frozenset[int]) -> str:
+    """``{0, 1, 2, 5}`` -> ``"0-2,5"`` (the kernel's CPU list format)."""
+    ranges: list[str] = []
+    ordered = sorted(cpus)
+    start = previous = ordered[0]
+    for cpu in [*ordered[1:], None]:
+        if cpu is not None and cpu == previous + 1:
+            previous = cpu
+            continue
+        ranges.append(str(start) if start == previous else f"{start}-{previous}")
+        if cpu is not None:
+            start = previous = cpu
+    return ",".join(ranges)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +150,18 @@ class HostIdentity:
             ``"container"``, ``"dns"``, ``"hosts-file"``, ``"override"``, ``"address"`` (a remote
             IP literal: the address is the identity) or ``"unresolved"``.
         has_gpu: whether the node runs on a GPU (a device is declared, or the node reports one).
-        container: the address of the container on this machine that the node runs in (by IP
-            literal or by a name that resolves there), else ``None``. A container has its own
-            network namespace and so its own ports.
+        cpus: the CPU set the node's instance is pinned to (topology file ``cpus``), else
+            ``None``.
+        slots: how many requests the node's instance serves at once (topology file
+            ``num_parallel``, else the node object's ``num_parallel``, else 1).
+        facts: for each fact (``"host"``, ``"unit"``, ``"slots"``), which source gave it:
+            ``"topology file"``, ``"measured"``, ``"process"``, ``"node"`` (the node object),
+            ``"address"`` or ``"prior"``; for ``"host"``, how the identity was decided
+            (``source``, or ``"topology file"`` for an override).
+        instance: the :class:`Instance` the node reaches (computed once).
+        unit: the :class:`ExecutionUnit` its tasks run on (computed once).
+        instance_host: the host of :attr:`instance` when it is not ``physical_host_id`` (a
+            local container's address), else ``None``.
     """
 
     node: Any
@@ -88,31 +174,31 @@ class HostIdentity:
     resolved: bool
     source: str
     has_gpu: bool = False
-    container: str | None = None
+    cpus: frozenset[int] | None = None
+    slots: int = 1
+    facts: Mapping[str, str] = field(default_factory=lambda: _NO_FACTS, hash=False)
+    instance_host: str | None = None
+    instance: Instance = field(init=False, repr=False, compare=False)
+    unit: ExecutionUnit = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        host = self.physical_host_id
+        object.__setattr__(self, "instance",
+                           Instance(self.instance_host or host, self.address.port))
+        gpu = self.has_gpu or self.device is not None
+        object.__setattr__(self, "unit", ExecutionUnit(
+            host, gpu, self.device, None if gpu else self.cpus))
 
     def __repr__(self) -> str:
         # ``node`` is the caller's object; its URL may carry credentials, so it is shown masked.
         parts = [f"node={describe_input(self.node)}"]
-        parts += [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.name != "node"]
+        parts += [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+                  if f.name != "node" and f.repr]
+        parts += [f"instance={self.instance.label!r}", f"unit={self.unit.label!r}"]
         return f"HostIdentity({', '.join(parts)})"
 
-    @property
-    def instance(self) -> tuple[str, int]:
-        """The Ollama server the node reaches: ``(physical_host_id, port)``. A container on this
-        machine has its own network namespace, so its address stands in for the host there:
-        ``localhost:11434`` and a container's ``:11434`` are two servers on one machine, whether
-        the container is named by its address or by a name (hosts file, DNS) that resolves to
-        it."""
-        if self.container is not None:
-            return (self.container, self.address.port)
-        return (self.physical_host_id, self.address.port)
 
-    @property
-    def unit(self) -> tuple[str, str]:
-        """The execution unit: ``(physical_host_id, GPU id)``, or ``"gpu"`` / ``"cpu"`` when the
-        node names no device (nodes of one host without device information share one unit)."""
-        kind = self.device if self.device is not None else ("gpu" if self.has_gpu else "cpu")
-        return (self.physical_host_id, kind)
+_NO_FACTS: Final[Mapping[str, str]] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +214,9 @@ class _Base:
     device: str | None
     fallback_id: str
     group: str
-    container: str | None = None
+    instance_host: str | None = None
+    cpus: frozenset[int] | None = None
+    slots: int | None = None
 
 
 class NodeTopology:
@@ -136,7 +224,7 @@ class NodeTopology:
 
     Args:
         config: settings (``dns_timeout``, ``nameservers``, ``topology_file``, ``hosts_file``);
-            ``LocalityConfig()`` (the environment) when omitted.
+            ``LocalityConfig.from_env()`` when omitted.
         resolver: anything with ``resolve_many(names, *, timeout)`` (see
             :class:`sollol_locality.resolver.Resolver`); a dnspython resolver by default.
         local_machine: what "this machine" is (:class:`sollol_locality.local.LocalMachine`).
@@ -155,7 +243,7 @@ class NodeTopology:
         local_machine: Any = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.config = config if config is not None else LocalityConfig()
+        self.config = config if config is not None else LocalityConfig.from_env()
         self._clock = clock
         if resolver is None:
             from .resolver import DnsResolver
@@ -244,15 +332,7 @@ class NodeTopology:
             group = base.group
             if host_id != base.fallback_id and base.zone is None and not base.is_local:
                 group = overrides.zone_of(host_id) or group
-            device = base.device
-            if device is None and type(node) is not str:
-                device = _node_device(node)
-            results.append(HostIdentity(
-                node, address, host_id, base.is_local, base.addresses,  # type: ignore[arg-type]
-                device, group, base.resolved, base.source,
-                device is not None or (type(node) is not str and _node_has_gpu(node)),
-                base.container,
-            ))
+            results.append(_identity(node, address, host_id, group, base))  # type: ignore[arg-type]
         return results
 
     # -- internals --------------------------------------------------------------------------
@@ -337,6 +417,8 @@ class NodeTopology:
         override_host = node_override.host if node_override is not None else None
         device = node_override.gpu if node_override is not None else None
         zone = node_override.zone if node_override is not None else None
+        cpus = node_override.cpus if node_override is not None else None
+        slots = node_override.num_parallel if node_override is not None else None
         alias_host: str | None = None
         if address.ip is not None:
             text = address.ip.compressed
@@ -344,13 +426,15 @@ class NodeTopology:
             addresses = frozenset((text,))
             if kind is not None:
                 return _make_base(True, addresses, True, kind, None, zone, device, LOCALHOST_ID,
-                                  container=text if kind == "container" else None)
+                                  instance_host=text if kind == "container" else None,
+                                  cpus=cpus, slots=slots)
             alias_host = overrides.alias_index.get(text)
             resolved, source, fallback = True, "address", text
         else:
             kind = local.classify_name(address.host)
             if kind is not None:
-                return _make_base(True, frozenset(), True, kind, None, zone, device, LOCALHOST_ID)
+                return _make_base(True, frozenset(), True, kind, None, zone, device, LOCALHOST_ID,
+                                  cpus=cpus, slots=slots)
             alias_host = overrides.alias_index.get(address.host)
             addresses = frozenset()
             resolved, source, fallback = False, "unresolved", address.host
@@ -360,9 +444,11 @@ class NodeTopology:
                 resolved, source = True, resolution.source
                 kinds = [(local.classify_ip(ip), ip.compressed) for ip in ips]
                 if any(kind is not None for kind, _ in kinds):
-                    inside = sorted(text for kind, text in kinds if kind == "container")
+                    # A name for a local container reaches that container's own server.
+                    containers = [text for kind, text in kinds if kind == "container"]
                     return _make_base(True, addresses, True, source, None, zone, device,
-                                      LOCALHOST_ID, container=inside[0] if inside else None)
+                                      LOCALHOST_ID, instance_host=_canonical(containers)
+                                      if containers else None, cpus=cpus, slots=slots)
                 fallback = _canonical(addresses)
                 if len(addresses) > 1:
                     self._remember_siblings(addresses)
@@ -376,8 +462,10 @@ class NodeTopology:
         if chosen is not None:
             if zone is None:
                 zone = overrides.zone_of(chosen)
-            return _make_base(False, addresses, True, "override", chosen, zone, device, chosen)
-        return _make_base(False, addresses, resolved, source, None, zone, device, fallback)
+            return _make_base(False, addresses, True, "override", chosen, zone, device, chosen,
+                              cpus=cpus, slots=slots)
+        return _make_base(False, addresses, resolved, source, None, zone, device, fallback,
+                          cpus=cpus, slots=slots)
 
     def _remember_siblings(self, addresses: frozenset[str]) -> None:
         siblings = self._siblings
@@ -477,7 +565,8 @@ class NodeTopology:
 
 def _make_base(is_local: bool, addresses: frozenset[str], resolved: bool, source: str,
                override_host: str | None, zone: str | None, device: str | None,
-               fallback_id: str, *, container: str | None = None) -> _Base:
+               fallback_id: str, *, instance_host: str | None = None,
+               cpus: frozenset[int] | None = None, slots: int | None = None) -> _Base:
     if is_local:
         group = "local"
     elif zone is not None:
@@ -487,7 +576,7 @@ def _make_base(is_local: bool, addresses: frozenset[str], resolved: bool, source
     else:
         group = "lan" if any(not ipaddress.ip_address(a).is_global for a in addresses) else "wan"
     return _Base(is_local, addresses, resolved, source, override_host, zone, device,
-                 fallback_id, group, container)
+                 fallback_id, group, instance_host, cpus, slots)
 
 
 def _mtime(path: os.PathLike[str] | str) -> float | None:
@@ -508,45 +597,29 @@ def _canonical(addresses: Iterable[str]) -> str:
     return min(addresses, key=key)
 
 
-_DEVICE_KEYS: Final = ("gpu_id", "device", "gpu")
-
-
-def _node_device(node: object) -> str | None:
-    """A GPU id the node object itself declares (``gpu``/``device``/``gpu_id``), else None."""
-    if isinstance(node, str):
-        return None
-    for key in _DEVICE_KEYS:
-        value = node.get(key) if isinstance(node, Mapping) else _attr(node, key)
-        if isinstance(value, bool) or value is None:
-            continue
-        if isinstance(value, (str, int)) and str(value).strip():
-            return str(value).strip()
-    return None
-
-
-def _node_has_gpu(node: object) -> bool:
-    """Whether the node reports running on a GPU (SynapticLlamas capabilities, mapping flags)."""
-    if isinstance(node, str):
-        return False
-    if isinstance(node, Mapping):
-        if node.get("gpu") is True or node.get("has_gpu") is True:
-            return True
-        count = node.get("gpu_count")
-        return isinstance(count, int) and not isinstance(count, bool) and count > 0
-    if _attr(node, "has_gpu") is True:
-        return True
-    capabilities = _attr(node, "capabilities")
-    if capabilities is None:
-        return False
-    if _attr(capabilities, "has_gpu") is True:
-        return True
-    count = _attr(capabilities, "gpu_count")
-    return isinstance(count, int) and not isinstance(count, bool) and count > 0
-
-
-def _attr(obj: object, name: str) -> Any:
-    try:
-        return getattr(obj, name, None)
-    except Exception:  # a foreign property that raises counts as absent
-        return None
-
+def _identity(node: Any, address: NodeAddress, host_id: str, group: str,
+              base: _Base) -> HostIdentity:
+    """One node's identity, with each fact's source: the topology file where it speaks, else
+    the node object, else the address (unit) or the prior (slots)."""
+    plain = type(node) is str
+    device = base.device
+    unit_fact = "topology file" if device is not None or base.cpus is not None else "address"
+    if device is None and not plain:
+        device = _nodefields.device(node)
+        if device is not None:
+            unit_fact = "node"
+    has_gpu = device is not None
+    if not has_gpu and not plain and _nodefields.has_gpu(node):
+        has_gpu, unit_fact = True, "node"
+    slots, slots_fact = base.slots, "topology file"
+    if slots is None:
+        slots = None if plain else _nodefields.slots(node)
+        slots_fact = "prior" if slots is None else "node"
+    facts = MappingProxyType({
+        "host": "topology file" if base.source == "override" else base.source,
+        "unit": unit_fact,
+        "slots": slots_fact,
+    })
+    return HostIdentity(node, address, host_id, base.is_local, base.addresses, device, group,
+                        base.resolved, base.source, has_gpu, base.cpus, slots or 1, facts,
+                        base.instance_host)

@@ -27,7 +27,6 @@ def offline_config(**fields: Any) -> LocalityConfig:
         "dns_timeout": 0.3,
         "nameservers": (CLOSED_NAMESERVER,),
         "calibration_file": None,
-        "environ": {},
     }
     base.update(fields)
     return LocalityConfig(**base)

@@ -8,6 +8,7 @@ import pytest
 from helpers import OllamaNode, gpu_node, offline_config, offline_topology, timed_node
 
 from sollol_locality import CalibrationError, CostPriors, ParallelismCostModel
+from sollol_locality.topology import ExecutionUnit
 
 
 @pytest.fixture(scope="module")
@@ -134,10 +135,10 @@ def test_observe_learns_task_time_and_contention(model, topology):
     nodes = ["http://localhost:11434", "http://localhost:11435"]
     for wall in (2.0, 2.1, 1.9, 50.0):  # one outlier
         model.observe("sequential", nodes[:1], 1, wall, topology=topology)
-    assert model.measured_task_seconds(("localhost", "cpu")) == pytest.approx(2.05)
+    assert model.measured_task_seconds(ExecutionUnit("localhost")) == pytest.approx(2.05)
     # two streams of one task each took 3 s where one alone takes ~2 s: c = 3 / (2 * 2) - 1
     model.observe("parallel", nodes, 2, 3.0, topology=topology)
-    assert model.contention(("localhost", "cpu"), 2) == pytest.approx(3.0 / (2.05 * 2) - 1)
+    assert model.contention(ExecutionUnit("localhost"), 2) == pytest.approx(3.0 / (2.05 * 2) - 1)
     assert model.observations == 5
     estimate = model.estimate(2, nodes, topology)
     assert estimate.time_unit == "seconds"
@@ -150,7 +151,7 @@ def test_calibrated_gain_allows_parallel_on_one_unit(model, topology):
     nodes = ["http://localhost:11434", "http://localhost:11435"]
     model.observe("sequential", nodes[:1], 2, 4.0, topology=topology)
     model.observe("parallel", nodes, 2, 2.5, topology=topology)  # 2 tasks in 2.5 s, not 4
-    assert model.gains_from_concurrency(("localhost", "cpu")) == 2
+    assert model.gains_from_concurrency(ExecutionUnit("localhost")) == 2
     plan = ExecutionPlanner(topology, model, topology.config).plan(2, nodes)
     assert plan.mode == "parallel"
     assert plan.speedup == pytest.approx(4.0 / 2.5)
@@ -172,7 +173,7 @@ def test_save_and_load_round_trip(model, topology, tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["cal.json"]  # no temporary file left
     other = ParallelismCostModel(offline_config())
     other.load(path)
-    assert other.measured_task_seconds(("localhost", "cpu")) == pytest.approx(1.5)
+    assert other.measured_task_seconds(ExecutionUnit("localhost")) == pytest.approx(1.5)
     assert other.observations == 1
 
 
@@ -180,17 +181,16 @@ def test_calibration_file_from_config_is_used_when_present(model, topology, tmp_
     model.observe("sequential", ["localhost"], 1, 2.5, topology=topology)
     path = model.save(tmp_path / "cal.json")
     fresh = ParallelismCostModel(offline_config(calibration_file=path))
-    assert fresh.measured_task_seconds(("localhost", "cpu")) == pytest.approx(2.5)
+    assert fresh.measured_task_seconds(ExecutionUnit("localhost")) == pytest.approx(2.5)
 
 
-def test_corrupt_calibration_is_set_aside_and_priors_used(tmp_path, caplog):
+def test_corrupt_calibration_is_left_alone_and_priors_used(tmp_path, caplog):
+    # Round 1 renamed it aside; a read never changes the file now (issue 14, point 3).
     path = tmp_path / "cal.json"
     path.write_text("{not json")
     model = ParallelismCostModel(offline_config(calibration_file=path))
     assert not model.calibrated
-    assert not path.exists()
-    aside = list(tmp_path.glob("cal.json.corrupt-*"))
-    assert len(aside) == 1 and aside[0].read_text() == "{not json"
+    assert path.read_text() == "{not json" and list(tmp_path.iterdir()) == [path]
     assert "is not valid JSON" in caplog.text
 
 

@@ -17,9 +17,10 @@ from sollol_locality.decider import (
     Decider,
     attached_decider,
 )
+from sollol_locality.topology import ExecutionUnit
 
-LOCAL = ("localhost", "cpu")
-REMOTE = ("10.0.0.5", "cpu")
+LOCAL = ExecutionUnit("localhost")
+REMOTE = ExecutionUnit("10.0.0.5")
 
 
 @dataclass(eq=True)  # eq makes it unhashable, as SOLLOL's RoutingDecision is

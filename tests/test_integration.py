@@ -137,7 +137,7 @@ def test_one_node_per_machine_beats_sequential_and_matches_all_parallel() -> Non
 
 @needs("slow-and-fast")
 def test_calibration_learns_a_slow_machine(tmp_path: Path) -> None:
-    from sollol_locality.calibration import calibrate
+    from sollol_locality.probe import calibrate
 
     with scenario("slow-and-fast") as urls:
         fast, slow = urls

@@ -16,6 +16,7 @@ from sollol_locality import (
     NodeTopology,
     ParallelismCostModel,
 )
+from sollol_locality.topology import ExecutionUnit
 
 
 class Registry:
@@ -203,7 +204,7 @@ def test_record_execution_moves_the_model(sollol_balancer):
     lb = sollol_balancer([OllamaNode("http://localhost:11434"), OllamaNode("http://localhost:11435")])
     plan = lb.plan_execution(2)
     lb.record_execution(plan, 8.0)  # sequential, 2 tasks, 8 s
-    assert lb.cost_model.measured_task_seconds(("localhost", "cpu")) == pytest.approx(4.0)
+    assert lb.cost_model.measured_task_seconds(ExecutionUnit("localhost")) == pytest.approx(4.0)
     assert lb.plan_execution(2).time_unit == "seconds"
 
 

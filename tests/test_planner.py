@@ -9,7 +9,7 @@ from helpers import OllamaNode, gpu_node, offline_config, offline_topology, time
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sollol_locality import ExecutionPlan, ExecutionPlanner, ParallelismCostModel
+from sollol_locality import ExecutionPlan, ExecutionPlanner, ParallelismCostModel, PlanDetail
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,7 @@ def test_forced_mode_from_environment(topology, monkeypatch):
     monkeypatch.setenv("SOLLOL_LOCALITY_MODE", "sequential")
     from sollol_locality import LocalityConfig
 
-    config = LocalityConfig(calibration_file=None, nameservers="127.0.0.1:9")
+    config = LocalityConfig.from_env(calibration_file=None, nameservers="127.0.0.1:9")
     planner = ExecutionPlanner(topology, ParallelismCostModel(config), config)
     assert planner.plan(2, ["10.0.0.5", "10.0.0.6"]).forced
 
@@ -185,6 +185,22 @@ def test_cache_follows_node_metrics(planner):
     assert planner.plan(2, [a, b]).mode == "parallel"
     b.metrics.avg_response_time = 20.0
     assert planner.plan(2, [a, b]).mode == "sequential"
+
+
+def test_plan_detail_is_public_frozen_and_aliased(planner):
+    nodes = ["http://10.0.0.5:11434", "http://10.0.0.6:11434"]
+    plan = planner.plan(2, nodes)
+    detail = plan.detail
+    assert isinstance(detail, PlanDetail)
+    assert plan.cause == detail.cause == "parallel"
+    assert plan.tasks_per_node == list(detail.tasks) == [1, 1]
+    assert plan.concurrency_per_node == list(detail.concurrency) == [1, 1]
+    assert plan.to_dict()["concurrency_per_node"] == [1, 1]
+    assert [nodes[i] for i in detail.chosen] == plan.nodes
+    with pytest.raises(AttributeError):
+        detail.mode = "sequential"  # type: ignore[misc]
+    sequential = planner.plan(3, ["http://localhost:11434", "http://localhost:11435"])
+    assert sequential.concurrency_per_node == [1]
 
 
 def test_plan_is_frozen():

@@ -847,7 +847,7 @@ def test_the_pool_and_the_planner_agree_on_instances(
                             hosts_file=hosts, dns_timeout=0.3)
     topology = NodeTopology(config, local_machine=LocalMachine(probe=_ContainerHost()))
     named = topology.describe("http://ollama-box:11434")
-    assert (named.source, named.is_local, named.container) == ("hosts-file", True, "172.30.0.5")
+    assert (named.source, named.is_local, named.instance_host) == ("hosts-file", True, "172.30.0.5")
 
     pool = harness.make(LocalityAwarePool, list(nodes), topology=topology)
     plan = ExecutionPlanner(topology, config=config).plan(3, nodes)

@@ -24,6 +24,7 @@ DOCUMENTED = {
     "NodeAddress",
     "NodeTopology",
     "ParallelismCostModel",
+    "PlanDetail",
     "SpeedupEstimate",
     "TopologyFileError",
     "install",

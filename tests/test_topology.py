@@ -13,13 +13,14 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
-from helpers import FakeClock, OllamaNode, offline_config
+from helpers import FakeClock, OllamaNode, offline_config, offline_topology
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sollol_locality import InvalidNodeAddress, LocalityConfig, NodeTopology
 from sollol_locality.local import LocalMachine
 from sollol_locality.testing.dnsserver import soa
+from sollol_locality.topology import ExecutionUnit, Instance
 
 ZONES = {
     "lab.test": [soa(minimum=30)],
@@ -290,7 +291,8 @@ def test_overrides_name_hosts_zones_and_gpus(lab, topology_file):
         ["gpu-box-1"] * 4 + ["gpu-box-2", "10.0.0.8"])
     assert [i.source for i in identities][:5] == ["override"] * 5
     assert identities[0].locality_group == "rack-1"
-    assert identities[3].device == "1" and identities[3].unit == ("gpu-box-1", "1")
+    assert identities[3].device == "1"
+    assert identities[3].unit == ExecutionUnit("gpu-box-1", True, "1")
     assert identities[4].device == "0"
     assert lab.total == 0  # an alias is never looked up
 
@@ -364,3 +366,69 @@ def test_dual_stack_host_is_one_machine_keyed_by_ipv4(make_dns_server):
     assert topology.get_physical_host_id("dual.lab.test") == "10.9.9.9"
     # once seen together, the IPv6 address alone is the same machine
     assert topology.get_physical_host_id("[fd00::1]") == "10.9.9.9"
+
+
+@pytest.mark.netns
+def test_a_hosts_file_name_for_a_container_is_that_containers_instance(lab, container_bridge,
+                                                                      tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text(f"{container_bridge}.7 ollama-box\n")
+    config = offline_config(nameservers=lab.nameserver, hosts_file=hosts)
+    topology = NodeTopology(config, local_machine=LocalMachine(hosts_file=str(hosts)))
+    by_name, by_address, host = topology.describe_many(
+        ["http://ollama-box:11434", f"http://{container_bridge}.7:11434", "localhost:11434"])
+    assert by_name.instance == by_address.instance == Instance(f"{container_bridge}.7", 11434)
+    assert host.instance == Instance("localhost", 11434) != by_name.instance
+
+
+# -- the types of the execution model ------------------------------------------------------------
+
+
+def test_aliases_of_one_host_and_port_are_one_instance_and_unit(topology):
+    a, b, c = topology.describe_many(["localhost:11434", "127.0.0.1:11434", "[::1]:11435"])
+    assert a.instance == b.instance == Instance("localhost", 11434)
+    assert c.instance == Instance("localhost", 11435) and c.instance.label == "localhost:11435"
+    assert a.unit == b.unit == c.unit == ExecutionUnit("localhost")
+    assert a.unit.label == "localhost/cpu" and not a.unit.is_gpu and a.unit.cpus is None
+    assert Instance("::1", 1).label == "[::1]:1"
+
+
+@pytest.mark.parametrize(
+    ("unit", "label"),
+    [
+        (ExecutionUnit("h"), "h/cpu"),
+        (ExecutionUnit("h", True), "h/gpu"),
+        (ExecutionUnit("h", True, "1"), "h/gpu:1"),
+        (ExecutionUnit("h", cpus=frozenset({0, 1, 2, 5})), "h/cpu:0-2,5"),
+        (ExecutionUnit("h", cpus=frozenset({3})), "h/cpu:3"),
+    ],
+)
+def test_unit_labels(unit, label):
+    assert unit.label == str(unit) == label
+
+
+def test_facts_say_where_each_fact_came_from(topology):
+    plain = topology.describe("http://10.0.0.5:11434")
+    assert plain.slots == 1
+    assert dict(plain.facts) == {"host": "address", "unit": "address", "slots": "prior"}
+    gpu = topology.describe({"url": "http://10.0.0.6:11434", "gpu": "1", "num_parallel": 4})
+    assert gpu.unit == ExecutionUnit("10.0.0.6", True, "1") and gpu.slots == 4
+    assert dict(gpu.facts) == {"host": "address", "unit": "node", "slots": "node"}
+    node = OllamaNode("http://10.0.0.7:11434")
+    node.capabilities.num_parallel = 2  # type: ignore[attr-defined]
+    assert topology.describe(node).slots == 2
+
+
+def test_topology_file_gives_slots_and_cpu_sets(tmp_path):
+    path = tmp_path / "t.toml"
+    path.write_text('[nodes."http://10.0.0.5:11434"]\nnum_parallel = 4\ncpus = "0-3,8"\n'
+                    '[nodes."http://10.0.0.5:11435"]\ncpus = [4, 5]\n')
+    topology = offline_topology(topology_file=path)
+    first, second = topology.describe_many({"url": u, "num_parallel": 2} for u in
+                                            ["http://10.0.0.5:11434", "http://10.0.0.5:11435"])
+    assert first.slots == 4 and first.unit.cpus == frozenset({0, 1, 2, 3, 8})
+    assert dict(first.facts) == {"host": "address", "unit": "topology file",
+                                 "slots": "topology file"}
+    assert second.slots == 2 and second.facts["slots"] == "node"
+    assert second.unit == ExecutionUnit("10.0.0.5", cpus=frozenset({4, 5})) != first.unit
+    assert first.instance != second.instance

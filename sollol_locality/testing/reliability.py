@@ -56,8 +56,7 @@ def open_fds() -> int:
 
 def config_for(nameserver: str, **fields: Any) -> LocalityConfig:
     base: dict[str, Any] = dict(mode="auto", min_speedup=1.0, topology_file=None, dns_timeout=1.0,
-                                nameservers=nameserver, calibration_file=None, hosts_file=None,
-                                environ={})
+                                nameservers=nameserver, calibration_file=None, hosts_file=None)
     base.update(fields)
     return LocalityConfig(**base)
 

@@ -20,6 +20,7 @@ from helpers import gpu_node, offline_config, offline_topology
 
 from sollol_locality import ExecutionPlanner, ParallelismCostModel
 from sollol_locality.cli import main
+from sollol_locality.topology import ExecutionUnit
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) does not put the root on the path
@@ -28,7 +29,7 @@ if str(ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) does not put 
 OFFLINE = ["--nameserver", "127.0.0.1:9", "--dns-timeout", "0.3"]
 WEIGHTS_MB = 8
 TOKENS = 24
-LOCAL = ("localhost", "cpu")
+LOCAL = ExecutionUnit("localhost")
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -183,7 +184,7 @@ def test_refuses_to_overwrite_a_file_that_is_not_a_calibration(
 @pytest.mark.integration
 def test_recalibration_replaces_what_it_measures_and_keeps_the_rest(nodes: list[str],
                                                                     tmp_path: Path) -> None:
-    from sollol_locality.calibration import calibrate
+    from sollol_locality.probe import calibrate
 
     topology = offline_topology()
     old = ParallelismCostModel(offline_config())
