@@ -45,7 +45,8 @@ def test_hosts_json():
     local = data["hosts"]["localhost"][0]
     assert local == {"node": "http://localhost:11434", "physical_host_id": "localhost",
                      "is_local": True, "addresses": [], "device": None, "unit": "localhost/cpu",
-                     "locality_group": "local", "resolved": True, "source": "loopback"}
+                     "locality_group": "local", "resolved": True, "source": "loopback",
+                     "resolution_error": None}
     assert data["hosts"]["10.0.0.5"][0]["source"] == "address"
     assert data["invalid"] == [{"node": "nope:port",
                                 "reason": "invalid port 'port' (expected 1 to 65535)"}]
