@@ -430,9 +430,15 @@ def _calibration(args: argparse.Namespace, config: Any) -> tuple[Any, dict[str, 
     return model, info
 
 
+def _home(text: str) -> str:
+    """``text`` with paths under the home directory shown as ``~/...`` (text output only)."""
+    home = os.path.expanduser("~").rstrip(os.sep)
+    return text.replace(home + os.sep, "~" + os.sep) if home else text
+
+
 def _describe_calibration(info: dict[str, Any]) -> str:
     if info["path"] is None or info["source"] == "priors":
-        return f"priors ({info['note']})" if info["note"] else "priors"
+        return f"priors ({_home(info['note'])})" if info["note"] else "priors"
     parts = [_plural(info["observations"], "observation")]
     if info["model"]:
         parts.append(f"model {info['model']}")
@@ -440,7 +446,7 @@ def _describe_calibration(info: dict[str, Any]) -> str:
         parts.append(_plural(len(info["instances"]), "instance"))
     if info["source"] == "fallback":
         parts.append("the first release's location")
-    return f"{info['path']} ({', '.join(parts)})"
+    return f"{_home(info['path'])} ({', '.join(parts)})"
 
 
 def _cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
