@@ -505,3 +505,64 @@ def test_a_broken_pipe_is_not_a_traceback(tmp_path):
     err = process.stderr.read().decode()
     assert process.wait(timeout=60) == 0
     assert "Traceback" not in err
+
+
+# 2. (live) calibrate: one "wrote", the merge said, --replace, another model refused
+
+
+@pytest.fixture(scope="module")
+def emulators():
+    pytest.importorskip("numpy", reason="the emulator needs numpy")
+    from sollol_locality.testing.emulator import start_emulator
+
+    processes = [start_emulator(weights_mb=8), start_emulator(weights_mb=8, num_parallel=4)]
+    try:
+        yield [p.url for p in processes]
+    finally:
+        for process in processes:
+            process.stop()
+
+
+@pytest.mark.integration
+def test_calibrate_says_where_it_wrote_once_and_what_it_merged(tmp_path, emulators):
+    argv = ["calibrate", "--tokens", "4", "--rounds", "1", "--calibration", "cal.json"]
+    first = cli(tmp_path, *argv, *emulators)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == "calibrated 2 nodes with llama3.2:latest; wrote cal.json\n"
+    assert "wrote" not in first.stderr
+    data = json.loads((tmp_path / "cal.json").read_text())
+    assert data["model"] == "llama3.2:latest" and data["observations"] == 3
+    assert data["instances"] == sorted(  # 127.0.0.1 is this machine: "localhost"
+        url.removeprefix("http://").replace("127.0.0.1", "localhost") for url in emulators)
+
+    again = cli(tmp_path, *argv, *emulators)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == ("calibrated 2 nodes with llama3.2:latest; merged into cal.json "
+                            "(3 observations before, 6 now)\n")
+    fresh = cli(tmp_path, *argv, "--replace", *emulators)
+    assert fresh.stdout == ("calibrated 2 nodes with llama3.2:latest; wrote cal.json afresh "
+                            "(--replace: the 6 observations it held were dropped)\n")
+    assert json.loads((tmp_path / "cal.json").read_text())["observations"] == 3
+
+    plan = cli(tmp_path, "plan", "-n", "4", "--calibration", "cal.json", *emulators)
+    assert ("calibration: cal.json (3 observations, model llama3.2:latest, 2 instances)"
+            in plan.stdout.splitlines())
+
+    # A file that measured another model is not merged into: nothing is measured or written.
+    data = json.loads((tmp_path / "cal.json").read_text())
+    (tmp_path / "cal.json").write_text(json.dumps({**data, "model": "qwen2:7b"}))
+    before = (tmp_path / "cal.json").read_bytes()
+    refused = cli(tmp_path, *argv, *emulators)
+    assert refused.returncode == 2
+    assert refused.stderr.splitlines()[-1] == (
+        "sollol-locality: error: calibration file cal.json measured model 'qwen2:7b', this run "
+        "measures 'llama3.2:latest': pass --replace to start it afresh, or another "
+        "--calibration file; nothing was measured")
+    assert (tmp_path / "cal.json").read_bytes() == before
+
+
+def test_calibrate_into_a_directory_that_does_not_exist_is_refused(tmp_path):
+    done = cli(tmp_path, "calibrate", "--calibration", "no-dir/cal.json", "localhost:9")
+    assert done.returncode == 2
+    assert done.stderr == ("sollol-locality: error: --calibration no-dir/cal.json: directory "
+                           "no-dir does not exist\n")
