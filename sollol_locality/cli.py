@@ -287,10 +287,10 @@ def _plain(value: float) -> str:
     return f"{value:.3g}" if abs(value) >= 1e-4 else f"{value:.6f}"
 
 
-def _shown(raw: str) -> str:
-    """A node as the user typed it (credentials masked), for messages."""
-    text = describe_input(raw)
-    return text if text in ("''", '""') else text.strip("'")
+def _shown(node: str) -> str:
+    """A node as shown in JSON (credentials already masked), for a line of text: an empty one
+    is shown as ``''``."""
+    return node if node.strip() else repr(node)
 
 
 # -- hosts ----------------------------------------------------------------------------------
@@ -320,7 +320,7 @@ def _cmd_hosts(args: argparse.Namespace, out: TextIO) -> int:
     invalid: list[dict[str, str]] = []
     for raw, identity in zip(nodes, identities, strict=True):
         if isinstance(identity, InvalidNodeAddress):
-            invalid.append({"node": _shown(raw), "reason": identity.reason})
+            invalid.append({"node": describe_input(raw).strip("'"), "reason": identity.reason})
         else:
             groups.setdefault(identity.physical_host_id, []).append(describe_identity(identity))
     notes = _notes(repeats)
@@ -357,7 +357,7 @@ def _print_hosts(groups: dict[str, list[dict[str, Any]]], invalid: list[dict[str
     if invalid:
         out.write("\ninvalid nodes (left out)\n")
         for item in invalid:
-            out.write(f"  {item['node']}: {item['reason']}\n")
+            out.write(f"  {_shown(item['node'])}: {item['reason']}\n")
     for note in notes:
         out.write(f"\nnote: {note}\n")
 
@@ -370,7 +370,7 @@ def _no_usable_node(invalid: Sequence[dict[str, str]]) -> None:
              else f"none of the {len(invalid)} nodes given is usable")
     print(f"sollol-locality: {given}:", file=sys.stderr)
     for item in invalid:
-        print(f"  {item['node']}: {item['reason']}", file=sys.stderr)
+        print(f"  {_shown(item['node'])}: {item['reason']}", file=sys.stderr)
 
 
 # -- plan -----------------------------------------------------------------------------------
@@ -477,8 +477,7 @@ def _cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
     else:
         _print_plan(plan, data, config, calibration, notes, nothing, out)
     if code != EXIT_OK:
-        _no_usable_node([{"node": e["node"] or "''", "reason": e["reason"]}
-                         for e in data["excluded"]])
+        _no_usable_node(data["excluded"])
     return code
 
 

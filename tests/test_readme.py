@@ -80,3 +80,23 @@ def test_the_readme_documents_the_exit_codes():
     assert ("Exit status: **0** an answer was printed" in text
             and "**2** a usage or configuration error" in text
             and "**3** none of the nodes given is usable" in text)
+
+
+def test_the_python_blocks_run_in_a_fresh_interpreter(tmp_path):
+    """As a reader runs them: one new ``python`` process, the blocks in order, no state of
+    the test process (no user settings, a private HOME)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "\n".join(block.code for block in blocks() if not block.skip)
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("SOLLOL_LOCALITY_", "XDG_"))}
+    env.update(HOME=str(tmp_path), PYTHONPATH=str(README.parent),
+               SOLLOL_LOCALITY_NAMESERVERS="127.0.0.1:9", SOLLOL_LOCALITY_DNS_TIMEOUT="0.3")
+    done = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == (
+        "parallel 1.43x ['http://localhost:11434', {'url': 'http://10.0.0.5:11434'}]")
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a calibration file
