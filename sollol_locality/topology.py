@@ -31,7 +31,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -162,6 +162,8 @@ class HostIdentity:
         unit: the :class:`ExecutionUnit` its tasks run on (computed once).
         instance_host: the host of :attr:`instance` when it is not ``physical_host_id`` (a
             local container's address), else ``None``.
+        resolution_error: why the name was not resolved (``"NXDOMAIN"``, ``"timeout: ..."``,
+            ``"no address records"``, the resolver's error), ``None`` when it was.
     """
 
     node: Any
@@ -178,6 +180,7 @@ class HostIdentity:
     slots: int = 1
     facts: Mapping[str, str] = field(default_factory=lambda: _NO_FACTS, hash=False)
     instance_host: str | None = None
+    resolution_error: str | None = field(default=None, compare=False)
     instance: Instance = field(init=False, repr=False, compare=False)
     unit: ExecutionUnit = field(init=False, repr=False, compare=False)
 
@@ -217,6 +220,7 @@ class _Base:
     instance_host: str | None = None
     cpus: frozenset[int] | None = None
     slots: int | None = None
+    resolution_error: str | None = None
 
 
 class NodeTopology:
@@ -438,6 +442,7 @@ class NodeTopology:
             alias_host = overrides.alias_index.get(address.host)
             addresses = frozenset()
             resolved, source, fallback = False, "unresolved", address.host
+            why = "not looked up" if resolution is None else "no address"
             if resolution is not None and resolution.status == "ok" and resolution.addresses:
                 ips = resolution.addresses
                 addresses = frozenset(ip.compressed for ip in ips)
@@ -458,14 +463,18 @@ class NodeTopology:
             elif resolution is not None and resolution.status not in ("ok",):
                 logger.debug("host %r unresolved (%s): %s", address.host, resolution.status,
                              resolution.error or "no address")
+                why = _unresolved_reason(resolution.status, resolution.error)
         chosen = override_host or alias_host
         if chosen is not None:
             if zone is None:
                 zone = overrides.zone_of(chosen)
             return _make_base(False, addresses, True, "override", chosen, zone, device, chosen,
                               cpus=cpus, slots=slots)
-        return _make_base(False, addresses, resolved, source, None, zone, device, fallback,
+        base = _make_base(False, addresses, resolved, source, None, zone, device, fallback,
                           cpus=cpus, slots=slots)
+        if not resolved:
+            base = replace(base, resolution_error=why)
+        return base
 
     def _remember_siblings(self, addresses: frozenset[str]) -> None:
         siblings = self._siblings
@@ -579,6 +588,16 @@ def _make_base(is_local: bool, addresses: frozenset[str], resolved: bool, source
                  fallback_id, group, instance_host, cpus, slots)
 
 
+_STATUS_WORDS: Final[Mapping[str, str]] = {"nxdomain": "NXDOMAIN", "nodata": "no address records",
+                                            "timeout": "timeout", "failure": "failure"}
+
+
+def _unresolved_reason(status: str, error: str | None) -> str:
+    """Why a name was not resolved, for people: the status and what the resolver said."""
+    word = _STATUS_WORDS.get(status, status)
+    return f"{word}: {error}" if error else word
+
+
 def _mtime(path: os.PathLike[str] | str) -> float | None:
     try:
         return os.stat(path).st_mtime_ns / 1e9
@@ -622,4 +641,4 @@ def _identity(node: Any, address: NodeAddress, host_id: str, group: str,
     })
     return HostIdentity(node, address, host_id, base.is_local, base.addresses, device, group,
                         base.resolved, base.source, has_gpu, base.cpus, slots or 1, facts,
-                        base.instance_host)
+                        base.instance_host, base.resolution_error)
