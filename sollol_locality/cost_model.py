@@ -252,6 +252,8 @@ class ParallelismCostModel:
         self._version = 0
         self._loaded_from: Path | None = None
         self._pending_load = self.config.calibration_file is not None
+        # The file the calibration is in step with (saves to it merge), else None.
+        self._synced: Path | None = None
 
     # -- calibration state ------------------------------------------------------------------
 
@@ -266,11 +268,16 @@ class ParallelismCostModel:
             path = self.config.calibration_file
             fallback = self.config.calibration_fallback
             if path is not None and not Path(path).exists():
+                self._synced = Path(path)  # in step with an empty file: all it will get is new
                 path = fallback if fallback is not None and Path(fallback).exists() else None
+                if path is not None:
+                    self._synced = None  # the fallback's samples are not in the journal
             if path is None:
                 return
             try:
                 self._install(calibration.read(path), Path(path))
+                if path == self.config.calibration_file:
+                    self._synced = Path(path)
             except CalibrationError as exc:
                 logger.warning("%s; the file is left as it is, deciding with priors", exc,
                                extra={"event": "calibration_corrupt", "path": os.fspath(path)})
@@ -566,8 +573,22 @@ class ParallelismCostModel:
 
     def observe(self, mode: str, nodes: Sequence[Any], num_tasks: int, wall_seconds: float, *,
                 topology: NodeTopology | None = None,
-                identities: Sequence[HostIdentity] | None = None) -> None:
+                identities: Sequence[HostIdentity] | None = None,
+                timings: Sequence[tuple[HostIdentity, float, float]] | None = None,
+                as_planned: bool = True) -> None:
         """Learn from a finished run: ``num_tasks`` tasks took ``wall_seconds`` on ``nodes``.
+
+        ``timings``, when given, is one ``(identity, start_s, end_s)`` per task (seconds from
+        the batch's start): the model then learns from the per-task times themselves. Per
+        execution unit, a task no other task of its machine overlapped ran alone: the median of
+        those tasks' durations is a sample of the unit's time per task. A task that overlapped
+        tasks of other instances of its unit (one task each at a time) teaches the unit's
+        contention: with ``k(t)`` instances of the unit busy during it, its solo time ``s``
+        grew to ``s * (1 + c) * integral(k(t) dt) / duration`` in the model, so
+        ``c = integral(dt / k(t)) / s - 1``, filed under the ``k`` that lasted longest. With
+        ``as_planned`` (the run went as its plan said: same nodes, same shares) the wall time
+        then teaches what per-task times cannot (same-host and dispatch overheads); without it
+        (a node failed, tasks were retried elsewhere) only the per-task times are used.
 
         ``mode`` is ``"sequential"`` (all tasks one after another on ``nodes[0]``) or
         ``"parallel"`` (concurrently across ``nodes``). A sequential run teaches the unit's time
@@ -600,12 +621,59 @@ class ParallelismCostModel:
             raise ValueError("observe(): none of the nodes could be parsed")
         with self._lock:
             self._ensure_loaded()
-            self._learn(mode, list(identities), num_tasks, float(wall_seconds))
+            if timings is not None:
+                self._learn_timings(timings)
+                if as_planned:
+                    self._learn(mode, list(identities), num_tasks, float(wall_seconds),
+                                overheads_only=True)
+            else:
+                self._learn(mode, list(identities), num_tasks, float(wall_seconds))
             self._cal.observations += 1
+            if self._synced is None:  # no file to merge into: nothing to keep a journal for
+                self._cal.synced()
             self._version += 1
 
+    def _learn_timings(self, timings: Sequence[tuple[HostIdentity, float, float]]) -> None:
+        """Solo times and contention from per-task times (see :meth:`observe`)."""
+        cal = self._cal
+        by_host: dict[str, list[tuple[HostIdentity, float, float]]] = {}
+        for identity, start, end in timings:
+            by_host.setdefault(identity.unit.host, []).append((identity, float(start),
+                                                                float(end)))
+        solo: dict[str, list[float]] = {}
+        for entries in by_host.values():
+            for position, (identity, start, end) in enumerate(entries):
+                alone = all(not (s < end and e > start)
+                            for j, (_, s, e) in enumerate(entries) if j != position)
+                if alone and end > start:
+                    solo.setdefault(identity.unit.label, []).append(end - start)
+        for label, durations in solo.items():
+            cal.push(cal.task_seconds, label, statistics.median(durations))
+            logger.debug("calibration: %s takes %.3fs per task (%d solo task(s) of a run)",
+                         label, statistics.median(durations), len(durations))
+        contention: dict[tuple[str, int], list[float]] = {}
+        for entries in by_host.values():
+            for identity, start, end in entries:
+                unit = identity.unit
+                seconds = self.measured_task_seconds(unit)
+                if seconds is None or end <= start:
+                    continue
+                others = [(i, s, e) for i, s, e in entries
+                          if i.unit == unit and s < end and e > start
+                          and (s, e, i.instance) != (start, end, identity.instance)]
+                if not others:
+                    continue
+                fitted = _contention_of(identity, start, end, others, seconds)
+                if fitted is not None:
+                    contention.setdefault((unit.label, fitted[0]), []).append(fitted[1])
+        for (label, k), values in contention.items():
+            c = max(_MIN_CONTENTION, statistics.median(values))
+            cal.push_k(cal.contention, label, k, c)
+            logger.debug("calibration: %s with %d streams: contention %.3f (from task times)",
+                         label, k, c)
+
     def _learn(self, mode: str, identities: list[HostIdentity], num_tasks: int,
-               wall: float) -> None:
+               wall: float, *, overheads_only: bool = False) -> None:
         """Move the calibration toward one finished run.
 
         Every figure is learned the same way: it is the value at which the model, simulating
@@ -616,6 +684,8 @@ class ParallelismCostModel:
         """
         cal = self._cal
         if mode == "sequential" or len(identities) == 1:
+            if overheads_only:  # the per-task times taught the unit's time per task
+                return
             unit = identities[0].unit
             cal.push(cal.task_seconds, unit.label, wall / num_tasks)
             logger.debug("calibration: %s takes %.3fs per task", unit.label,
@@ -651,6 +721,8 @@ class ParallelismCostModel:
             return self._simulate(profiles, shares, trial)
 
         if len(units) == 1:
+            if overheads_only:  # the per-task times taught the unit's contention
+                return
             label = next(iter(units)).label
             c = _fit(lambda x: simulated(_Trial("contention", label, streams, x)), wall,
                      low=_MIN_CONTENTION)
@@ -670,7 +742,7 @@ class ParallelismCostModel:
         if len(units) == k and len(hosts) == k:
             ideal = simulated()
             if ideal > 0:
-                cal.dispatch.append(max(0.0, wall / ideal - 1.0))
+                cal.push_dispatch(max(0.0, wall / ideal - 1.0))
 
     def _forget(self, *, units: Iterable[str] = (), hosts: Iterable[str] = (),
                 dispatch: bool = False) -> None:
@@ -689,16 +761,40 @@ class ParallelismCostModel:
         with self._lock:
             return calibration.to_dict(self.calibration, asdict(self.priors))
 
+    @property
+    def unsaved(self) -> bool:
+        """Whether the model learned something since it last read or saved its file."""
+        cal = self.calibration
+        return bool(cal.journal) or cal.observations != cal.synced_observations
+
     def save(self, path: str | os.PathLike[str] | None = None) -> Path:
         """Write the calibration as JSON, atomically (temporary file, then rename).
 
-        ``path`` defaults to ``config.calibration_file``.
+        ``path`` defaults to ``config.calibration_file``. Saving to the file the model read
+        (its configured file, or the one :meth:`load` read, or the one it last saved to) merges
+        under the file's lock: what the model learned since then is added to what the file
+        holds now, so what another process saved meanwhile is kept, and the model goes on from
+        the merged calibration (:func:`sollol_locality.calibration.write_merged`). Saving
+        anywhere else writes the model's calibration as it is.
+
+        Raises:
+            CalibrationError: no path, or the file to merge into is not a calibration file
+                (it is left as it is).
         """
         target = path if path is not None else self.config.calibration_file
         if target is None:
             raise CalibrationError("no calibration file configured and no path given")
         with self._lock:
-            return calibration.write(target, self.calibration, asdict(self.priors))
+            self._ensure_loaded()
+            where = Path(target)
+            if self._synced is not None and _same_file(where, self._synced):
+                self._cal = calibration.write_merged(where, self._cal, asdict(self.priors))
+                self._version += 1
+            else:
+                calibration.write(where, self._cal, asdict(self.priors))
+                self._cal.synced()
+            self._synced = where
+            return where
 
     def load(self, path: str | os.PathLike[str]) -> None:
         """Replace the calibration with the one saved at ``path`` (the file is only read).
@@ -711,6 +807,7 @@ class ParallelismCostModel:
         with self._lock:
             self._pending_load = False
             self._install(cal, Path(path))
+            self._synced = Path(path)
 
     def _install(self, cal: Calibration, path: Path) -> None:
         known = {f.name for f in fields(CostPriors)}
@@ -726,6 +823,39 @@ class ParallelismCostModel:
             self.priors = priors
             self._loaded_from = path
             self._version += 1
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a == b or a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _contention_of(identity: HostIdentity, start: float, end: float,
+                   others: Sequence[tuple[HostIdentity, float, float]],
+                   solo: float) -> tuple[int, float] | None:
+    """``(k, c)`` for a task on ``identity`` from ``start`` to ``end`` that overlapped
+    ``others`` (tasks of other instances of its unit): ``k`` the number of instances busy for
+    the longest part of it, ``c = integral(dt / k(t)) / solo - 1``. ``None`` when it shared its
+    own instance with another task (batching, not contention between instances)."""
+    if any(i.instance == identity.instance for i, _, _ in others):
+        return None
+    cuts = sorted({start, end, *(min(max(t, start), end) for _, s, e in others
+                                 for t in (s, e))})
+    integral = 0.0
+    time_at: dict[int, float] = {}
+    for left, right in zip(cuts, cuts[1:], strict=False):
+        if right <= left:
+            continue
+        middle = (left + right) / 2
+        busy = 1 + len({i.instance for i, s, e in others if s <= middle < e})
+        integral += (right - left) / busy
+        time_at[busy] = time_at.get(busy, 0.0) + (right - left)
+    k = max(time_at, key=lambda busy: (time_at[busy], busy)) if time_at else 1
+    if k < 2:
+        return None
+    return k, integral / solo - 1.0
 
 
 def _assign(num_tasks: int, workers: Sequence[tuple[int, float]]) -> dict[int, int]:
