@@ -141,8 +141,9 @@ def build(make_dns_server: Callable[..., DnsTestServer], case: Case, api: str) -
         options = dict(case.behaviour)
         servers[0].set_behaviour(options.pop("kind"), name=case.name, **options)
     clock = FakeClock()
+    # use_unresolved: an unresolved name is planned over as its own machine (what is checked).
     config = offline_config(nameservers=",".join(s.nameserver for s in servers),
-                            dns_timeout=TIMEOUT, hosts_file=None)
+                            dns_timeout=TIMEOUT, hosts_file=None, use_unresolved=True)
     # As NodeTopology builds it from the config, with the cache clock made controllable.
     resolver = DnsResolver(nameservers=[s.nameserver for s in servers], hosts_file=None,
                            clock=clock)
@@ -251,7 +252,8 @@ def test_many_silent_names_share_one_deadline(make_dns_server: Callable[..., Dns
                                               ) -> None:
     server = make_dns_server(ZONES)
     server.set_behaviour("silent")
-    config = offline_config(nameservers=server.nameserver, dns_timeout=TIMEOUT, hosts_file=None)
+    config = offline_config(nameservers=server.nameserver, dns_timeout=TIMEOUT, hosts_file=None,
+                            use_unresolved=True)
     planner = ExecutionPlanner(config=config)
     nodes = [f"http://n{i}.f.test:11434" for i in range(40)] + ["http://localhost:11434"]
     plan, elapsed = timed(lambda: planner.plan(4, nodes))
@@ -266,7 +268,8 @@ def test_default_construction_keeps_the_deadline(make_dns_server: Callable[..., 
     """Nothing injected: the components build their resolver from the configuration."""
     server = make_dns_server(ZONES)
     server.set_behaviour("silent")
-    config = offline_config(nameservers=server.nameserver, dns_timeout=TIMEOUT, hosts_file=None)
+    config = offline_config(nameservers=server.nameserver, dns_timeout=TIMEOUT, hosts_file=None,
+                            use_unresolved=True)
     nodes = nodes_for("good.f.test")
 
     def decide() -> Any:

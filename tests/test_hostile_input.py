@@ -77,7 +77,7 @@ class NameResolver:
 LOCAL = LocalSnapshot(frozenset({"localhost", "thisbox"}),
                       frozenset(map(ipaddress.ip_address, ["127.0.0.1", "::1", "192.0.2.10"])),
                       ())
-CONFIG = offline_config()
+CONFIG = offline_config(use_unresolved=True)  # unresolved names are planned over, as checked
 TOPOLOGY = NodeTopology(CONFIG, resolver=NameResolver(), local_machine=LocalMachine(
     probe=lambda: LOCAL))
 PLANNER = ExecutionPlanner(TOPOLOGY, ParallelismCostModel(CONFIG), CONFIG)
