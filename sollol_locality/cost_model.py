@@ -580,12 +580,14 @@ class ParallelismCostModel:
 
         ``timings``, when given, is one ``(identity, start_s, end_s)`` per task (seconds from
         the batch's start): the model then learns from the per-task times themselves. Per
-        execution unit, a task no other task of its machine overlapped ran alone: the median of
-        those tasks' durations is a sample of the unit's time per task. A task that overlapped
-        tasks of other instances of its unit (one task each at a time) teaches the unit's
-        contention: with ``k(t)`` instances of the unit busy during it, its solo time ``s``
-        grew to ``s * (1 + c) * integral(k(t) dt) / duration`` in the model, so
-        ``c = integral(dt / k(t)) / s - 1``, filed under the ``k`` that lasted longest. With
+        execution unit, a task no other task of its unit overlapped ran alone: the median of
+        those tasks' durations is a sample of the unit's time per task (tasks of other units
+        of its machine running meanwhile are counted in it: the same-host overhead). A task
+        that overlapped tasks of other instances of its unit (one task each at a time) teaches
+        the unit's contention: the model runs each of ``k`` busy instances at
+        ``1 / (k * (1 + c))`` of its solo speed, so a task of solo time ``s`` that ran while
+        ``k(t)`` instances were busy had ``integral(dt / k(t)) = s * (1 + c)``; the ``c`` this
+        gives is filed under the ``k`` that lasted longest. With
         ``as_planned`` (the run went as its plan said: same nodes, same shares) the wall time
         then teaches what per-task times cannot (same-host and dispatch overheads); without it
         (a node failed, tasks were retried elsewhere) only the per-task times are used.
@@ -636,12 +638,11 @@ class ParallelismCostModel:
     def _learn_timings(self, timings: Sequence[tuple[HostIdentity, float, float]]) -> None:
         """Solo times and contention from per-task times (see :meth:`observe`)."""
         cal = self._cal
-        by_host: dict[str, list[tuple[HostIdentity, float, float]]] = {}
+        by_unit: dict[ExecutionUnit, list[tuple[HostIdentity, float, float]]] = {}
         for identity, start, end in timings:
-            by_host.setdefault(identity.unit.host, []).append((identity, float(start),
-                                                                float(end)))
+            by_unit.setdefault(identity.unit, []).append((identity, float(start), float(end)))
         solo: dict[str, list[float]] = {}
-        for entries in by_host.values():
+        for entries in by_unit.values():
             for position, (identity, start, end) in enumerate(entries):
                 alone = all(not (s < end and e > start)
                             for j, (_, s, e) in enumerate(entries) if j != position)
@@ -652,14 +653,13 @@ class ParallelismCostModel:
             logger.debug("calibration: %s takes %.3fs per task (%d solo task(s) of a run)",
                          label, statistics.median(durations), len(durations))
         contention: dict[tuple[str, int], list[float]] = {}
-        for entries in by_host.values():
+        for unit, entries in by_unit.items():
+            seconds = self.measured_task_seconds(unit)
             for identity, start, end in entries:
-                unit = identity.unit
-                seconds = self.measured_task_seconds(unit)
                 if seconds is None or end <= start:
                     continue
                 others = [(i, s, e) for i, s, e in entries
-                          if i.unit == unit and s < end and e > start
+                          if s < end and e > start
                           and (s, e, i.instance) != (start, end, identity.instance)]
                 if not others:
                     continue
