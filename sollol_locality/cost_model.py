@@ -762,6 +762,12 @@ class ParallelismCostModel:
             return calibration.to_dict(self.calibration, asdict(self.priors))
 
     @property
+    def synced_path(self) -> Path | None:
+        """The file this model's calibration is in step with (a save there merges), if any."""
+        self._ensure_loaded()
+        return self._synced
+
+    @property
     def unsaved(self) -> bool:
         """Whether the model learned something since it last read or saved its file."""
         cal = self.calibration

@@ -34,6 +34,7 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 
 from . import _nodefields
@@ -486,6 +487,9 @@ class ExecutionPlanner:
         model = self.cost_model
         path = model.config.calibration_file
         if path is None or not model.unsaved:
+            return False
+        if model.synced_path is None and Path(path).exists():
+            # The file could not be read (corrupt): it stays for a person to look at.
             return False
         self._last_save = self._clock()
         try:
