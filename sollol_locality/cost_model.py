@@ -626,8 +626,11 @@ class ParallelismCostModel:
             if timings is not None:
                 self._learn_timings(timings)
                 if as_planned:
+                    ran: dict[Instance, int] = {}
+                    for identity, _, _ in timings:
+                        ran[identity.instance] = ran.get(identity.instance, 0) + 1
                     self._learn(mode, list(identities), num_tasks, float(wall_seconds),
-                                overheads_only=True)
+                                overheads_only=True, ran=ran)
             else:
                 self._learn(mode, list(identities), num_tasks, float(wall_seconds))
             self._cal.observations += 1
@@ -673,7 +676,8 @@ class ParallelismCostModel:
                          label, k, c)
 
     def _learn(self, mode: str, identities: list[HostIdentity], num_tasks: int,
-               wall: float, *, overheads_only: bool = False) -> None:
+               wall: float, *, overheads_only: bool = False,
+               ran: Mapping[Instance, int] | None = None) -> None:
         """Move the calibration toward one finished run.
 
         Every figure is learned the same way: it is the value at which the model, simulating
@@ -708,7 +712,9 @@ class ParallelismCostModel:
             by_unit[unit] = seconds
         profiles = [NodeProfile(i, m, m.instance, m.unit, by_unit[m.unit], "calibration")
                     for i, m in enumerate(members)]
-        if num_tasks <= k:  # one task each on the first nodes, as such a run is dispatched
+        if ran is not None:  # the tasks each instance really ran
+            shares = {i: ran.get(m.instance, 0) for i, m in enumerate(members)}
+        elif num_tasks <= k:  # one task each on the first nodes, as such a run is dispatched
             shares = {i: int(i < num_tasks) for i in range(k)}
         else:
             times = self._per_task_times(profiles, set(range(k)), range(k))
