@@ -36,11 +36,11 @@ WEIGHTS_MB = 4
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def generate(node: Any, task: int) -> tuple[int, str]:
+def generate(node: Any, task: int, tokens: int = TOKENS) -> tuple[int, str]:
     """One real generate on ``node``; returns which task ran where."""
     url = node if isinstance(node, str) else node.url
     body = json.dumps({"model": DEFAULT_MODEL, "prompt": f"chunk {task}", "stream": False,
-                       "options": {"num_predict": TOKENS}}).encode()
+                       "options": {"num_predict": tokens}}).encode()
     request = urllib.request.Request(f"{url}/api/generate", data=body,
                                      headers={"Content-Type": "application/json"})
     with _NO_PROXY.open(request, timeout=60) as response:
@@ -56,7 +56,8 @@ def emulators() -> Iterator[Callable[..., list[EmulatorProcess]]]:
         procs = []
         for index in range(count):
             slowdown = options.get("slowdowns", [1.0] * count)[index]
-            proc = start_emulator(weights_mb=WEIGHTS_MB, default_num_predict=TOKENS,
+            proc = start_emulator(weights_mb=options.get("weights_mb", WEIGHTS_MB),
+                                  default_num_predict=TOKENS,
                                   slowdown=slowdown, backend="hashlib",
                                   taskset=[index] if options.get("pinned") else None)
             started.append(proc)
@@ -152,14 +153,20 @@ def test_a_fresh_planner_learns_from_its_runs_and_moves_to_what_was_measured(
         tmp_path: Path, emulators: Callable[..., list[EmulatorProcess]]) -> None:
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs two CPUs to pin two nodes on")
-    fast, slow = (p.url for p in emulators(2, slowdowns=[1.0, 8.0], pinned=True))
+    # enough work per task that the slowdown, not HTTP, sets each node's time
+    fast, slow = (p.url for p in emulators(2, slowdowns=[1.0, 12.0], pinned=True,
+                                           weights_mb=16))
+
+    def long_generate(node: Any, task: int) -> tuple[int, str]:
+        return generate(node, task, tokens=32)
+
     config = offline_config(topology_file=pinned_file(tmp_path, [fast, slow]))
     planner = ExecutionPlanner(config=config)
     first = planner.plan(4, [fast, slow])
     assert first.mode == "parallel" and first.time_unit == "tasks"  # priors: two CPUs
     plans = [first]
     for _ in range(3):
-        planner.run(range(4), generate, [fast, slow])
+        planner.run(range(4), long_generate, [fast, slow])
         plans.append(planner.plan(4, [fast, slow]))
         if plans[-1].mode == "sequential":
             break
