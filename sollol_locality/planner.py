@@ -399,6 +399,15 @@ class ExecutionPlanner:
             self.invalidate()
             raise
         self.record_execution(plan, out.wall_seconds, timings=out.timings)
+        logger.info(
+            "%s run of %d tasks on %d node(s): predicted %.3g %s, took %.3gs%s", plan.mode,
+            len(task_list), len(plan.nodes), plan.predicted_seconds, plan.time_unit,
+            out.wall_seconds, (f"; {len(out.failed_nodes)} node(s) failed and sit out"
+                               if out.failed_nodes else ""),
+            extra={"event": "execution_recorded", "mode": plan.mode,
+                   "predicted": plan.predicted_seconds, "measured": out.wall_seconds,
+                   "failed": [f.key for f in out.failed_nodes]},
+        )  # fmt: skip
         if out.failed_nodes:
             self.invalidate()
         return list(out.results)
