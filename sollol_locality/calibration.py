@@ -29,6 +29,9 @@ so the caller continues from the merged state with an empty journal. Per kind of
 * tables of records (``colocation``): each key set since the read replaces the file's record,
   through :data:`TABLE_MERGE` when the section registers a function there
   (``merge(on_file, ours) -> record``, e.g. one that keeps the newer measurement).
+* a section registered in :data:`SECTION_MERGE` is merged whole instead, journal or not:
+  ``merge(on_file_section, our_section) -> section`` (it must be commutative and idempotent,
+  as ``ColocationFacts.merge`` is, so that saving twice or in any order agrees).
 * ``priors``: the saver's.
 
 A new section plugs in by adding its field to :class:`Calibration`, its kind to
@@ -60,6 +63,7 @@ __all__ = [
     "PRIOR_BOUNDS",
     "SAMPLES_KEPT",
     "SECTIONS",
+    "SECTION_MERGE",
     "TABLE_MERGE",
     "Calibration",
     "from_dict",
@@ -101,6 +105,10 @@ SECTIONS: Final[Mapping[str, str]] = {
     "colocation": "table",
 }
 """How each section of a :class:`Calibration` is merged on save (see the module docstring)."""
+
+SECTION_MERGE: dict[str, Callable[[Any, Any], Any]] = {}
+"""Per section merged whole, ``merge(on_file_section, our_section) -> section`` (commutative
+and idempotent); its journal entries are then not replayed."""
 
 TABLE_MERGE: dict[str, Callable[[Any, Any], Any]] = {}
 """Per ``"table"`` section, ``merge(on_file, ours) -> record`` for a key set since the read
@@ -211,6 +219,8 @@ def merge(on_file: Calibration, ours: Calibration) -> Calibration:
     the module docstring for the rule per section. ``on_file`` is changed and returned, synced.
     """
     for op, section, key, k, value in ours.journal:
+        if section in SECTION_MERGE:
+            continue
         kind = SECTIONS[section]
         table = getattr(on_file, section)
         if op == "forget":
@@ -227,6 +237,9 @@ def merge(on_file: Calibration, ours: Calibration) -> Calibration:
             table.setdefault(key, samples()).append(value)
         else:
             table.setdefault(key, {}).setdefault(k, samples()).append(value)
+    for section, merge_section in SECTION_MERGE.items():
+        setattr(on_file, section, merge_section(getattr(on_file, section),
+                                                getattr(ours, section)))
     on_file.observations += max(0, ours.observations - ours.synced_observations)
     on_file.synced()
     return on_file

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import threading
 import time
 import weakref
@@ -443,7 +444,8 @@ class ExecutionPlanner:
                              f"plan ({plan.num_tasks})")
         for index, entry in enumerate(entries):
             if (not isinstance(entry, (tuple, list)) or len(entry) != 3
-                    or not all(_nodefields.is_number(v) for v in entry[1:])
+                    or not all(_nodefields.is_number(v) and math.isfinite(v)
+                               for v in entry[1:])
                     or not 0 <= entry[1] <= entry[2]):
                 shown = (f"({describe_input(entry[0])}, {entry[1]!r}, {entry[2]!r})"
                          if isinstance(entry, (tuple, list)) and len(entry) == 3 else repr(entry))

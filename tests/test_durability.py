@@ -473,3 +473,30 @@ def test_a_corrupt_file_is_not_overwritten_by_recorded_runs(tmp_path: Path) -> N
     node = "http://10.0.0.1:11434"
     planner.record_execution(planner.plan(1, [node]), 1.0, timings=[(node, 0, 1.0)])
     assert path.read_text() == CORRUPT["truncated"]
+
+
+def test_a_section_can_plug_in_its_own_merge(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from sollol_locality import calibration
+
+    def newer(on_file: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
+        merged = dict(on_file)
+        for key, record in ours.items():
+            if key not in merged or record["at"] > merged[key]["at"]:
+                merged[key] = record
+        return merged
+
+    path = tmp_path / "calibration.json"
+    first = ParallelismCostModel(offline_config(calibration_file=path))
+    second = ParallelismCostModel(offline_config(calibration_file=path))
+    first.calibration.set_entry("colocation", "a|b", {"at": 2})
+    second.calibration.set_entry("colocation", "a|b", {"at": 1})
+    second.calibration.set_entry("colocation", "c|d", {"at": 1})
+    first.save()
+    second.save()  # per key, ours replaces the file's record
+    assert json.loads(path.read_text())["colocation"] == {"a|b": {"at": 1}, "c|d": {"at": 1}}
+    monkeypatch.setitem(calibration.SECTION_MERGE, "colocation", newer)
+    first.calibration.set_entry("colocation", "a|b", {"at": 2})
+    first.save()
+    second.save()  # merged whole: the newer record wins whoever saves last
+    assert json.loads(path.read_text())["colocation"] == {"a|b": {"at": 2}, "c|d": {"at": 1}}

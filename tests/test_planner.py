@@ -325,6 +325,9 @@ def clocked_planner(**config):
     ([(A, 0, 1.0), (B, 0, "1")],
      "timings[1] = ('http://10.0.0.2:11434', 0, '1') is not (node, start_s, end_s) with "
      "0 <= start_s <= end_s"),
+    ([(A, 0, float("inf")), (B, 0, 1.0)],
+     "timings[0] = ('http://10.0.0.1:11434', 0, inf) is not (node, start_s, end_s) with "
+     "0 <= start_s <= end_s"),
     ([(A, 0, 1.0), "B"], "timings[1] = 'B' is not (node, start_s, end_s) with "
      "0 <= start_s <= end_s"),
     ([(A, 0, 1.0), ("ftp://x", 0, 1.0)],
