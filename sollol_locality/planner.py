@@ -318,7 +318,6 @@ class ExecutionPlanner:
                                                                    key=self._instance_key)
         self._save_lock = threading.Lock()
         self._last_save: float | None = None
-        self._save_timer: threading.Timer | None = None
 
     def _instance_key(self, node: object) -> str:
         """A node's key in :attr:`health`: its instance (``host:port``), shared by aliases."""
@@ -492,9 +491,6 @@ class ExecutionPlanner:
 
     def _save_now(self) -> bool:
         """Save (the caller holds the save lock)."""
-        if self._save_timer is not None:
-            self._save_timer.cancel()
-            self._save_timer = None
         model = self.cost_model
         path = model.config.calibration_file
         if path is None or not model.unsaved:
@@ -514,22 +510,16 @@ class ExecutionPlanner:
         return True
 
     def _autosave(self) -> None:
-        """Save now if the last save is ``save_interval`` seconds old, else once it is (and at
-        exit at the latest)."""
+        """Save now if the last save is at least ``save_interval`` seconds old; otherwise the
+        next recorded run after that saves, or :meth:`flush`, or the exit hook. No thread is
+        started for it."""
         if self.cost_model.config.calibration_file is None:
             return
         with self._save_lock:
             _at_exit(self)
-            interval = self.config.save_interval
             now = self._clock()
-            if self._last_save is None or now - self._last_save >= interval:
+            if self._last_save is None or now - self._last_save >= self.config.save_interval:
                 self._save_now()
-            elif self._save_timer is None:
-                timer = threading.Timer(interval - (now - self._last_save), _flush_later,
-                                        args=(weakref.ref(self),))
-                timer.daemon = True
-                self._save_timer = timer
-                timer.start()
 
     # -- the decision -----------------------------------------------------------------------
 
@@ -779,14 +769,6 @@ def _at_exit(planner: ExecutionPlanner) -> None:
 def _flush_all() -> None:
     for planner in list(_PLANNERS):
         planner.flush()
-
-
-def _flush_later(ref: weakref.ref[ExecutionPlanner]) -> None:
-    planner = ref()
-    if planner is not None:
-        with planner._save_lock:
-            planner._save_timer = None
-            planner._save_now()
 
 
 def _describe_error(error: BaseException) -> str:
