@@ -393,12 +393,13 @@ class ExecutionPlanner:
                            on_event=on_event, max_attempts=max_attempts, cancel=cancel)
         except DispatchError as exc:
             done = [(a.node, a.start_s, a.end_s) for a in exc.attempts if a.error is None]
-            if done:
-                wall = max(end for _, _, end in done)
+            wall = max((end for _, _, end in done), default=0.0)
+            if wall > 0:  # what did run still teaches per-task times
                 self._observe(plan, wall, done, as_planned=False)
             self.invalidate()
             raise
-        self.record_execution(plan, out.wall_seconds, timings=out.timings)
+        if out.wall_seconds > 0:
+            self.record_execution(plan, out.wall_seconds, timings=out.timings)
         logger.info(
             "%s run of %d tasks on %d node(s): predicted %.3g %s, took %.3gs%s", plan.mode,
             len(task_list), len(plan.nodes), plan.predicted_seconds, plan.time_unit,
