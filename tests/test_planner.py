@@ -453,3 +453,21 @@ def test_use_unresolved_keeps_the_first_releases_behaviour(topology):
     assert plan.excluded == [] and len(plan.nodes) == 3
     assert "host 'nosuch.test' could not be resolved; it is treated as a separate machine" in (
         plan.warnings)
+
+
+def test_a_failed_batch_still_teaches_what_did_run():
+    from sollol_locality._errors import DispatchError
+
+    planner, _ = clocked_planner()
+
+    def call(node, task):
+        if node == B:
+            raise ConnectionError("refused")
+        return task
+
+    with pytest.raises(DispatchError) as caught:
+        planner.run(range(4), call, [A, B], max_attempts=1)
+    # task 1 failed on B and had no attempt left; B's queued task 3 moved to A
+    assert caught.value.failed_tasks == (1,) and caught.value.results == (0, None, 2, 3)
+    assert planner.cost_model.observations == 1
+    assert list(planner.cost_model.calibration.task_seconds) == ["10.0.0.1/cpu"]
