@@ -250,6 +250,10 @@ class NodeHealth:
         """The node's registry key."""
         return self._key(node)
 
+    def now(self) -> float:
+        """The registry's clock (what ``failed_at`` and ``until`` are measured on)."""
+        return self._clock()
+
     def backoff_for(self, consecutive: int) -> float:
         """The back-off, in seconds, after ``consecutive`` failures in a row."""
         try:

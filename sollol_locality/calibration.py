@@ -12,6 +12,32 @@ The file (``format = "sollol-locality-calibration"``) is written atomically (tem
 fsync, rename) under an exclusive lock on its directory, so two writers never interleave.
 Reading never changes the file: a corrupt one raises :class:`~sollol_locality.CalibrationError`
 naming the file and the reason, and stays where it is for a person to look at.
+
+**Merging on save.** Several processes may learn into one file. A :class:`Calibration` keeps a
+journal of what changed since it was read (or last saved): every sample pushed, every entry
+forgotten or set. :func:`write_merged` takes the lock, reads the file as it is *now* (another
+process may have saved meanwhile), replays the journal onto it, writes the result and returns it,
+so the caller continues from the merged state with an empty journal. Per kind of section
+(:data:`SECTIONS`):
+
+* sample windows (``task_seconds``, ``contention``, ``host_overhead``, ``dispatch``,
+  ``batching``): the samples pushed since the read are appended, in order, to the file's window
+  of the same key, which keeps its newest :data:`SAMPLES_KEPT`; a key forgotten since the read
+  (a calibration run re-measuring it) is dropped from the file's copy first. Nothing is applied
+  twice: after a save the journal is empty, so saving again adds nothing.
+* counters (``observations``): the file's count plus this calibration's increase since the read.
+* tables of records (``colocation``): each key set since the read replaces the file's record,
+  through :data:`TABLE_MERGE` when the section registers a function there
+  (``merge(on_file, ours) -> record``, e.g. one that keeps the newer measurement).
+* a section registered in :data:`SECTION_MERGE` is merged whole instead, journal or not:
+  ``merge(on_file_section, our_section) -> section`` (it must be commutative and idempotent,
+  as ``ColocationFacts.merge`` is, so that saving twice or in any order agrees).
+* ``priors``: the saver's.
+
+A new section plugs in by adding its field to :class:`Calibration`, its kind to
+:data:`SECTIONS`, its form to :func:`to_dict` / :func:`from_dict`, and writing only through
+:meth:`Calibration.push`, :meth:`Calibration.push_k`, :meth:`Calibration.set_entry` or
+:meth:`Calibration.forget_entry` (a direct write is kept in memory but not merged).
 """
 
 from __future__ import annotations
@@ -22,7 +48,7 @@ import math
 import os
 import tempfile
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -36,11 +62,16 @@ __all__ = [
     "MIN_CONTENTION",
     "PRIOR_BOUNDS",
     "SAMPLES_KEPT",
+    "SECTIONS",
+    "SECTION_MERGE",
+    "TABLE_MERGE",
     "Calibration",
     "from_dict",
+    "merge",
     "read",
     "to_dict",
     "write",
+    "write_merged",
 ]
 
 FORMAT: Final = "sollol-locality-calibration"
@@ -62,6 +93,30 @@ PRIOR_BOUNDS: Final[Mapping[str, tuple[float, bool]]] = {
 _LOCK_TIMEOUT_SECONDS: Final = 30.0
 
 Samples = deque[float]
+
+SECTIONS: Final[Mapping[str, str]] = {
+    # section -> kind: "window" (one sample window), "windows" (key -> window), "windows_k"
+    # (key -> stream count -> window), "table" (key -> a plain-data record).
+    "task_seconds": "windows",
+    "contention": "windows_k",
+    "host_overhead": "windows",
+    "dispatch": "window",
+    "batching": "windows_k",
+    "colocation": "table",
+}
+"""How each section of a :class:`Calibration` is merged on save (see the module docstring)."""
+
+SECTION_MERGE: dict[str, Callable[[Any, Any], Any]] = {}
+"""Per section merged whole, ``merge(on_file_section, our_section) -> section`` (commutative
+and idempotent); its journal entries are then not replayed."""
+
+TABLE_MERGE: dict[str, Callable[[Any, Any], Any]] = {}
+"""Per ``"table"`` section, ``merge(on_file, ours) -> record`` for a key set since the read
+(``on_file`` is ``None`` when the file has no record there); without one, ours replaces it."""
+
+# A journal entry: ("push", section, key, k, value), ("forget", section, key, None, None) or
+# ("set", section, key, None, record); key and k are None where the section has none.
+_Change = tuple[str, str, Any, Any, Any]
 
 
 def samples(values: Iterable[float] = ()) -> Samples:
@@ -101,31 +156,100 @@ class Calibration:
     observations: int = 0
     model: str | None = None
     instances: list[str] = field(default_factory=list)
+    # What changed since the file was read or last saved (see the module docstring), and the
+    # observation count then: what a merged save adds to the file.
+    journal: list[_Change] = field(default_factory=list, repr=False, compare=False)
+    synced_observations: int = field(default=0, repr=False, compare=False)
 
     def __bool__(self) -> bool:
         """Whether any measured figure is held."""
         return bool(self.task_seconds or self.contention or self.host_overhead or self.dispatch
                     or self.batching or self.colocation)
 
+    def _section_of(self, table: object) -> str:
+        for name in SECTIONS:
+            if getattr(self, name) is table:
+                return name
+        raise ValueError("the table is not a section of this calibration")
+
     def push(self, table: dict[str, Samples], key: str, value: float) -> None:
-        """Add one sample to ``table[key]``."""
+        """Add one sample to ``table[key]`` (``table`` one of this calibration's sections)."""
         table.setdefault(key, samples()).append(value)
+        self.journal.append(("push", self._section_of(table), key, None, value))
 
     def push_k(self, table: dict[str, dict[int, Samples]], key: str, k: int,
                value: float) -> None:
         """Add one sample to ``table[key][k]``."""
         table.setdefault(key, {}).setdefault(k, samples()).append(value)
+        self.journal.append(("push", self._section_of(table), key, k, value))
+
+    def push_dispatch(self, value: float) -> None:
+        """Add one sample of the dispatch overhead."""
+        self.dispatch.append(value)
+        self.journal.append(("push", "dispatch", None, None, value))
+
+    def set_entry(self, section: str, key: str, record: Any) -> None:
+        """Set ``key`` of a ``"table"`` section (``colocation``) to a plain-data record."""
+        if SECTIONS.get(section) != "table":
+            raise ValueError(f"section {section!r} is not a table of records")
+        getattr(self, section)[key] = record
+        self.journal.append(("set", section, key, None, record))
+
+    def forget_entry(self, section: str, key: str | None = None) -> None:
+        """Drop ``key`` of ``section`` (the whole window for ``dispatch``)."""
+        table = getattr(self, section)
+        if SECTIONS[section] == "window":
+            table.clear()
+        else:
+            table.pop(key, None)
+        self.journal.append(("forget", section, key, None, None))
 
     def forget(self, *, units: Iterable[str] = (), hosts: Iterable[str] = (),
                dispatch: bool = False) -> None:
         """Drop what is known about these units and hosts (and the dispatch overhead)."""
         for label in units:
-            self.task_seconds.pop(label, None)
-            self.contention.pop(label, None)
+            self.forget_entry("task_seconds", label)
+            self.forget_entry("contention", label)
         for host in hosts:
-            self.host_overhead.pop(host, None)
+            self.forget_entry("host_overhead", host)
         if dispatch:
-            self.dispatch.clear()
+            self.forget_entry("dispatch")
+
+    def synced(self) -> None:
+        """Mark this calibration as what its file holds: the journal starts afresh."""
+        self.journal.clear()
+        self.synced_observations = self.observations
+
+
+def merge(on_file: Calibration, ours: Calibration) -> Calibration:
+    """``on_file`` (read now) with what ``ours`` learned since it was read replayed onto it; see
+    the module docstring for the rule per section. ``on_file`` is changed and returned, synced.
+    """
+    for op, section, key, k, value in ours.journal:
+        if section in SECTION_MERGE:
+            continue
+        kind = SECTIONS[section]
+        table = getattr(on_file, section)
+        if op == "forget":
+            if kind == "window":
+                table.clear()
+            else:
+                table.pop(key, None)
+        elif op == "set":
+            merge_record = TABLE_MERGE.get(section)
+            table[key] = value if merge_record is None else merge_record(table.get(key), value)
+        elif kind == "window":
+            table.append(value)
+        elif kind == "windows":
+            table.setdefault(key, samples()).append(value)
+        else:
+            table.setdefault(key, {}).setdefault(k, samples()).append(value)
+    for section, merge_section in SECTION_MERGE.items():
+        setattr(on_file, section, merge_section(getattr(on_file, section),
+                                                getattr(ours, section)))
+    on_file.observations += max(0, ours.observations - ours.synced_observations)
+    on_file.synced()
+    return on_file
 
 
 def to_dict(cal: Calibration, priors: Mapping[str, float] | None = None) -> dict[str, Any]:
@@ -178,18 +302,42 @@ def write(path: str | os.PathLike[str], cal: Calibration,
     target.parent.mkdir(parents=True, exist_ok=True)
     data = json.dumps(to_dict(cal, priors), indent=2, sort_keys=True)
     with _locked(target):
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        _replace(target, data)
     return target
+
+
+def write_merged(path: str | os.PathLike[str], cal: Calibration,
+                 priors: Mapping[str, float] | None = None) -> Calibration:
+    """Merge what ``cal`` learned since it was read into the file at ``path`` as it is now,
+    under the writers' lock, and write the result atomically; returns the merged calibration
+    (synced: its journal is empty). A missing file counts as an empty one.
+
+    Raises:
+        CalibrationError: the file exists but is not a calibration file (it is left as it is).
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(target):
+        on_file = read(target) if target.exists() else Calibration()
+        merged = merge(on_file, cal)
+        merged.priors = dict(cal.priors if priors is None else priors)
+        _replace(target, json.dumps(to_dict(merged), indent=2, sort_keys=True))
+    return merged
+
+
+def _replace(target: Path, data: str) -> None:
+    """Replace ``target`` by a file holding ``data``: temporary file, fsync, rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 @contextlib.contextmanager
@@ -276,6 +424,7 @@ def from_dict(data: object, shown: str = "<calibration>") -> Calibration:
         if not isinstance(instances, list) or not all(isinstance(i, str) for i in instances):
             raise CalibrationError(f"{shown}: instances must be a list of strings")
         cal.instances = sorted(set(instances))
+        cal.synced_observations = cal.observations
     except (AttributeError, TypeError, ValueError) as exc:
         raise CalibrationError(f"{shown} is malformed: {exc}") from exc
     return cal

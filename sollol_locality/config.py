@@ -13,6 +13,8 @@ topology_file      ``SOLLOL_LOCALITY_TOPOLOGY``     none
 dns_timeout        ``SOLLOL_LOCALITY_DNS_TIMEOUT``  ``1.0`` second for one whole decision
 nameservers        ``SOLLOL_LOCALITY_NAMESERVERS``  the system's (``ip[:port],...``)
 calibration_file   ``SOLLOL_LOCALITY_CALIBRATION``  the user state directory (platformdirs)
+save_interval      ``SOLLOL_LOCALITY_SAVE_INTERVAL``  ``30.0`` seconds between saves of learning
+use_unresolved     ``SOLLOL_LOCALITY_USE_UNRESOLVED`` ``false``: unresolved names get no work
 =================  ===============================  =========================================
 
 A bad value raises :class:`~sollol_locality.ConfigError` at construction, naming the variable (or
@@ -54,7 +56,9 @@ __all__ = [
     "ENV_MIN_SPEEDUP",
     "ENV_MODE",
     "ENV_NAMESERVERS",
+    "ENV_SAVE_INTERVAL",
     "ENV_TOPOLOGY",
+    "ENV_USE_UNRESOLVED",
     "HostOverride",
     "LocalityConfig",
     "Mode",
@@ -76,6 +80,8 @@ ENV_TOPOLOGY: Final = "SOLLOL_LOCALITY_TOPOLOGY"
 ENV_DNS_TIMEOUT: Final = "SOLLOL_LOCALITY_DNS_TIMEOUT"
 ENV_NAMESERVERS: Final = "SOLLOL_LOCALITY_NAMESERVERS"
 ENV_CALIBRATION: Final = "SOLLOL_LOCALITY_CALIBRATION"
+ENV_SAVE_INTERVAL: Final = "SOLLOL_LOCALITY_SAVE_INTERVAL"
+ENV_USE_UNRESOLVED: Final = "SOLLOL_LOCALITY_USE_UNRESOLVED"
 
 _MODES: Final = ("auto", "parallel", "sequential")
 _APP: Final = "sollol-locality"
@@ -127,6 +133,8 @@ _ENVIRONMENT: Final[tuple[tuple[str, str], ...]] = (
     ("dns_timeout", ENV_DNS_TIMEOUT),
     ("nameservers", ENV_NAMESERVERS),
     ("calibration_file", ENV_CALIBRATION),
+    ("save_interval", ENV_SAVE_INTERVAL),
+    ("use_unresolved", ENV_USE_UNRESOLVED),
 )
 
 
@@ -154,6 +162,11 @@ class LocalityConfig:
         mode_source: where a forced ``mode`` came from, as reasons quote it (``"--mode
             parallel"`` when a command-line flag gave it); ``None``: ``"configuration
             (SOLLOL_LOCALITY_MODE=parallel)"``.
+        save_interval: what recorded runs teach is saved to ``calibration_file`` at most once
+            per this many seconds (and at exit); ``0`` saves after every recorded run.
+        use_unresolved: ``False`` (the default): a node whose name did not resolve gets no work
+            while a resolved node is available (it is listed in the plan's ``excluded`` with
+            the reason); ``True`` plans over it as its own machine, as the first release did.
     """
 
     mode: Mode = "auto"
@@ -165,6 +178,8 @@ class LocalityConfig:
     hosts_file: Path | None = Path("/etc/hosts")
     calibration_fallback: Path | None = None
     mode_source: str | None = field(default=None, compare=False)
+    save_interval: float = 30.0
+    use_unresolved: bool = False
 
     def __post_init__(self) -> None:
         values = _normalise(
@@ -222,7 +237,10 @@ class LocalityConfig:
 
 
 _FIELDS: Final = ("mode", "min_speedup", "topology_file", "dns_timeout", "nameservers",
-                  "calibration_file", "hosts_file", "calibration_fallback")
+                  "calibration_file", "hosts_file", "calibration_fallback", "save_interval",
+                  "use_unresolved")
+_TRUE: Final = ("1", "true", "yes", "on")
+_FALSE: Final = ("0", "false", "no", "off")
 
 
 def _normalise(values: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
@@ -239,6 +257,10 @@ def _normalise(values: Mapping[str, Any], names: Mapping[str, str]) -> dict[str,
             result[name] = _check_float(value, shown, low=0.0, allow_low=False, high=60.0)
         elif name == "nameservers":
             result[name] = None if value is None else _check_nameservers(value, shown)
+        elif name == "save_interval":
+            result[name] = _check_float(value, shown, low=0.0, allow_low=True)
+        elif name == "use_unresolved":
+            result[name] = _check_bool(value, shown)
         elif name == "calibration_file" and (
                 value is None or isinstance(value, str) and value.strip().lower() in ("", "none")):
             result[name] = None
@@ -267,10 +289,23 @@ def _check_float(value: object, name: str, *, low: float, allow_low: bool,
     if isinstance(value, bool) or not math.isfinite(number) or number < low or (
         number == low and not allow_low
     ) or (high is not None and number > high):
-        bound = f"greater than {low:g}" + (f" and at most {high:g}" if high is not None else "")
+        bound = f"{'at least' if allow_low else 'greater than'} {low:g}" + (
+            f" and at most {high:g}" if high is not None else "")
         raise ConfigError(f"{name}={value!r} is out of range (expected a number {bound})",
                           variable=name, value=value)
     return number
+
+
+def _check_bool(value: object, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(f"{name}={value!r} is not a boolean (expected one of "
+                      f"{', '.join(_TRUE + _FALSE)})", variable=name, value=value)
 
 
 def _check_path(value: object, name: str) -> Path:

@@ -256,6 +256,8 @@ class ParallelismCostModel:
         self._version = 0
         self._loaded_from: Path | None = None
         self._pending_load = self.config.calibration_file is not None
+        # The file the calibration is in step with (saves to it merge), else None.
+        self._synced: Path | None = None
 
     # -- calibration state ------------------------------------------------------------------
 
@@ -270,11 +272,16 @@ class ParallelismCostModel:
             path = self.config.calibration_file
             fallback = self.config.calibration_fallback
             if path is not None and not Path(path).exists():
+                self._synced = Path(path)  # in step with an empty file: all it will get is new
                 path = fallback if fallback is not None and Path(fallback).exists() else None
+                if path is not None:
+                    self._synced = None  # the fallback's samples are not in the journal
             if path is None:
                 return
             try:
                 self._install(calibration.read(path), Path(path))
+                if path == self.config.calibration_file:
+                    self._synced = Path(path)
             except CalibrationError as exc:
                 logger.warning("%s; the file is left as it is, deciding with priors", exc,
                                extra={"event": "calibration_corrupt", "path": os.fspath(path)})
@@ -581,8 +588,24 @@ class ParallelismCostModel:
 
     def observe(self, mode: str, nodes: Sequence[Any], num_tasks: int, wall_seconds: float, *,
                 topology: NodeTopology | None = None,
-                identities: Sequence[HostIdentity] | None = None) -> None:
+                identities: Sequence[HostIdentity] | None = None,
+                timings: Sequence[tuple[HostIdentity, float, float]] | None = None,
+                as_planned: bool = True) -> None:
         """Learn from a finished run: ``num_tasks`` tasks took ``wall_seconds`` on ``nodes``.
+
+        ``timings``, when given, is one ``(identity, start_s, end_s)`` per task (seconds from
+        the batch's start): the model then learns from the per-task times themselves. Per
+        execution unit, a task no other task of its unit overlapped ran alone: the median of
+        those tasks' durations is a sample of the unit's time per task (tasks of other units
+        of its machine running meanwhile are counted in it: the same-host overhead). A task
+        that overlapped tasks of other instances of its unit (one task each at a time) teaches
+        the unit's contention: the model runs each of ``k`` busy instances at
+        ``1 / (k * (1 + c))`` of its solo speed, so a task of solo time ``s`` that ran while
+        ``k(t)`` instances were busy had ``integral(dt / k(t)) = s * (1 + c)``; the ``c`` this
+        gives is filed under the ``k`` that lasted longest. With
+        ``as_planned`` (the run went as its plan said: same nodes, same shares) the wall time
+        then teaches what per-task times cannot (same-host and dispatch overheads); without it
+        (a node failed, tasks were retried elsewhere) only the per-task times are used.
 
         ``mode`` is ``"sequential"`` (all tasks one after another on ``nodes[0]``) or
         ``"parallel"`` (concurrently across ``nodes``). A sequential run teaches the unit's time
@@ -615,12 +638,61 @@ class ParallelismCostModel:
             raise ValueError("observe(): none of the nodes could be parsed")
         with self._lock:
             self._ensure_loaded()
-            self._learn(mode, list(identities), num_tasks, float(wall_seconds))
+            if timings is not None:
+                self._learn_timings(timings)
+                if as_planned:
+                    ran: dict[Instance, int] = {}
+                    for identity, _, _ in timings:
+                        ran[identity.instance] = ran.get(identity.instance, 0) + 1
+                    self._learn(mode, list(identities), num_tasks, float(wall_seconds),
+                                overheads_only=True, ran=ran)
+            else:
+                self._learn(mode, list(identities), num_tasks, float(wall_seconds))
             self._cal.observations += 1
+            if self._synced is None:  # no file to merge into: nothing to keep a journal for
+                self._cal.synced()
             self._version += 1
 
+    def _learn_timings(self, timings: Sequence[tuple[HostIdentity, float, float]]) -> None:
+        """Solo times and contention from per-task times (see :meth:`observe`)."""
+        cal = self._cal
+        by_unit: dict[ExecutionUnit, list[tuple[HostIdentity, float, float]]] = {}
+        for identity, start, end in timings:
+            by_unit.setdefault(identity.unit, []).append((identity, float(start), float(end)))
+        solo: dict[str, list[float]] = {}
+        for entries in by_unit.values():
+            for position, (identity, start, end) in enumerate(entries):
+                alone = all(not (s < end and e > start)
+                            for j, (_, s, e) in enumerate(entries) if j != position)
+                if alone and end > start:
+                    solo.setdefault(identity.unit.label, []).append(end - start)
+        for label, durations in solo.items():
+            cal.push(cal.task_seconds, label, statistics.median(durations))
+            logger.debug("calibration: %s takes %.3fs per task (%d solo task(s) of a run)",
+                         label, statistics.median(durations), len(durations))
+        contention: dict[tuple[str, int], list[float]] = {}
+        for unit, entries in by_unit.items():
+            seconds = self.measured_task_seconds(unit)
+            for identity, start, end in entries:
+                if seconds is None or end <= start:
+                    continue
+                others = [(i, s, e) for i, s, e in entries
+                          if s < end and e > start
+                          and (s, e, i.instance) != (start, end, identity.instance)]
+                if not others:
+                    continue
+                fitted = _contention_of(identity, start, end, others, seconds)
+                if fitted is not None:
+                    contention.setdefault((unit.label, fitted[0]), []).append(fitted[1])
+        for (label, k), values in contention.items():
+            c = max(_MIN_CONTENTION, statistics.median(values))
+            cal.push_k(cal.contention, label, k, c)
+            logger.debug("calibration: %s with %d streams: contention %.3f (from task times)",
+                         label, k, c)
+
     def _learn(self, mode: str, identities: list[HostIdentity], num_tasks: int,
-               wall: float) -> None:
+               wall: float, *, overheads_only: bool = False,
+               ran: Mapping[Instance, int] | None = None) -> None:
         """Move the calibration toward one finished run.
 
         Every figure is learned the same way: it is the value at which the model, simulating
@@ -631,6 +703,8 @@ class ParallelismCostModel:
         """
         cal = self._cal
         if mode == "sequential" or len(identities) == 1:
+            if overheads_only:  # the per-task times taught the unit's time per task
+                return
             unit = identities[0].unit
             cal.push(cal.task_seconds, unit.label, wall / num_tasks)
             logger.debug("calibration: %s takes %.3fs per task", unit.label,
@@ -653,7 +727,9 @@ class ParallelismCostModel:
             by_unit[unit] = seconds
         profiles = [NodeProfile(i, m, m.instance, m.unit, by_unit[m.unit], "calibration")
                     for i, m in enumerate(members)]
-        if num_tasks <= k:  # one task each on the first nodes, as such a run is dispatched
+        if ran is not None:  # the tasks each instance really ran
+            shares = {i: ran.get(m.instance, 0) for i, m in enumerate(members)}
+        elif num_tasks <= k:  # one task each on the first nodes, as such a run is dispatched
             shares = {i: int(i < num_tasks) for i in range(k)}
         else:
             times = self._per_task_times(profiles, set(range(k)), range(k))
@@ -666,6 +742,8 @@ class ParallelismCostModel:
             return self._simulate(profiles, shares, trial)
 
         if len(units) == 1:
+            if overheads_only:  # the per-task times taught the unit's contention
+                return
             label = next(iter(units)).label
             c = _fit(lambda x: simulated(_Trial("contention", label, streams, x)), wall,
                      low=_MIN_CONTENTION)
@@ -685,7 +763,7 @@ class ParallelismCostModel:
         if len(units) == k and len(hosts) == k:
             ideal = simulated()
             if ideal > 0:
-                cal.dispatch.append(max(0.0, wall / ideal - 1.0))
+                cal.push_dispatch(max(0.0, wall / ideal - 1.0))
 
     def _forget(self, *, units: Iterable[str] = (), hosts: Iterable[str] = (),
                 dispatch: bool = False) -> None:
@@ -704,16 +782,46 @@ class ParallelismCostModel:
         with self._lock:
             return calibration.to_dict(self.calibration, asdict(self.priors))
 
+    @property
+    def synced_path(self) -> Path | None:
+        """The file this model's calibration is in step with (a save there merges), if any."""
+        self._ensure_loaded()
+        return self._synced
+
+    @property
+    def unsaved(self) -> bool:
+        """Whether the model learned something since it last read or saved its file."""
+        cal = self.calibration
+        return bool(cal.journal) or cal.observations != cal.synced_observations
+
     def save(self, path: str | os.PathLike[str] | None = None) -> Path:
         """Write the calibration as JSON, atomically (temporary file, then rename).
 
-        ``path`` defaults to ``config.calibration_file``.
+        ``path`` defaults to ``config.calibration_file``. Saving to the file the model read
+        (its configured file, or the one :meth:`load` read, or the one it last saved to) merges
+        under the file's lock: what the model learned since then is added to what the file
+        holds now, so what another process saved meanwhile is kept, and the model goes on from
+        the merged calibration (:func:`sollol_locality.calibration.write_merged`). Saving
+        anywhere else writes the model's calibration as it is.
+
+        Raises:
+            CalibrationError: no path, or the file to merge into is not a calibration file
+                (it is left as it is).
         """
         target = path if path is not None else self.config.calibration_file
         if target is None:
             raise CalibrationError("no calibration file configured and no path given")
         with self._lock:
-            return calibration.write(target, self.calibration, asdict(self.priors))
+            self._ensure_loaded()
+            where = Path(target)
+            if self._synced is not None and _same_file(where, self._synced):
+                self._cal = calibration.write_merged(where, self._cal, asdict(self.priors))
+                self._version += 1
+            else:
+                calibration.write(where, self._cal, asdict(self.priors))
+                self._cal.synced()
+            self._synced = where
+            return where
 
     def load(self, path: str | os.PathLike[str]) -> None:
         """Replace the calibration with the one saved at ``path`` (the file is only read).
@@ -726,6 +834,7 @@ class ParallelismCostModel:
         with self._lock:
             self._pending_load = False
             self._install(cal, Path(path))
+            self._synced = Path(path)
 
     def _install(self, cal: Calibration, path: Path) -> None:
         known = {f.name for f in fields(CostPriors)}
@@ -744,6 +853,37 @@ class ParallelismCostModel:
 
 
 _NOTHING_LEARNED: Final = Calibration()
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a == b or a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _contention_of(identity: HostIdentity, start: float, end: float,
+                   others: Sequence[tuple[HostIdentity, float, float]],
+                   solo: float) -> tuple[int, float] | None:
+    """``(k, c)`` for a task on ``identity`` from ``start`` to ``end`` that overlapped
+    ``others`` (tasks of other instances of its unit): ``k`` the number of instances busy for
+    the longest part of it, ``c = integral(dt / k(t)) / solo - 1``. ``None`` when it shared its
+    own instance with another task (batching, not contention between instances)."""
+    if any(i.instance == identity.instance for i, _, _ in others):
+        return None
+    cuts = sorted({start, end, *(min(max(t, start), end) for _, s, e in others
+                                 for t in (s, e))})
+    integral = 0.0
+    time_at: dict[int, float] = {}
+    for left, right in zip(cuts, cuts[1:], strict=False):
+        if right <= left:
+            continue
+        middle = (left + right) / 2
+        busy = 1 + len({i.instance for i, s, e in others if s <= middle < e})
+        integral += (right - left) / busy
+        time_at[busy] = time_at.get(busy, 0.0) + (right - left)
+    k = max(time_at, key=lambda busy: (time_at[busy], busy)) if time_at else 1
+    if k < 2:
+        return None
+    return k, integral / solo - 1.0
 
 
 def _assign(num_tasks: int, workers: Sequence[tuple[int, float]]) -> dict[int, int]:

@@ -31,10 +31,11 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
+from ._dispatch import DEFAULT_MAX_ATTEMPTS, CancelToken, DispatchEvent, NodeHealth
 from ._errors import InvalidNodeAddress
 from .config import LocalityConfig
 from .cost_model import ParallelismCostModel
@@ -51,6 +52,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 OPTIONS_KEY: Final = "_locality_options"
 """Instance ``__dict__`` key of an adapter's keyword-only options
@@ -190,14 +194,30 @@ class Decider:
             return "sequential"
         return "parallel_multi_node" if len(plan.nodes) >= 3 else "parallel"
 
-    def record_execution(self, plan: ExecutionPlan, wall_seconds: float) -> None:
-        """Tell the cost model how long a planned batch really took; the prediction and the
-        measurement are logged side by side."""
+    @property
+    def health(self) -> NodeHealth:
+        """The record of failed nodes that this decider's plans leave out (its planner's)."""
+        return self.planner.health
+
+    def run(self, tasks: Iterable[T], call: Callable[[Any, T], R], nodes: Sequence[Any], *,
+            on_event: Callable[[DispatchEvent], object] | None = None,
+            max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+            cancel: CancelToken | None = None) -> list[R]:
+        """:meth:`ExecutionPlanner.run`, with the plan logged once per change and the run
+        logged as :meth:`record_execution` logs it."""
+        task_list = list(tasks)
+        self._log(self.planner.plan(len(task_list), nodes))
+        return self.planner.run(task_list, call, nodes, on_event=on_event,
+                                max_attempts=max_attempts, cancel=cancel)
+
+    def record_execution(self, plan: ExecutionPlan, wall_seconds: float, *,
+                         timings: Sequence[tuple[Any, float, float]] | None = None) -> None:
+        """Tell the cost model how a planned batch really went
+        (:meth:`ExecutionPlanner.record_execution`); the prediction and the measurement are
+        logged side by side."""
         if not plan.nodes:
             return
-        identities = plan.identities if len(plan.identities) == len(plan.nodes) else None
-        self.cost_model.observe(plan.mode, plan.nodes, plan.num_tasks, wall_seconds,
-                                topology=self.topology, identities=identities)
+        self.planner.record_execution(plan, wall_seconds, timings=timings)
         logger.info(
             "%s run of %d tasks on %d node(s): predicted %.3g %s, took %.3gs",
             plan.mode, plan.num_tasks, len(plan.nodes), plan.predicted_seconds, plan.time_unit,

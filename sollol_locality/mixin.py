@@ -32,9 +32,10 @@ Every decision, log line and in-flight count comes from one
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, Final, Protocol
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Final, Protocol, TypeVar
 
+from ._dispatch import DEFAULT_MAX_ATTEMPTS, CancelToken, DispatchEvent
 from ._errors import LocalityError
 from .config import LocalityConfig
 from .cost_model import ParallelismCostModel
@@ -43,6 +44,9 @@ from .planner import ExecutionPlan, ExecutionPlanner
 from .topology import NodeTopology
 
 __all__ = ["LocalityAwareMixin", "NodeRegistry"]
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class NodeRegistry(Protocol):
@@ -157,13 +161,35 @@ class LocalityAwareMixin:
         """
         return self.plan_execution(num_tasks, candidate_nodes).mode == "parallel"
 
-    def record_execution(self, plan: ExecutionPlan, wall_seconds: float) -> None:
-        """Tell the cost model how long a planned batch really took.
+    def record_execution(self, plan: ExecutionPlan, wall_seconds: float, *,
+                         timings: Sequence[tuple[Any, float, float]] | None = None) -> None:
+        """Tell the cost model how a planned batch really went.
 
-        The model moves toward what happened (see :meth:`ParallelismCostModel.observe`); the
-        prediction and the measurement are logged side by side.
+        ``timings`` (optional) is one ``(node, start_s, end_s)`` per task, seconds from the
+        batch's start. The model moves toward what happened (see
+        :meth:`ExecutionPlanner.record_execution`); the prediction and the measurement are
+        logged side by side.
         """
-        attached_decider(self).record_execution(plan, wall_seconds)
+        attached_decider(self).record_execution(plan, wall_seconds, timings=timings)
+
+    def run_batch(self, tasks: Iterable[T], call: Callable[[Any, T], R],
+                  candidate_nodes: Sequence[Any] | None = None, *,
+                  on_event: Callable[[DispatchEvent], object] | None = None,
+                  max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+                  cancel: CancelToken | None = None) -> list[R]:
+        """Plan ``tasks`` over ``candidate_nodes`` (default: the registry's healthy nodes), run
+        ``call(node, task)`` for each as the plan says and return the results in task order.
+
+        A failing node's tasks are retried elsewhere and the node is left out of this
+        balancer's next decisions for a back-off period; what ran is recorded. See
+        :meth:`ExecutionPlanner.run`.
+
+        Raises:
+            DispatchError: some task got no result; it names each failed node and its error.
+        """
+        return attached_decider(self).run(tasks, call, self._locality_candidates(candidate_nodes),
+                                          on_event=on_event, max_attempts=max_attempts,
+                                          cancel=cancel)
 
     # -- unit-aware routing -----------------------------------------------------------------
 

@@ -7,24 +7,47 @@ they shorten the predicted makespan), and picks parallel only when its predicted
 so. A node that cannot be parsed is left out with a warning that names it; every node given comes
 back in the plan, either in ``hosts`` (grouped by machine) or in ``excluded``.
 
-Decisions are cached for one second per (task count, node set, node metrics, calibration) so that a
-warm decision costs microseconds; the cache never changes an answer the inputs would change.
+Decisions are cached for one second per (task count, node set, node metrics, calibration, nodes in
+back-off) so that a warm decision costs microseconds; the cache never changes an answer the inputs
+would change.
+
+Before the model decides, two kinds of candidates are left out (each listed in ``excluded`` with
+its reason, named in ``warnings`` and in ``reason``): a node in back-off after a failed call
+(:attr:`ExecutionPlanner.health`; when every candidate is, the plan goes over all of them with a
+warning), and, unless ``LocalityConfig.use_unresolved``, a node whose name did not resolve while
+a resolved node is available.
+
+:meth:`ExecutionPlanner.run` runs a batch as its plan says (:func:`~sollol_locality._dispatch.
+dispatch`: per-node concurrency, retries on another node, back-off) and records what happened;
+:meth:`ExecutionPlanner.record_execution` teaches the cost model from a finished batch's wall
+time and per-task times and saves what it learned to the calibration file, at most once per
+``LocalityConfig.save_interval`` seconds and at exit (merged with what other processes saved).
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import math
+import threading
 import time
+import weakref
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Final, Literal
+from pathlib import Path
+from typing import Any, Final, Literal, TypeVar
 
 from . import _nodefields
-from ._errors import InvalidNodeAddress
+from ._dispatch import DEFAULT_MAX_ATTEMPTS, CancelToken, DispatchEvent, NodeHealth, dispatch
+from ._errors import CalibrationError, DispatchError, InvalidNodeAddress
 from .addresses import describe_input
-from .config import LocalityConfig
+from .config import ENV_USE_UNRESOLVED, LocalityConfig
 from .cost_model import NodeProfile, ParallelismCostModel
 from .topology import ExecutionUnit, HostIdentity, Instance, NodeTopology
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 __all__ = ["DECISION_CACHE_SECONDS", "ExecutionPlan", "ExecutionPlanner", "PlanDetail"]
 
@@ -271,13 +294,17 @@ class ExecutionPlanner:
         cost_model: the makespan model (:class:`ParallelismCostModel`); built when omitted.
         config: settings; taken from the topology or cost model when they are given, else
             ``LocalityConfig.from_env()``.
-        clock: monotonic clock for the decision cache.
+        clock: monotonic clock for the decision cache, node health and save debouncing.
+        health: the record of failed nodes that decisions leave out (a new
+            :class:`~sollol_locality._dispatch.NodeHealth` when omitted, keyed by instance so
+            that every alias of a failed instance is left out with it).
     """
 
     def __init__(self, topology: NodeTopology | None = None,
                  cost_model: ParallelismCostModel | None = None,
                  config: LocalityConfig | None = None, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 health: NodeHealth | None = None) -> None:
         if config is None:
             config = (topology.config if topology is not None
                       else cost_model.config if cost_model is not None
@@ -287,6 +314,14 @@ class ExecutionPlanner:
         self.cost_model = cost_model if cost_model is not None else ParallelismCostModel(config)
         self._clock = clock
         self._memo: dict[tuple[Any, ...], tuple[float, int, PlanDetail]] = {}
+        self.health = health if health is not None else NodeHealth(clock=clock,
+                                                                   key=self._instance_key)
+        self._save_lock = threading.Lock()
+        self._last_save: float | None = None
+
+    def _instance_key(self, node: object) -> str:
+        """A node's key in :attr:`health`: its instance (``host:port``), shared by aliases."""
+        return self.topology.describe(node).instance.label
 
     def select_mode(self, num_tasks: int, nodes: Iterable[Any]) -> Literal["parallel",
                                                                            "sequential"]:
@@ -303,9 +338,10 @@ class ExecutionPlanner:
         if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 0:
             raise ValueError(f"num_tasks must be a non-negative integer, got {num_tasks!r}")
         node_list = nodes if isinstance(nodes, list) else list(nodes)
+        failed = self.health.failed_keys()
         key: tuple[Any, ...] | None
         try:
-            key = (num_tasks, *map(_nodefields.signature, node_list))
+            key = (num_tasks, failed, *map(_nodefields.signature, node_list))
             hash(key)
         except TypeError:
             key = None
@@ -315,7 +351,7 @@ class ExecutionPlanner:
             cached = self._memo.get(key)
             if cached is not None and cached[0] > now and cached[1] == version:
                 return cached[2].build(node_list)
-        template = self._decide(num_tasks, node_list)
+        template = self._decide_usable(num_tasks, node_list, bool(failed))
         if key is not None:
             if len(self._memo) >= _MEMO_MAX:
                 self._memo.clear()
@@ -326,7 +362,225 @@ class ExecutionPlanner:
         """Forget cached decisions (the next plan is computed afresh)."""
         self._memo.clear()
 
+    # -- running a plan and learning from it ------------------------------------------------
+
+    def run(self, tasks: Iterable[T], call: Callable[[Any, T], R], nodes: Iterable[Any], *,
+            on_event: Callable[[DispatchEvent], object] | None = None,
+            max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+            cancel: CancelToken | None = None) -> list[R]:
+        """Plan for ``len(tasks)`` tasks on ``nodes``, run ``call(node, task)`` for each as the
+        plan says, record what happened and return the results in task order.
+
+        Never more calls in flight on a node than its ``concurrency_per_node``. A call that
+        raises marks its node failed (left out of later decisions for a back-off period, see
+        :attr:`health`) and its task is retried on another node, at most ``max_attempts`` calls
+        per task; ``on_event`` gets each call's progress. What ran is recorded
+        (:meth:`record_execution` with the per-task times), also when the batch fails.
+
+        Raises:
+            DispatchError: some task got no result (every node failed, a task ran out of
+                attempts, or ``cancel`` was set); it names each failed node and its error and
+                carries the results that did come back.
+            KeyboardInterrupt: dispatch stopped cleanly (the calls in flight were awaited).
+        """
+        task_list = list(tasks)
+        node_list = list(nodes)
+        plan = self.plan(len(task_list), node_list)
+        if not task_list:
+            return []
+        try:
+            out = dispatch(plan, task_list, call, candidates=node_list, health=self.health,
+                           on_event=on_event, max_attempts=max_attempts, cancel=cancel)
+        except DispatchError as exc:
+            done = [(a.node, a.start_s, a.end_s) for a in exc.attempts if a.error is None]
+            wall = max((end for _, _, end in done), default=0.0)
+            if wall > 0:  # what did run still teaches per-task times
+                self._observe(plan, wall, done, as_planned=False)
+            self.invalidate()
+            raise
+        if out.wall_seconds > 0:
+            self.record_execution(plan, out.wall_seconds, timings=out.timings)
+        logger.info(
+            "%s run of %d tasks on %d node(s): predicted %.3g %s, took %.3gs%s", plan.mode,
+            len(task_list), len(plan.nodes), plan.predicted_seconds, plan.time_unit,
+            out.wall_seconds, (f"; {len(out.failed_nodes)} node(s) failed and sit out"
+                               if out.failed_nodes else ""),
+            extra={"event": "execution_recorded", "mode": plan.mode,
+                   "predicted": plan.predicted_seconds, "measured": out.wall_seconds,
+                   "failed": [f.key for f in out.failed_nodes]},
+        )  # fmt: skip
+        if out.failed_nodes:
+            self.invalidate()
+        return list(out.results)
+
+    def record_execution(self, plan: ExecutionPlan, wall_seconds: float, *,
+                         timings: Sequence[tuple[Any, float, float]] | None = None) -> None:
+        """Teach the cost model how a planned batch really went, and save what it learned.
+
+        Args:
+            plan: the plan the batch ran under.
+            wall_seconds: the batch's length.
+            timings: one ``(node, start_s, end_s)`` per task (seconds from the batch's start,
+                ``0 <= start_s <= end_s``), as :meth:`run` records them: the model then learns
+                each unit's time per task and contention from the tasks themselves (see
+                :meth:`ParallelismCostModel.observe`). When they do not match the plan (tasks
+                ran elsewhere after a failure), only the per-task times are used.
+
+        Raises:
+            ValueError: an impossible observation, or a ``timings`` entry that is not a
+                ``(node, start_s, end_s)`` of a parsable node with ``0 <= start_s <= end_s``
+                (the message names the entry); nothing is learned then.
+        """
+        if timings is None:
+            if plan.nodes:
+                identities = plan.identities if len(plan.identities) == len(plan.nodes) else None
+                self.cost_model.observe(plan.mode, plan.nodes, plan.num_tasks, wall_seconds,
+                                        topology=self.topology, identities=identities)
+                self._autosave()
+            return
+        entries = list(timings)
+        if len(entries) != plan.num_tasks:
+            raise ValueError(f"timings has {len(entries)} entries, expected one per task of the "
+                             f"plan ({plan.num_tasks})")
+        for index, entry in enumerate(entries):
+            if (not isinstance(entry, (tuple, list)) or len(entry) != 3
+                    or not all(_nodefields.is_number(v) and math.isfinite(v)
+                               for v in entry[1:])
+                    or not 0 <= entry[1] <= entry[2]):
+                shown = (f"({describe_input(entry[0])}, {entry[1]!r}, {entry[2]!r})"
+                         if isinstance(entry, (tuple, list)) and len(entry) == 3 else repr(entry))
+                raise ValueError(f"timings[{index}] = {shown} is not (node, start_s, end_s) "
+                                 "with 0 <= start_s <= end_s")
+        if not entries:
+            return
+        self._observe(plan, wall_seconds, entries, as_planned=None)
+
+    def _observe(self, plan: ExecutionPlan, wall_seconds: float,
+                 entries: Sequence[tuple[Any, float, float] | Sequence[Any]],
+                 as_planned: bool | None) -> None:
+        """Hand a batch's per-task times to the cost model (``as_planned`` ``None``: find out
+        whether the tasks ran where the plan said)."""
+        described = self.topology.describe_many([entry[0] for entry in entries])
+        timed: list[tuple[HostIdentity, float, float]] = []
+        for index, (identity, entry) in enumerate(zip(described, entries, strict=True)):
+            if isinstance(identity, InvalidNodeAddress):
+                raise ValueError(f"timings[{index}]: node {identity.node} cannot be parsed: "
+                                 f"{identity.reason}")
+            timed.append((identity, float(entry[1]), float(entry[2])))
+        if as_planned is None:
+            ran = Counter(identity.instance for identity, _, _ in timed)
+            planned: Counter[Instance] = Counter()
+            for identity, share in zip(plan.identities, plan.tasks_per_node, strict=False):
+                planned[identity.instance] += share
+            as_planned = ran == planned
+        self.cost_model.observe(plan.mode, [i.node for i, _, _ in timed], len(timed),
+                                wall_seconds, identities=[i for i, _, _ in timed],
+                                timings=timed, as_planned=as_planned)
+        # Co-location learning (another change adds it): what per-node times tell about pairs.
+        learn_colocation = getattr(self, "_learn_colocation", None)
+        if learn_colocation is not None:
+            learn_colocation(plan, [(i.node, s, e) for i, s, e in timed])
+        self._autosave()
+
+    # -- saving what was learned -----------------------------------------------------------
+
+    def flush(self) -> bool:
+        """Save what the cost model learned now, if anything is unsaved and a calibration file
+        is configured; ``True`` when it saved. A failed save is logged, never raised."""
+        with self._save_lock:
+            return self._save_now()
+
+    def _save_now(self) -> bool:
+        """Save (the caller holds the save lock)."""
+        model = self.cost_model
+        path = model.config.calibration_file
+        if path is None or not model.unsaved:
+            return False
+        if model.synced_path is None and Path(path).exists():
+            # The file could not be read (corrupt): it stays for a person to look at.
+            return False
+        self._last_save = self._clock()
+        try:
+            model.save(path)
+        except (CalibrationError, OSError) as exc:
+            logger.warning("what recorded runs taught could not be saved to %s: %s", path, exc,
+                           extra={"event": "calibration_save_failed", "path": str(path)})
+            return False
+        logger.debug("saved what recorded runs taught to %s", path,
+                     extra={"event": "calibration_saved", "path": str(path)})
+        return True
+
+    def _autosave(self) -> None:
+        """Save now if the last save is at least ``save_interval`` seconds old; otherwise the
+        next recorded run after that saves, or :meth:`flush`, or the exit hook. No thread is
+        started for it."""
+        if self.cost_model.config.calibration_file is None:
+            return
+        with self._save_lock:
+            _at_exit(self)
+            now = self._clock()
+            if self._last_save is None or now - self._last_save >= self.config.save_interval:
+                self._save_now()
+
     # -- the decision -----------------------------------------------------------------------
+
+    def _decide_usable(self, num_tasks: int, nodes: Sequence[Any],
+                       any_failed: bool) -> PlanDetail:
+        """:meth:`_decide` over the candidates that may take work: nodes in back-off and (unless
+        ``use_unresolved``) unresolved names are left out first, with their reasons."""
+        left_out: dict[int, str] = {}
+        warnings: list[str] = []
+        why: list[str] = []
+        if any_failed:
+            now = self.health.now()
+            for index, node in enumerate(nodes):
+                failure = self.health.failure(node)
+                if failure is not None:
+                    error = _describe_error(failure.error)
+                    left_out[index] = (f"failed {now - failure.failed_at:.3g}s ago ({error}); "
+                                       f"left out until its back-off ends in "
+                                       f"{failure.until - now:.3g}s")
+                    warnings.append(f"node {_safe_url(node)} left out: it failed "
+                                    f"{now - failure.failed_at:.3g}s ago ({error})")
+            if left_out and len(left_out) == len(nodes):
+                warnings = [f"every candidate failed recently ({len(nodes)} in back-off); "
+                            "planning over all of them"]
+                left_out.clear()
+            elif left_out:
+                why.append(f"{len(left_out)} failed recently")
+        if not self.config.use_unresolved:
+            identities = self.topology.describe_many(list(nodes))
+            usable = [(i, ident) for i, ident in enumerate(identities)
+                      if i not in left_out and isinstance(ident, HostIdentity)]
+            unresolved = [(i, ident) for i, ident in usable if not ident.resolved]
+            if unresolved and len(unresolved) < len(usable):
+                for index, identity in unresolved:
+                    host = identity.address.host
+                    left_out[index] = (f"its host name {host!r} did not resolve, so it gets no "
+                                       "work while resolved nodes are available "
+                                       f"(use_unresolved=True or {ENV_USE_UNRESOLVED}=1 plans "
+                                       "over it)")
+                    reason = (f" ({identity.resolution_error})"
+                              if identity.resolution_error else "")
+                    warnings.append(f"node {identity.address.url} left out: host {host!r} "
+                                    f"could not be resolved{reason}")
+                why.append(f"{len(unresolved)} did not resolve")
+        if not left_out:
+            detail = self._decide(num_tasks, nodes)
+            if warnings:
+                detail = replace(detail, warnings=(*detail.warnings, *warnings))
+            return detail
+        kept = [i for i in range(len(nodes)) if i not in left_out]
+        detail = self._decide(num_tasks, [nodes[i] for i in kept])
+        excluded = sorted([(kept[i], r) for i, r in detail.excluded] + list(left_out.items()))
+        reason = detail.reason.rstrip(".")
+        return replace(
+            detail, chosen=tuple(kept[i] for i in detail.chosen),
+            hosts=tuple((h, tuple(kept[i] for i in ix)) for h, ix in detail.hosts),
+            excluded=tuple(excluded), warnings=(*detail.warnings, *warnings),
+            reason=f"{reason}; {_nodes(len(left_out))} left out ({', '.join(why)}).",
+        )  # fmt: skip
+
 
     def _decide(self, num_tasks: int, nodes: Sequence[Any]) -> PlanDetail:
         identities = self.topology.describe_many(nodes)
@@ -500,6 +754,36 @@ def _distinct_instances(profiles: Iterable[NodeProfile]) -> list[NodeProfile]:
 def _dominates(fastest: NodeProfile, profiles: Sequence[NodeProfile]) -> bool:
     others = [p.task_time for p in profiles if p.unit != fastest.unit]
     return bool(others) and min(others) >= 2.0 * fastest.task_time
+
+
+_PLANNERS: weakref.WeakSet[ExecutionPlanner] = weakref.WeakSet()
+_AT_EXIT_LOCK = threading.Lock()
+_at_exit_registered = False
+
+
+def _at_exit(planner: ExecutionPlanner) -> None:
+    """Make sure ``planner``'s unsaved learning is saved when the interpreter exits (the hook
+    is registered on the first recorded run, never at import or construction)."""
+    global _at_exit_registered
+    with _AT_EXIT_LOCK:
+        _PLANNERS.add(planner)
+        if not _at_exit_registered:
+            atexit.register(_flush_all)
+            _at_exit_registered = True
+
+
+def _flush_all() -> None:
+    for planner in list(_PLANNERS):
+        planner.flush()
+
+
+def _describe_error(error: BaseException) -> str:
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _nodes(count: int) -> str:
+    return "1 node" if count == 1 else f"{count} nodes"
 
 
 def _tasks(count: int) -> str:

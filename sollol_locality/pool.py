@@ -230,10 +230,11 @@ class LocalityAwarePoolMixin:
         """:meth:`LocalityAwareMixin.should_parallelize` over the pool's nodes."""
         return _decider(self).should_parallelize(num_tasks, _candidates(self, candidate_nodes))
 
-    def record_execution(self, plan: ExecutionPlan, wall_seconds: float) -> None:
-        """Tell the cost model how long a planned batch really took (see
+    def record_execution(self, plan: ExecutionPlan, wall_seconds: float, *,
+                         timings: Sequence[tuple[Any, float, float]] | None = None) -> None:
+        """Tell the cost model how a planned batch really went (see
         :meth:`LocalityAwareMixin.record_execution`)."""
-        _decider(self).record_execution(plan, wall_seconds)
+        _decider(self).record_execution(plan, wall_seconds, timings=timings)
 
     # -- start-up: normalisation and de-duplication ----------------------------------------
 

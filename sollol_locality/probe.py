@@ -24,7 +24,13 @@ is not merged into (the figures would mix two models): the run stops before meas
 calibration file is refused, never overwritten. Progress goes to ``progress``, one line per
 measurement; where the file was written is the caller's to say (:class:`CalibrationReport`).
 
-Requests go straight to the nodes (no HTTP proxy from the environment is used). What is learned
+Requests go straight to the nodes (no HTTP proxy from the environment is used), at the address
+the node's identity resolved: the connection is made to that IP (the configured nameservers,
+search domains, hosts file and topology file decided it, never a second lookup through the
+system), with the node's own host name and port in the ``Host`` header (an IPv6 literal in
+brackets). Over HTTPS the TLS handshake names the host (SNI) and its certificate is verified
+against that name, not the IP. A name that did not resolve is reported as not answering; only a
+name of this machine (``localhost``, its own host name) is connected to by name. What is learned
 is kept by :mod:`sollol_locality.calibration`, the store this module writes through the cost model.
 """
 
@@ -33,10 +39,11 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import json
+import socket
+import ssl
 import threading
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,27 +72,70 @@ class CalibrationReport:
     merged: bool = False  # whether the run merged into an existing file (else a fresh one)
 
 
-# Nodes are reached directly: a proxy from the environment (http_proxy) would send a request
-# for a LAN or loopback node elsewhere, or time the proxy instead of the node.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
 # What a node that does not answer properly raises: refused or reset connections and timeouts
 # (OSError, including urllib's URLError/HTTPError), a broken HTTP exchange (HTTPException) and
 # an answer that is not JSON (ValueError).
 _NODE_ERRORS = (OSError, http.client.HTTPException, ValueError)
 
 
-def _request(url: str, *, payload: dict[str, Any] | None = None, timeout: float) -> Any:
+class _NamedHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS to an IP address, with SNI and certificate checks for the node's host name."""
+
+    def __init__(self, ip: str, port: int, server_name: str, *, timeout: float,
+                 context: ssl.SSLContext) -> None:
+        super().__init__(ip, port, timeout=timeout, context=context)
+        self._server_name = server_name
+        self._tls = context
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self.host, self.port), self.timeout)
+        self.sock = self._tls.wrap_socket(sock, server_hostname=self._server_name)
+
+
+def _connect_to(identity: HostIdentity) -> str:
+    """The IP address to open a connection to: the one the identity resolved (IPv4 first),
+    or the node's own host name for a name of this machine."""
+    address = identity.address
+    if address.ip is not None:
+        return address.ip.compressed
+    if identity.addresses:
+        return min(identity.addresses, key=lambda ip: (":" in ip, ip))
+    if identity.is_local:
+        return address.host
+    raise OSError(f"its host name {address.host!r} did not resolve")
+
+
+def _request(identity: HostIdentity, path: str, *, payload: dict[str, Any] | None = None,
+             timeout: float) -> Any:
+    """One JSON request to the node, at the address its identity resolved (see the module
+    docstring)."""
+    address = identity.address
+    ip = _connect_to(identity)
+    host = f"[{address.host}]" if ":" in address.host else address.host
+    connection: http.client.HTTPConnection
+    if address.scheme == "https":
+        connection = _NamedHTTPSConnection(ip, address.port, address.host, timeout=timeout,
+                                           context=ssl.create_default_context())
+    else:
+        connection = http.client.HTTPConnection(ip, address.port, timeout=timeout)
     data = None if payload is None else json.dumps(payload).encode()
-    request = urllib.request.Request(url, data=data, method="POST" if data else "GET",
-                                     headers={"Content-Type": "application/json"})
-    with _OPENER.open(request, timeout=timeout) as response:
-        return json.loads(response.read().decode() or "null")
+    try:
+        connection.request("POST" if data else "GET", path, body=data,
+                           headers={"Host": f"{host}:{address.port}",
+                                    "Content-Type": "application/json"})
+        response = connection.getresponse()
+        body = response.read()
+        if response.status >= 400:
+            raise urllib.error.HTTPError(f"{address.url}{path}", response.status,
+                                         response.reason, response.headers, None)
+        return json.loads(body.decode() or "null")
+    finally:
+        connection.close()
 
 
 def _generate(identity: HostIdentity, model: str, num_predict: int, timeout: float) -> float:
     start = time.perf_counter()
-    _request(f"{identity.address.url}/api/generate",
+    _request(identity, "/api/generate",
              payload={"model": model, "prompt": _PROMPT, "stream": False,
                       "options": {"num_predict": num_predict}},
              timeout=timeout)
@@ -169,8 +219,8 @@ def calibrate(
     for identity in identities:
         url = identity.address.url
         try:
-            _request(f"{url}/api/version", timeout=min(timeout, 5.0))
-            tags = _request(f"{url}/api/tags", timeout=min(timeout, 5.0))
+            _request(identity, "/api/version", timeout=min(timeout, 5.0))
+            tags = _request(identity, "/api/tags", timeout=min(timeout, 5.0))
         except _NODE_ERRORS as exc:
             reason = getattr(exc, "reason", exc)
             raise CalibrationError(f"node {url} does not answer: {reason}") from exc

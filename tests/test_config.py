@@ -252,3 +252,26 @@ def test_forced_by_says_where_the_mode_came_from(fields, forced_by):
     config = LocalityConfig(**fields)
     assert config.forced and config.forced_by == forced_by
     assert config == LocalityConfig(mode=fields["mode"])  # the source is not part of the value
+@pytest.mark.parametrize(("env", "save_interval", "use_unresolved"), [
+    ({}, 30.0, False),
+    ({"SOLLOL_LOCALITY_SAVE_INTERVAL": "0", "SOLLOL_LOCALITY_USE_UNRESOLVED": "yes"}, 0.0, True),
+    ({"SOLLOL_LOCALITY_SAVE_INTERVAL": " 2.5 ", "SOLLOL_LOCALITY_USE_UNRESOLVED": "Off"}, 2.5,
+     False),
+])
+def test_save_interval_and_use_unresolved_from_the_environment(env, save_interval,
+                                                               use_unresolved):
+    config = LocalityConfig.from_env(env)
+    assert (config.save_interval, config.use_unresolved) == (save_interval, use_unresolved)
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"SOLLOL_LOCALITY_SAVE_INTERVAL": "-1"},
+     "SOLLOL_LOCALITY_SAVE_INTERVAL='-1' is out of range (expected a number at least 0)"),
+    ({"SOLLOL_LOCALITY_USE_UNRESOLVED": "maybe"},
+     "SOLLOL_LOCALITY_USE_UNRESOLVED='maybe' is not a boolean (expected one of 1, true, yes, on, "
+     "0, false, no, off)"),
+])
+def test_bad_save_interval_or_use_unresolved_names_the_variable(env, message):
+    with pytest.raises(ConfigError) as info:
+        LocalityConfig.from_env(env)
+    assert str(info.value) == message and info.value.variable == next(iter(env))

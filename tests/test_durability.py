@@ -317,3 +317,155 @@ def test_the_library_never_writes_the_topology_file(tmp_path: Path) -> None:
                          f"http://10.0.1.{step}:11434", "localhost"])
         topology.count_unique_hosts(["10.0.0.5", "gpu-box-1.lan"])
     assert _digest(tmp_path) == before  # same bytes, same mtime, no new file beside it
+
+
+# -- learning saved by several processes into one file ------------------------------------------
+
+_RECORDER = r"""
+import sys
+sys.path.insert(0, sys.argv[4])
+from helpers import offline_config
+from sollol_locality import ExecutionPlanner
+path, tag, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+planner = ExecutionPlanner(config=offline_config(calibration_file=path, save_interval=0))
+print("ready", flush=True)
+sys.stdin.readline()  # the start barrier: the parent releases both recorders at once
+for i in range(count):
+    # a unit of its own per observation, and one unit both processes record into
+    for node in (f"http://10.{tag}.{i}.1:11434", "http://10.99.0.1:11434"):
+        seconds = 1.0 + tag + i / 1000 + (0.5 if "99" in node else 0.0)
+        plan = planner.plan(1, [node])
+        planner.record_execution(plan, seconds, timings=[(node, 0.0, seconds)])
+print("done", flush=True)
+"""
+
+
+def test_two_processes_recording_into_one_file_lose_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "calibration.json"
+    count = 12  # both write the shared unit: 24 samples, within its window of 25
+    children = [subprocess.Popen(
+        [sys.executable, "-c", _RECORDER, str(path), str(tag), str(count), str(REPO / "tests")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)}) for tag in (1, 2)]
+    for child in children:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+    for child in children:
+        assert child.stdin is not None
+        child.stdin.write("go\n")
+        child.stdin.flush()
+    for child in children:
+        out, _ = child.communicate(timeout=120)
+        assert child.returncode == 0 and out == "done\n"
+    data = json.loads(path.read_text())
+    for tag in (1, 2):
+        for i in range(count):
+            assert data["task_seconds"][f"10.{tag}.{i}.1/cpu"] == [1.0 + tag + i / 1000]
+    shared = sorted(data["task_seconds"]["10.99.0.1/cpu"])
+    assert shared == sorted(1.5 + tag + i / 1000 for tag in (1, 2) for i in range(count))
+    assert data["observations"] == 2 * 2 * count
+    assert leftovers(tmp_path) == []
+
+
+def test_saving_again_adds_nothing_and_each_model_keeps_the_others_learning(
+        tmp_path: Path) -> None:
+    path = tmp_path / "calibration.json"
+    topology = offline_topology()
+    first = ParallelismCostModel(offline_config(calibration_file=path))
+    second = ParallelismCostModel(offline_config(calibration_file=path))
+    first.observe("sequential", ["http://10.0.0.1:11434"], 1, 2.0, topology=topology)
+    second.observe("sequential", ["http://10.0.0.1:11434"], 1, 3.0, topology=topology)
+    first.save()
+    first.save()  # nothing new: the file does not change
+    assert json.loads(path.read_text())["task_seconds"] == {"10.0.0.1/cpu": [2.0]}
+    second.save()
+    second.save()
+    first.save()  # picks up what the second saved
+    data = json.loads(path.read_text())
+    assert data["task_seconds"] == {"10.0.0.1/cpu": [2.0, 3.0]} and data["observations"] == 2
+    assert list(first.calibration.task_seconds["10.0.0.1/cpu"]) == [2.0, 3.0]
+    assert not first.unsaved and not second.unsaved
+
+
+def test_a_calibration_run_replaces_what_it_remeasured_and_keeps_another_processs_units(
+        tmp_path: Path) -> None:
+    path = tmp_path / "calibration.json"
+    topology = offline_topology()
+    calibrated_model(1, units=2).save(path)  # 10.0.0.1 and 10.0.1.1
+    mine = ParallelismCostModel(offline_config(calibration_file=path))
+    other = ParallelismCostModel(offline_config(calibration_file=path))
+    mine._forget(units={"10.0.0.1/cpu"})
+    mine.observe("sequential", ["http://10.0.0.1:11434"], 1, 9.0, topology=topology)
+    other.observe("sequential", ["http://10.0.5.1:11434"], 1, 7.0, topology=topology)
+    other.save()
+    mine.save()
+    data = json.loads(path.read_text())
+    assert data["task_seconds"] == {"10.0.0.1/cpu": [9.0], "10.0.1.1/cpu": [1.0005],
+                                    "10.0.5.1/cpu": [7.0]}
+    assert data["observations"] == 4
+
+
+def test_learning_is_saved_at_most_once_per_interval_and_at_exit(tmp_path: Path) -> None:
+    from sollol_locality import planner as planner_module
+
+    path = tmp_path / "calibration.json"
+    clock = FakeClock()
+    planner = ExecutionPlanner(config=offline_config(calibration_file=path, save_interval=30),
+                               clock=clock)
+    assert not path.exists()  # nothing written by a constructor
+
+    def record(seconds: float) -> None:
+        node = "http://10.0.0.1:11434"
+        planner.record_execution(planner.plan(1, [node]), seconds, timings=[(node, 0, seconds)])
+
+    def saved() -> list[float]:
+        return list(json.loads(path.read_text())["task_seconds"]["10.0.0.1/cpu"])
+
+    record(1.0)
+    assert saved() == [1.0]  # the first record saves
+    record(2.0)
+    clock.tick(29)
+    record(3.0)
+    assert saved() == [1.0]  # within the interval: not yet
+    clock.tick(1)
+    record(4.0)
+    assert saved() == [1.0, 2.0, 3.0, 4.0]
+    record(5.0)
+    planner_module._flush_all()  # what atexit runs
+    assert saved() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert not planner.flush()  # nothing left to save
+
+
+def test_a_corrupt_file_is_not_overwritten_by_recorded_runs(tmp_path: Path) -> None:
+    path = tmp_path / "calibration.json"
+    path.write_text(CORRUPT["truncated"])
+    planner = ExecutionPlanner(config=offline_config(calibration_file=path, save_interval=0))
+    node = "http://10.0.0.1:11434"
+    planner.record_execution(planner.plan(1, [node]), 1.0, timings=[(node, 0, 1.0)])
+    assert path.read_text() == CORRUPT["truncated"]
+
+
+def test_a_section_can_plug_in_its_own_merge(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from sollol_locality import calibration
+
+    def newer(on_file: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
+        merged = dict(on_file)
+        for key, record in ours.items():
+            if key not in merged or record["at"] > merged[key]["at"]:
+                merged[key] = record
+        return merged
+
+    path = tmp_path / "calibration.json"
+    first = ParallelismCostModel(offline_config(calibration_file=path))
+    second = ParallelismCostModel(offline_config(calibration_file=path))
+    first.calibration.set_entry("colocation", "a|b", {"at": 2})
+    second.calibration.set_entry("colocation", "a|b", {"at": 1})
+    second.calibration.set_entry("colocation", "c|d", {"at": 1})
+    first.save()
+    second.save()  # per key, ours replaces the file's record
+    assert json.loads(path.read_text())["colocation"] == {"a|b": {"at": 1}, "c|d": {"at": 1}}
+    monkeypatch.setitem(calibration.SECTION_MERGE, "colocation", newer)
+    first.calibration.set_entry("colocation", "a|b", {"at": 2})
+    first.save()
+    second.save()  # merged whole: the newer record wins whoever saves last
+    assert json.loads(path.read_text())["colocation"] == {"a|b": {"at": 2}, "c|d": {"at": 1}}

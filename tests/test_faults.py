@@ -108,7 +108,8 @@ def test_many_silent_names_share_one_deadline(make_dns_server: Callable[..., Dns
                                               ) -> None:
     server = make_dns_server(ZONES)
     server.set_behaviour("silent")
-    config = offline_config(nameservers=server.nameserver, dns_timeout=TIMEOUT, hosts_file=None)
+    config = offline_config(nameservers=server.nameserver, dns_timeout=TIMEOUT, hosts_file=None,
+                            use_unresolved=True)
     planner = ExecutionPlanner(config=config)
     nodes = [f"http://n{i}.f.test:11434" for i in range(40)] + ["http://localhost:11434"]
     plan, elapsed = timed(lambda: planner.plan(4, nodes))
@@ -123,7 +124,8 @@ def test_default_construction_keeps_the_deadline(make_dns_server: Callable[..., 
     """Nothing injected: the components build their resolver from the configuration."""
     server = make_dns_server(ZONES)
     server.set_behaviour("silent")
-    config = offline_config(nameservers=server.nameserver, dns_timeout=TIMEOUT, hosts_file=None)
+    config = offline_config(nameservers=server.nameserver, dns_timeout=TIMEOUT, hosts_file=None,
+                            use_unresolved=True)
     nodes = nodes_for("good.f.test")
 
     def decide() -> Any:

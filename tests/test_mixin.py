@@ -367,3 +367,26 @@ def test_a_subclass_keeps_its_own_answer(config):
              locality_config=config)
     assert lb.should_use_parallel() is True  # its own, not the mixin's
     assert lb.suggest_execution_mode() == "sequential"
+
+
+def test_record_execution_with_timings_and_run_batch_delegate_to_the_planner(balancer):
+    a, b = OllamaNode("http://10.0.0.1:11434"), OllamaNode("http://10.0.0.2:11434")
+    lb = balancer([a, b])
+
+    def call(node, task):
+        if node is b:
+            raise ConnectionError("refused")
+        return task * 10
+
+    assert lb.plan_execution(3).nodes == [a, b]
+    assert lb.run_batch(range(3), call) == [0, 10, 20]  # b failed: a did everything
+    assert lb.decider.health is lb.planner.health and lb.planner.health.is_failed(b)
+    assert lb.plan_execution(2).nodes == [a]
+    assert list(lb.cost_model.calibration.task_seconds) == ["10.0.0.1/cpu"]  # run() recorded
+
+    lb.planner.health.forget(b)
+    plan = lb.plan_execution(2)
+    lb.record_execution(plan, 3.0, timings=[(a, 0.0, 1.0), (b, 0.0, 3.0)])
+    assert list(lb.cost_model.calibration.task_seconds["10.0.0.2/cpu"]) == [3.0]
+    with pytest.raises(ValueError, match=r"^timings has 1 entries"):
+        lb.record_execution(plan, 3.0, timings=[(a, 0.0, 1.0)])

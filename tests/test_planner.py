@@ -299,3 +299,176 @@ def test_decision_does_not_depend_on_input_order(planner, nodes, tasks, data):
     assert a.mode == b.mode
     assert a.speedup == pytest.approx(b.speedup)
     assert {h: len(v) for h, v in a.hosts.items()} == {h: len(v) for h, v in b.hosts.items()}
+
+
+# -- running a plan, recording it, and what decisions leave out (issue 13) ----------------------
+
+A, B = "http://10.0.0.1:11434", "http://10.0.0.2:11434"
+
+
+def clocked_planner(**config):
+    from helpers import FakeClock
+
+    clock = FakeClock()
+    cfg = offline_config(**config)
+    return ExecutionPlanner(offline_topology(), ParallelismCostModel(cfg), cfg, clock=clock), clock
+
+
+@pytest.mark.parametrize(("timings", "message"), [
+    ([(A, 0.0, 1.0)], "timings has 1 entries, expected one per task of the plan (2)"),
+    ([(A, 0.0, 1.0), (B, 2.0, 1.0)],
+     "timings[1] = ('http://10.0.0.2:11434', 2.0, 1.0) is not (node, start_s, end_s) with "
+     "0 <= start_s <= end_s"),
+    ([(A, -1, 1.0), (B, 0, 1.0)],
+     "timings[0] = ('http://10.0.0.1:11434', -1, 1.0) is not (node, start_s, end_s) with "
+     "0 <= start_s <= end_s"),
+    ([(A, 0, 1.0), (B, 0, "1")],
+     "timings[1] = ('http://10.0.0.2:11434', 0, '1') is not (node, start_s, end_s) with "
+     "0 <= start_s <= end_s"),
+    ([(A, 0, float("inf")), (B, 0, 1.0)],
+     "timings[0] = ('http://10.0.0.1:11434', 0, inf) is not (node, start_s, end_s) with "
+     "0 <= start_s <= end_s"),
+    ([(A, 0, 1.0), "B"], "timings[1] = 'B' is not (node, start_s, end_s) with "
+     "0 <= start_s <= end_s"),
+    ([(A, 0, 1.0), ("ftp://x", 0, 1.0)],
+     "timings[1]: node 'ftp://x' cannot be parsed: unsupported scheme 'ftp' (expected http or "
+     "https)"),
+])
+def test_record_execution_refuses_timings_that_cannot_be(planner, timings, message):
+    plan = planner.plan(2, [A, B])
+    with pytest.raises(ValueError) as caught:
+        planner.record_execution(plan, 1.0, timings=timings)
+    assert str(caught.value) == message
+    assert planner.cost_model.observations == 0
+
+
+def test_per_task_times_teach_each_units_solo_time(planner):
+    plan = planner.plan(4, [A, B])
+    assert plan.mode == "parallel"
+    planner.record_execution(plan, 6.0, timings=[(A, 0.0, 1.0), (B, 0.0, 3.0),
+                                                 (A, 1.0, 2.0), (B, 3.0, 6.0)])
+    cal = planner.cost_model.calibration
+    assert {k: list(v) for k, v in cal.task_seconds.items()} == {"10.0.0.1/cpu": [1.0],
+                                                                 "10.0.0.2/cpu": [3.0]}
+    after = planner.plan(4, [A, B])
+    assert after.time_unit == "seconds" and after.tasks_per_node == [3, 1]
+
+
+def test_per_task_times_teach_contention_from_how_the_tasks_overlapped(planner):
+    one, two = "http://10.0.0.1:11434", "http://10.0.0.1:11435"  # two instances of one CPU
+    solo = planner.plan(1, [one])
+    planner.record_execution(solo, 1.0, timings=[(one, 0.0, 1.0)])
+    plan = planner.plan(2, [one, two])
+    # both ran together the whole time and took 3x their solo time: 1.5x the 2x of sharing
+    planner.record_execution(plan, 3.0, timings=[(one, 0.0, 3.0), (two, 0.0, 3.0)])
+    contention = planner.cost_model.calibration.contention["10.0.0.1/cpu"]
+    assert {k: list(v) for k, v in contention.items()} == {2: [0.5]}
+
+
+def test_timings_that_do_not_match_the_plan_teach_only_per_task_times(planner):
+    plan = planner.plan(2, [A, B])
+    # B failed; both tasks ran on A, one after the other
+    planner.record_execution(plan, 2.0, timings=[(A, 0.0, 1.0), (A, 1.0, 2.0)])
+    cal = planner.cost_model.calibration
+    assert {k: list(v) for k, v in cal.task_seconds.items()} == {"10.0.0.1/cpu": [1.0]}
+    assert not cal.dispatch
+
+
+def test_a_failing_node_is_left_out_of_the_next_decision_with_its_reason():
+    planner, clock = clocked_planner()
+
+    def call(node, task):
+        if node == B:
+            raise ConnectionError("refused")
+        return (task, node)
+
+    results = planner.run(range(4), call, [A, B])
+    assert results == [(t, A) for t in range(4)]
+    clock.tick(3)
+    plan = planner.plan(4, [A, B])
+    assert plan.nodes == [A] and plan.excluded == [
+        (B, "failed 3s ago (ConnectionError: refused); left out until its back-off ends in 7s")]
+    assert plan.reason == ("Sequential: only one node (http://10.0.0.1:11434) is available; "
+                           "1 node left out (1 failed recently).")
+    assert plan.warnings == ["node http://10.0.0.2:11434 left out: it failed 3s ago "
+                             "(ConnectionError: refused)"]
+    assert [h for h in plan.hosts] == ["10.0.0.1"]
+    clock.tick(7)  # the back-off is over: B is planned over again
+    assert planner.plan(4, [A, B]).nodes == [A, B]
+
+
+def test_an_alias_of_a_failed_instance_is_left_out_with_it():
+    planner, _ = clocked_planner()
+    planner.health.record_failure(A, ConnectionError("refused"))
+    alias = "http://10.0.0.1:11434/"
+    plan = planner.plan(2, [alias, B])
+    assert plan.nodes == [B] and [n for n, _ in plan.excluded] == [alias]
+
+
+def test_when_every_candidate_is_in_back_off_the_plan_goes_over_all_of_them():
+    planner, _ = clocked_planner()
+    for node in (A, B):
+        planner.health.record_failure(node, ConnectionError("refused"))
+    plan = planner.plan(2, [A, B])
+    assert plan.mode == "parallel" and plan.nodes == [A, B] and plan.excluded == []
+    assert plan.warnings == ["every candidate failed recently (2 in back-off); planning over "
+                             "all of them"]
+
+
+def test_run_with_every_node_failing_raises_one_error_and_records_nothing_wrong():
+    from sollol_locality._errors import DispatchError
+
+    planner, _ = clocked_planner()
+
+    def call(node, task):
+        raise ConnectionError(f"{node} down")
+
+    with pytest.raises(DispatchError) as caught:
+        planner.run(range(3), call, [A, B])
+    assert str(caught.value).startswith("3 of 3 tasks got no result: every node failed; "
+                                        "failed nodes: ")
+    assert planner.cost_model.observations == 0
+    assert planner.run([], call, [A, B]) == []
+
+
+def test_an_unresolved_name_gets_no_work_while_resolved_nodes_exist(planner):
+    name = "http://nosuch.test:11434"
+    plan = planner.plan(4, [name, A, B])
+    assert plan.nodes == [A, B] and plan.excluded == [(name, (
+        "its host name 'nosuch.test' did not resolve, so it gets no work while resolved nodes "
+        "are available (use_unresolved=True or SOLLOL_LOCALITY_USE_UNRESOLVED=1 plans over "
+        "it)"))]
+    assert plan.reason.endswith("; 1 node left out (1 did not resolve).")
+    assert plan.warnings == ["node http://nosuch.test:11434 left out: host 'nosuch.test' could "
+                             "not be resolved (timeout: nosuch.test: no reply from 127.0.0.1:9 "
+                             "before the deadline)"]
+    # only unresolved names: they are planned over (there is nothing else)
+    only = planner.plan(2, [name, "http://other.test:11434"])
+    assert only.mode == "parallel" and only.excluded == []
+
+
+def test_use_unresolved_keeps_the_first_releases_behaviour(topology):
+    planner = planner_for(topology, use_unresolved=True)
+    name = "http://nosuch.test:11434"
+    plan = planner.plan(3, [name, A, B])
+    assert plan.excluded == [] and len(plan.nodes) == 3
+    assert any(w.startswith("host 'nosuch.test' could not be resolved (timeout: ")
+               and w.endswith("; it is treated as a separate machine") for w in plan.warnings)
+
+
+def test_a_failed_batch_still_teaches_what_did_run():
+    from sollol_locality._errors import DispatchError
+
+    planner, _ = clocked_planner()
+
+    def call(node, task):
+        if node == B:
+            raise ConnectionError("refused")
+        return task
+
+    with pytest.raises(DispatchError) as caught:
+        planner.run(range(4), call, [A, B], max_attempts=1)
+    # task 1 failed on B and had no attempt left; B's queued task 3 moved to A
+    assert caught.value.failed_tasks == (1,) and caught.value.results == (0, None, 2, 3)
+    assert planner.cost_model.observations == 1
+    assert list(planner.cost_model.calibration.task_seconds) == ["10.0.0.1/cpu"]

@@ -285,3 +285,85 @@ def test_a_run_where_nothing_ran_concurrently_teaches_nothing(model, topology):
     data = model.to_dict()
     assert data["contention"] == {} and data["dispatch_overhead"] == []
     assert model.observations == 5
+
+
+@pytest.mark.integration
+def test_calibrate_reaches_nodes_named_only_in_the_given_nameserver(
+        nodes: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        dns_server: Any) -> None:
+    """``--nameserver`` names the nodes; the system resolver knows none of them (and is not
+    allowed to answer anything but IP literals), yet calibration reaches every node."""
+    import ipaddress
+
+    ports = [int(url.rsplit(":", 1)[1]) for url in nodes]
+    dns_server.set_zones({"lab.test": [("A", "192.0.2.1", 60)],
+                          "node-a.lab.test": [("A", "127.0.0.1", 60)],
+                          "node-b.lab.test": [("A", "127.0.0.1", 60)]})
+    real_getaddrinfo = socket.getaddrinfo
+
+    def numeric_only(host: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            ipaddress.ip_address(host.decode() if isinstance(host, bytes) else str(host))
+        except ValueError:
+            raise socket.gaierror(socket.EAI_NONAME, f"system resolution of {host!r}") from None
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", numeric_only)
+    named = [f"http://node-a.lab.test:{ports[0]}", f"http://node-b.lab.test:{ports[1]}"]
+    target = tmp_path / "calibration.json"
+    before = [generates(url) for url in nodes]
+    code, text = run("calibrate", "--tokens", "4", "--rounds", "1", "--output", str(target),
+                     "--nameserver", dns_server.nameserver, "--no-hosts-file", *named)
+    assert code == 0
+    assert text == f"calibrated 2 node(s) with llama3.2:latest; wrote {target}\n"
+    # warm-up, alone, together: every request reached its node
+    assert [generates(url) for url in nodes] == [b + 3 for b in before]
+    assert dns_server.count("node-a.lab.test", "A") >= 1
+    assert dns_server.count("node-b.lab.test", "A") >= 1
+    assert json.loads(target.read_text())["task_seconds"]["localhost/cpu"]
+
+
+@pytest.mark.parametrize("family", ["name", "ipv6"])
+def test_requests_go_to_the_resolved_address_with_the_nodes_own_host_header(
+        dns_server: Any, family: str) -> None:
+    import http.server
+
+    from sollol_locality import NodeTopology
+    from sollol_locality.probe import _request
+
+    seen: list[str | None] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            seen.append(self.headers.get("Host"))
+            body = b'{"version": "0"}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    class V6Server(http.server.HTTPServer):
+        address_family = socket.AF_INET6
+
+    try:
+        server = (V6Server(("::1", 0), Handler) if family == "ipv6"
+                  else http.server.HTTPServer(("127.0.0.1", 0), Handler))
+    except OSError as exc:
+        pytest.skip(f"no loopback for {family}: {exc}")
+    port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        dns_server.set_zones({"node.lab.test": [("A", "127.0.0.1", 60)]})
+        node = (f"http://node.lab.test:{port}" if family == "name" else f"http://[::1]:{port}")
+        config = offline_config(nameservers=dns_server.nameserver, hosts_file=None)
+        identity = NodeTopology(config).describe(node)
+        assert _request(identity, "/api/version", timeout=10) == {"version": "0"}
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert seen == [f"node.lab.test:{port}" if family == "name" else f"[::1]:{port}"]

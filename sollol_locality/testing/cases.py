@@ -180,8 +180,9 @@ def build(make_dns_server: Callable[..., DnsTestServer], case: Case, api: str) -
         options = dict(case.behaviour)
         servers[0].set_behaviour(options.pop("kind"), name=case.name, **options)
     clock = FakeClock()
+    # use_unresolved: an unresolved name is planned over as its own machine (what is checked).
     config = offline_config(None, nameservers=",".join(s.nameserver for s in servers),
-                            dns_timeout=TIMEOUT, hosts_file=None)
+                            dns_timeout=TIMEOUT, hosts_file=None, use_unresolved=True)
     # As NodeTopology builds it from the config, with the cache clock made controllable.
     resolver = DnsResolver(nameservers=[s.nameserver for s in servers], hosts_file=None,
                            clock=clock)
@@ -259,7 +260,8 @@ class NameResolver:
 LOCAL = LocalSnapshot(frozenset({"localhost", "thisbox"}),
                       frozenset(map(ipaddress.ip_address, ["127.0.0.1", "::1", "192.0.2.10"])),
                       ())
-CONFIG = offline_config(None, dns_timeout=0.3)
+CONFIG = offline_config(None, dns_timeout=0.3,
+                        use_unresolved=True)  # unresolved names are planned over, as checked
 TOPOLOGY = NodeTopology(CONFIG, resolver=NameResolver(), local_machine=LocalMachine(
     probe=lambda: LOCAL))
 PLANNER = ExecutionPlanner(TOPOLOGY, ParallelismCostModel(CONFIG), CONFIG)
