@@ -424,7 +424,7 @@ class _Inst:
             q, r = divmod(n, c)
             value = q * ratios[c] + ratios[r]
             if value <= best * (1.0 + _TIE):
-                best, best_c = min(best, value), c
+                best, best_c = value, c  # the value of the concurrency returned
         return best, best_c
 
 

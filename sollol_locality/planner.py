@@ -1,14 +1,19 @@
 """The execution decision: parallel or sequential, and on which nodes.
 
 :meth:`ExecutionPlanner.plan` compares running the batch one after another on the fastest node with
-running it concurrently on one node per execution unit (best units first, adding units only while
-they shorten the predicted makespan), and picks parallel only when its predicted speedup exceeds
-``LocalityConfig.min_speedup``. Forced modes (``LocalityConfig.mode``) win over the model and say
-so. A node that cannot be parsed is left out with a warning that names it; every node given comes
-back in the plan, either in ``hosts`` (grouped by machine) or in ``excluded``.
+the best allocation of its tasks to (instance, concurrency) that the allocation engine
+(:mod:`sollol_locality._allocation`) finds: one node per execution unit (best units first, adding
+units only while they shorten the predicted makespan), several tasks at once on a node whose
+instance batches them (its slots: ``OLLAMA_NUM_PARALLEL``), or both. A parallel plan may be one
+node. It picks parallel only when the predicted speedup exceeds ``LocalityConfig.min_speedup``; the
+cost of the decision does not depend on the task count. Forced modes (``LocalityConfig.mode``) win
+over the model and say so. A node that cannot be parsed is left out with a warning that names it;
+every node given comes back in the plan, either in ``hosts`` (grouped by machine) or in
+``excluded``.
 
-Decisions are cached for one second per (task count, node set, node metrics, calibration) so that a
-warm decision costs microseconds; the cache never changes an answer the inputs would change.
+Decisions are cached for one second per (task count, node set, node metrics and slots, calibration)
+so that a warm decision costs microseconds; the cache never changes an answer the inputs would
+change.
 """
 
 from __future__ import annotations
@@ -20,10 +25,17 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
 from . import _nodefields
+from ._allocation import (
+    Allocation,
+    BatchingCurve,
+    SlotInstance,
+    allocate,
+    describe_allocation,
+)
 from ._errors import InvalidNodeAddress
 from .addresses import describe_input
 from .config import ENV_MODE, LocalityConfig
-from .cost_model import NodeProfile, ParallelismCostModel
+from .cost_model import Batching, NodeProfile, ParallelismCostModel
 from .topology import ExecutionUnit, HostIdentity, Instance, NodeTopology
 
 __all__ = ["DECISION_CACHE_SECONDS", "ExecutionPlan", "ExecutionPlanner", "PlanDetail"]
@@ -110,9 +122,14 @@ class ExecutionPlan:
 
     @property
     def concurrency_per_node(self) -> list[int]:
-        """How many tasks to have in flight at once on each node of ``nodes`` (1 per node: each
-        node serves one request at a time)."""
+        """How many tasks to have in flight at once on each node of ``nodes`` (1 on a node
+        that serves one request at a time; up to its slots on a node that batches them)."""
         return list(self.detail.concurrency) if self.detail else []
+
+    @property
+    def slots_per_node(self) -> list[int]:
+        """How many requests each node of ``nodes`` serves at once, as the plan assumed."""
+        return [b.slots for b in self.detail.batching] if self.detail else []
 
     @property
     def naive_speedup(self) -> float:
@@ -175,6 +192,10 @@ class ExecutionPlan:
             "nodes": urls,
             "tasks_per_node": self.tasks_per_node,
             "concurrency_per_node": self.concurrency_per_node,
+            "slots_per_node": self.slots_per_node,
+            "batching_per_node": ([{"slots": b.slots, "slots_source": b.slots_source,
+                                    "curve": b.describe()} for b in self.detail.batching]
+                                  if self.detail else []),
             "unique_hosts": self.unique_hosts,
             "units": self.units,
             "reason": self.reason,
@@ -213,7 +234,10 @@ class PlanDetail:
         mode, speedup, unique_hosts, reason, warnings, forced: as on the plan.
         chosen: positions, in the candidate list, of the plan's ``nodes`` (best first).
         tasks: predicted tasks for each chosen node.
-        concurrency: tasks in flight at once on each chosen node (1 each).
+        concurrency: tasks in flight at once on each chosen node (more than 1 on a node
+            that batches them).
+        batching: each chosen node's slots and batching curve as the decision planned them
+            (:class:`~sollol_locality.cost_model.Batching`).
         cause, num_tasks, units, naive_speedup, sequential_seconds, predicted_seconds,
             time_unit, shared_host: as the plan's properties of the same names.
         hosts: ``(host id, candidate positions)`` for each physical host, input order kept.
@@ -245,6 +269,7 @@ class PlanDetail:
     shared_host: str | None
     identities: tuple[HostIdentity, ...]
     concurrency: tuple[int, ...] = ()
+    batching: tuple[Batching, ...] = ()
     # What a decision is, for telling a changed decision from a repeated one (computed once).
     host_ids: frozenset[str] = field(init=False, repr=False, compare=False)
     chosen_urls: tuple[str, ...] = field(init=False, repr=False, compare=False)
@@ -255,6 +280,9 @@ class PlanDetail:
                            tuple(i.address.url for i in self.identities))
         if len(self.concurrency) != len(self.chosen):
             object.__setattr__(self, "concurrency", (1,) * len(self.chosen))
+        if len(self.batching) != len(self.chosen):
+            object.__setattr__(self, "batching", tuple(
+                Batching(1, "prior", BatchingCurve.none(), "none") for _ in self.chosen))
 
     def build(self, nodes: Sequence[Any]) -> ExecutionPlan:
         """A plan for this call: fresh lists, this call's node objects."""
@@ -371,19 +399,26 @@ class ExecutionPlanner:
                              warnings=tuple(warnings), forced=forced, cause=cause,
                              naive_speedup=naive, sequential_seconds=sequential,
                              predicted_seconds=sequential, shared_host=shared,
-                             identities=(fastest.identity,), **common)  # type: ignore[arg-type]
+                             identities=(fastest.identity,),
+                             batching=(model.batching(fastest.identity),),
+                             **common)  # type: ignore[arg-type]
 
-        def par(chosen: Sequence[NodeProfile], shares: Sequence[int], makespan: float,
-                reason: str, cause: Cause, *, forced: bool = False) -> PlanDetail:
+        def par(chosen: Sequence[NodeProfile], allocation: Allocation, reason: str,
+                cause: Cause, *, forced: bool = False) -> PlanDetail:
+            by_key = allocation.by_instance
             order = sorted(range(len(chosen)), key=lambda i: _rank(chosen[i]))
-            used = [i for i in order if shares[i] > 0]
+            used = [i for i in order if by_key.get(chosen[i].instance.label, (0, 0))[0] > 0]
+            makespan = allocation.makespan
             speedup = sequential / makespan if makespan > 0 else 1.0
             return PlanDetail("parallel", speedup, tuple(chosen[i].index for i in used),
-                             tuple(shares[i] for i in used), reason=reason,
-                             warnings=tuple(warnings), forced=forced, cause=cause,
-                             naive_speedup=naive, sequential_seconds=sequential,
+                             tuple(by_key[chosen[i].instance.label][0] for i in used),
+                             reason=reason, warnings=tuple(warnings), forced=forced,
+                             cause=cause, naive_speedup=naive, sequential_seconds=sequential,
                              predicted_seconds=makespan, shared_host=None,
                              identities=tuple(chosen[i].identity for i in used),
+                             concurrency=tuple(max(1, by_key[chosen[i].instance.label][1])
+                                               for i in used),
+                             batching=tuple(model.batching(chosen[i].identity) for i in used),
                              **common)  # type: ignore[arg-type]
 
         fastest_url = fastest.identity.address.url
@@ -394,12 +429,13 @@ class ExecutionPlanner:
                        forced=True)
         if self.config.mode == "parallel":
             streams = _distinct_instances(sorted(profiles, key=_rank))
-            makespan, shares = model.parallel_makespan(num_tasks, streams)
+            across = model.allocation_across(num_tasks, streams)
+            makespan = across.makespan
             if num_tasks >= 2 and naive < 1.0:
                 warnings.append(f"forced parallel is predicted slower than sequential "
                                 f"({naive:.2f}x)")
-            working = sum(1 for s in shares if s > 0)
-            return par(streams, shares, makespan,
+            working = sum(1 for a in across.assignments if a.tasks > 0)
+            return par(streams, across,
                        f"Parallel forced by configuration ({ENV_MODE}=parallel): "
                        f"{_tasks(num_tasks)} across {working} node(s), predicted "
                        f"{(sequential / makespan if makespan else 1.0):.2f}x.",
@@ -409,6 +445,9 @@ class ExecutionPlanner:
                        f"Sequential: a single task cannot run in parallel; it goes to "
                        f"{fastest_url}.", "one-task")
 
+        # The distinct instances, best first, as the allocation engine sees them.
+        ranked = _distinct_instances(sorted(profiles, key=_rank))
+        instances = [model.slot_instance(p) for p in ranked]
         # One stream per execution unit (more where calibration measured a gain), best first.
         per_unit: dict[ExecutionUnit, list[NodeProfile]] = {}
         for profile in sorted(profiles, key=_rank):
@@ -417,7 +456,8 @@ class ExecutionPlanner:
         for unit, members in per_unit.items():
             streams = _distinct_instances(members)
             ordered.append(streams[:max(1, model.gains_from_concurrency(unit))])
-        if len(ordered) == 1 and len(ordered[0]) == 1:
+        if (len(ordered) == 1 and len(ordered[0]) == 1
+                and not any(_batches(inst) for inst in instances)):
             members = per_unit[fastest.unit]
             unit = fastest.unit
             kind = ("its CPU" if not unit.is_gpu else "its GPU" if unit.device is None
@@ -425,7 +465,7 @@ class ExecutionPlanner:
             if len(profiles) == 1:
                 return seq(f"Sequential: only one node ({fastest_url}) is available.",
                            "one-unit")
-            instances = len(_distinct_instances(members))
+            distinct = len(_distinct_instances(members))
             return seq(
                 f"Sequential: all {len(profiles)} nodes run on one machine "
                 f"({unit.host}) and share {kind}; {_tasks(num_tasks)} in parallel there are "
@@ -434,37 +474,33 @@ class ExecutionPlanner:
                 + (f", a gain under the {model.priors.min_concurrency_gain:.0%} that "
                    "calibration must measure before it is trusted over noise." if naive > 1.0
                    else ".")
-                if instances > 1 else
+                if distinct > 1 else
                 f"Sequential: the {len(profiles)} nodes given are aliases of one instance "
                 f"({fastest_url}).",
                 "one-unit", shared=unit.host)
-        best: tuple[float, list[NodeProfile], list[int], float] | None = None
-        limit = min(num_tasks, len(ordered))
-        for m in range(1, limit + 1):
-            chosen = [p for streams in ordered[:m] for p in streams]
-            if len(chosen) < 2:
-                continue
-            makespan, shares = model.parallel_makespan(num_tasks, chosen)
-            speedup = sequential / makespan if makespan > 0 else 1.0
-            if best is None or speedup > best[0] + 1e-9:
-                best = (speedup, chosen, shares, makespan)
-        if best is None:  # pragma: no cover - len(ordered) >= 2 guarantees a candidate
-            return seq("Sequential: no parallel plan is possible.", "below-threshold")
-        speedup, chosen, shares, makespan = best
-        used = [p for p, s in zip(chosen, shares, strict=True) if s > 0]
-        if speedup > self.config.min_speedup and len(used) >= 2:
-            used_hosts = list(dict.fromkeys(p.unit.host for p in used))
-            used_units = {p.unit for p in used}
-            where = (f"{len(used_hosts)} machines ({_names(used_hosts)})" if len(used_hosts) > 1
-                     else f"{len(used_units)} units of {used_hosts[0]} "
-                          f"({_names(u.label for u in used_units)})")
+        allocation = allocate(num_tasks, instances, model.contention_table(ranked))
+        speedup = allocation.speedup
+        by_key = allocation.by_instance
+        used = [p for p in ranked if p.instance.label in by_key]
+        if allocation.parallel and speedup > self.config.min_speedup:
+            batched = any(a.concurrency > 1 for a in allocation.assignments)
             left = len(profiles) - len(used)
             tail = (f"; {left} other node(s) would add contention or no speed and are left out"
                     if left else "")
-            return par(chosen, shares, makespan,
-                       f"Parallel: {_tasks(num_tasks)} across {where}, predicted "
-                       f"{speedup:.2f}x faster than one after another{tail}.", "parallel")
-        if len(used) < 2 or speedup <= 1.0 and _dominates(fastest, profiles):
+            if not batched:  # today's sentence: one task at a time on each of 2+ nodes
+                used_hosts = list(dict.fromkeys(p.unit.host for p in used))
+                used_units = {p.unit for p in used}
+                where = (f"{len(used_hosts)} machines ({_names(used_hosts)})"
+                         if len(used_hosts) > 1
+                         else f"{len(used_units)} units of {used_hosts[0]} "
+                              f"({_names(u.label for u in used_units)})")
+                return par(ranked, allocation,
+                           f"Parallel: {_tasks(num_tasks)} across {where}, predicted "
+                           f"{speedup:.2f}x faster than one after another{tail}.", "parallel")
+            names = {p.instance.label: p.identity.address.url for p in ranked}
+            return par(ranked, allocation,
+                       f"Parallel: {describe_allocation(allocation, names)}{tail}.", "parallel")
+        if not allocation.parallel or speedup <= 1.0 and _dominates(fastest, profiles):
             others = [p for p in profiles if p.unit != fastest.unit]
             ratio = min(p.task_time for p in others) / fastest.task_time if others else 1.0
             return seq(f"Sequential on {fastest_url}: it is {ratio:.1f}x faster than any other "
@@ -492,6 +528,12 @@ def _distinct_instances(profiles: Iterable[NodeProfile]) -> list[NodeProfile]:
             seen.add(profile.instance)
             result.append(profile)
     return result
+
+
+def _batches(instance: SlotInstance) -> bool:
+    """Whether sending several tasks at once to ``instance`` is predicted to gain anything."""
+    curve = instance.curve
+    return any(curve.ratio(k) < k * (1.0 - 1e-9) for k in range(2, instance.slots + 1))
 
 
 def _dominates(fastest: NodeProfile, profiles: Sequence[NodeProfile]) -> bool:
