@@ -213,6 +213,9 @@ def _cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
     out.write(f"dispatch to: {', '.join(nodes) if nodes else '(nothing)'}\n")
     if plan.mode == "parallel":
         out.write(f"tasks each:  {', '.join(map(str, plan.tasks_per_node))}\n")
+        if any(c > 1 for c in plan.concurrency_per_node):
+            out.write(f"at once:     {', '.join(map(str, plan.concurrency_per_node))} "
+                      f"(slots {', '.join(map(str, plan.slots_per_node))})\n")
     out.write(f"machines:    {plan.unique_hosts} physical host"
               f"{'s' if plan.unique_hosts != 1 else ''}, {plan.units} execution unit"
               f"{'s' if plan.units != 1 else ''}\n")
