@@ -754,14 +754,31 @@ class ParallelismCostModel:
             if ideal > 0:
                 cal.dispatch.append(max(0.0, wall / ideal - 1.0))
 
-    def _forget(self, *, units: Iterable[str] = (), hosts: Iterable[str] = (),
-                dispatch: bool = False) -> None:
-        """Drop what was learned about these units (time per task, contention) and hosts
-        (same-host overhead), and the dispatch overhead when ``dispatch``: a calibration run
-        about to measure them again replaces them instead of mixing old samples in."""
+    def observe_batching(self, identity: HostIdentity, k: int, wall_seconds: float) -> None:
+        """Learn one point of an instance's batching curve: ``k`` requests sent to it together
+        took ``wall_seconds`` (``k = 1``: one alone, the curve's reference).
+
+        Raises:
+            ValueError: ``k`` below 1 or a non-positive time.
+        """
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        if not _is_number(wall_seconds) or wall_seconds <= 0:
+            raise ValueError(f"wall_seconds must be a positive number, got {wall_seconds!r}")
         with self._lock:
             self._ensure_loaded()
-            self._cal.forget(units=units, hosts=hosts, dispatch=dispatch)
+            self._cal.push_k(self._cal.batching, identity.instance.label, k, float(wall_seconds))
+            self._version += 1
+
+    def _forget(self, *, units: Iterable[str] = (), hosts: Iterable[str] = (),
+                dispatch: bool = False, instances: Iterable[str] = ()) -> None:
+        """Drop what was learned about these units (time per task, contention) and hosts
+        (same-host overhead), the dispatch overhead when ``dispatch``, and the batching curves
+        of these instances: a calibration run about to measure them again replaces them
+        instead of mixing old samples in."""
+        with self._lock:
+            self._ensure_loaded()
+            self._cal.forget(units=units, hosts=hosts, dispatch=dispatch, instances=instances)
             self._version += 1
 
     # -- persistence (the file format is :mod:`sollol_locality.calibration`'s) -------------
