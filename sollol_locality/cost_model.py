@@ -39,7 +39,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any, Final, TypeGuard
 
 from . import _allocation, _nodefields, calibration
 from ._allocation import Allocation, BatchingCurve, Contention, SlotInstance
@@ -432,7 +432,10 @@ class ParallelismCostModel:
         when nothing is measured): the median wall time of ``k`` requests sent together over
         the median of one alone, both from the instance's ``batching`` windows (one alone: the
         unit's time per task when the instance has no window of its own)."""
-        by_k = dict(self.calibration.batching.get(identity.instance.label) or {})  # a copy
+        windows = self.calibration.batching.get(identity.instance.label)
+        if not windows:
+            return {}
+        by_k = dict(windows)  # a copy: observe() may add a point from another thread
         solo = _median(by_k.get(1))
         if solo is None:
             solo = self.measured_task_seconds(identity.unit)
@@ -451,8 +454,9 @@ class ParallelismCostModel:
         every smaller ``k`` measured (1 when sending several at once gained nothing), or
         ``None`` when no curve is measured."""
         points = self.measured_batching(identity)
-        if not points:
-            return None
+        return self._slots_from(points) if points else None
+
+    def _slots_from(self, points: dict[int, float]) -> int:
         margin = self.priors.min_concurrency_gain
         best_k, best_rate = 1, 1.0
         for k in sorted(points):
@@ -472,12 +476,12 @@ class ParallelismCostModel:
         """
         source = identity.facts.get("slots", "prior")
         slots = identity.slots
-        measured = self.measured_slots(identity)
-        if measured is not None and source != "topology file":
-            slots, source = measured, "measured"
+        points = (self.measured_batching(identity)
+                  if self.calibration.batching else {})  # (the common case: none measured)
+        if points and source != "topology file":
+            slots, source = self._slots_from(points), "measured"
         if slots <= 1:
-            return Batching(1, source, BatchingCurve.none(), "none")
-        points = self.measured_batching(identity)
+            return _ONE_SLOT.get(source) or Batching(1, source, BatchingCurve.none(), "none")
         if points:
             return Batching(slots, source, BatchingCurve.measured(points), "measured")
         curve = _allocation.prior_curve(identity.unit.is_gpu,
@@ -505,8 +509,9 @@ class ParallelismCostModel:
         measured: dict[str, dict[int, float]] = {}
         host_measured: dict[str, float] = {}
         streams: dict[str, int] = {}
-        for unit in units:
-            by_k = dict(self.calibration.contention.get(unit.label) or {})
+        cal = self.calibration
+        for unit in units if cal.contention or trial is not None else ():
+            by_k = dict(cal.contention.get(unit.label) or {})
             table = {k: v for k, v in ((k, _median(w)) for k, w in by_k.items())
                      if v is not None}
             if trial is not None and trial.kind == "contention" and trial.key == unit.label:
@@ -516,7 +521,7 @@ class ParallelismCostModel:
             gains = self.gains_from_concurrency(unit)
             if gains > 1:
                 streams[unit.label] = gains
-        for host in {u.host for u in units}:
+        for host in {u.host for u in units} if cal.host_overhead or trial is not None else ():
             value = self.host_overhead(host, trial=trial)
             if value != priors.same_host_overhead:
                 host_measured[host] = value
@@ -825,6 +830,10 @@ class ParallelismCostModel:
             self.priors = priors
             self._loaded_from = path
             self._version += 1
+
+
+_ONE_SLOT: Final = {source: Batching(1, source, BatchingCurve.none(), "none")
+                    for source in ("prior", "node", "process", "topology file", "measured")}
 
 
 def _distinct(profiles: Iterable[NodeProfile]) -> list[NodeProfile]:

@@ -30,7 +30,9 @@ from ._allocation import (
     BatchingCurve,
     SlotInstance,
     allocate,
+    allocate_across,
     describe_allocation,
+    dispatch_all,
 )
 from ._errors import InvalidNodeAddress
 from .addresses import describe_input
@@ -347,7 +349,9 @@ class ExecutionPlanner:
         if key is not None:
             if len(self._memo) >= _MEMO_MAX:
                 self._memo.clear()
-            self._memo[key] = (now + DECISION_CACHE_SECONDS, version, template)
+            # Served for a second from when the decision was made (one over thousands of
+            # nodes can itself take a good part of a second).
+            self._memo[key] = (self._clock() + DECISION_CACHE_SECONDS, version, template)
         return template.build(node_list)
 
     def invalidate(self) -> None:
@@ -387,10 +391,20 @@ class ExecutionPlanner:
                              cause="no-nodes", naive_speedup=1.0, sequential_seconds=0.0,
                              predicted_seconds=0.0, shared_host=None, identities=(),
                              **common)  # type: ignore[arg-type]
-        fastest = min(profiles, key=_rank)
+        by_rank = sorted(profiles, key=_rank)
+        fastest = by_rank[0]
         sequential = model.sequential_makespan(num_tasks, profiles)
-        # What "parallel whenever two nodes are healthy" does: every node gets tasks.
-        naive_time = model.dispatch_all_makespan(num_tasks, profiles)
+        # The distinct instances, best first, as the allocation engine sees them (each built
+        # once per decision: a decision over many nodes costs what building them costs).
+        ranked = _distinct_instances(by_rank)
+        slot = {p.instance: model.slot_instance(p) for p in ranked}
+        instances = [slot[p.instance] for p in ranked]
+        contention = model.contention_table(ranked)
+        # What "parallel whenever two nodes are healthy" does: every node gets tasks, one at a
+        # time, in the order given (the closed form of ``model.dispatch_all_makespan``).
+        naive_time = (dispatch_all(num_tasks, [slot[p.instance] for p in
+                                               _distinct_instances(profiles)], contention)
+                      if num_tasks > 0 else 0.0)
         naive = sequential / naive_time if naive_time > 0 else 1.0
 
         def seq(reason: str, cause: Cause, *, shared: str | None = None,
@@ -428,8 +442,8 @@ class ExecutionPlanner:
                        f"{naive:.2f}x for running them in parallel).", "forced-sequential",
                        forced=True)
         if self.config.mode == "parallel":
-            streams = _distinct_instances(sorted(profiles, key=_rank))
-            across = model.allocation_across(num_tasks, streams)
+            streams = ranked
+            across = allocate_across(num_tasks, instances, contention)
             makespan = across.makespan
             if num_tasks >= 2 and naive < 1.0:
                 warnings.append(f"forced parallel is predicted slower than sequential "
@@ -445,12 +459,9 @@ class ExecutionPlanner:
                        f"Sequential: a single task cannot run in parallel; it goes to "
                        f"{fastest_url}.", "one-task")
 
-        # The distinct instances, best first, as the allocation engine sees them.
-        ranked = _distinct_instances(sorted(profiles, key=_rank))
-        instances = [model.slot_instance(p) for p in ranked]
         # One stream per execution unit (more where calibration measured a gain), best first.
         per_unit: dict[ExecutionUnit, list[NodeProfile]] = {}
-        for profile in sorted(profiles, key=_rank):
+        for profile in by_rank:
             per_unit.setdefault(profile.unit, []).append(profile)
         ordered: list[list[NodeProfile]] = []
         for unit, members in per_unit.items():
@@ -478,7 +489,7 @@ class ExecutionPlanner:
                 f"Sequential: the {len(profiles)} nodes given are aliases of one instance "
                 f"({fastest_url}).",
                 "one-unit", shared=unit.host)
-        allocation = allocate(num_tasks, instances, model.contention_table(ranked))
+        allocation = allocate(num_tasks, instances, contention)
         speedup = allocation.speedup
         by_key = allocation.by_instance
         used = [p for p in ranked if p.instance.label in by_key]
