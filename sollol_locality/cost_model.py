@@ -605,6 +605,12 @@ class ParallelismCostModel:
         for profile, share in zip(profiles, shares, strict=True):
             per_node[profile.index] = share
         reason = self._explain(num_tasks, profiles, used, speedup)
+        if num_tasks >= 2 and any(self.batching(p.identity).slots > 1 for p in used
+                                  if p.identity is not None):
+            allocation = self.allocation_across(num_tasks, profiles)
+            if any(a.concurrency > 1 for a in allocation.assignments):
+                names = {p.instance.label: p.identity.address.url for p in profiles}
+                reason = _allocation.describe_allocation(allocation, names)
         if invalid:
             reason += f" ({invalid} node(s) could not be parsed and were left out)"
         return SpeedupEstimate(speedup, sequential, parallel, units, reason, time_unit,

@@ -61,8 +61,10 @@ class ExecutionPlan:
         mode: ``"parallel"`` or ``"sequential"``.
         speedup: the chosen plan's predicted speedup over running the tasks one after another on
             the fastest node (1.0 when sequential).
-        nodes: where to dispatch, the caller's own node objects, best first: one node per
-            execution unit when parallel, one node when sequential (empty when no node is usable).
+        nodes: where to dispatch, the caller's own node objects, best first: when parallel,
+            one node per execution unit used (possibly a single node that batches its tasks:
+            see ``concurrency_per_node``), one node when sequential (empty when no node is
+            usable).
         unique_hosts: distinct physical machines among the usable candidates.
         reason: one sentence a person understands.
         warnings: things the caller should know (nodes left out, names not resolved, ...).
@@ -72,7 +74,7 @@ class ExecutionPlan:
             hand).
 
     The properties below are thin aliases of ``detail`` (``cause``, ``num_tasks``, ``units``,
-    ``tasks_per_node``, ``concurrency_per_node``, ``naive_speedup``, ``sequential_seconds``,
+    ``tasks_per_node``, ``concurrency_per_node``, ``slots_per_node``, ``naive_speedup``, ``sequential_seconds``,
     ``predicted_seconds``, ``time_unit``, ``hosts``, ``excluded``, ``shared_host``,
     ``identities``), giving back this call's node objects; :meth:`to_dict` gives all of it as
     JSON-friendly data.
