@@ -76,8 +76,8 @@ class ExecutionPlan:
     The properties below are thin aliases of ``detail`` (``cause``, ``num_tasks``, ``units``,
     ``tasks_per_node``, ``concurrency_per_node``, ``slots_per_node``, ``naive_speedup``,
     ``sequential_seconds``, ``predicted_seconds``, ``time_unit``, ``hosts``, ``excluded``,
-    ``shared_host``, ``identities``), giving back this call's node objects; :meth:`to_dict` gives all of it as
-    JSON-friendly data.
+    ``shared_host``, ``identities``), giving back this call's node objects; :meth:`to_dict`
+    gives all of it as JSON-friendly data.
     """
 
     mode: Literal["parallel", "sequential"]
