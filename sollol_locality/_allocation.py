@@ -144,6 +144,8 @@ class BatchingCurve:
     @classmethod
     def none(cls) -> BatchingCurve:
         """No batching gain: ``k`` tasks at once take ``k`` times one (a queue)."""
+        if cls is BatchingCurve:
+            return _NO_BATCHING  # frozen: one shared object serves every instance
         return cls()
 
     @classmethod
@@ -203,6 +205,9 @@ class BatchingCurve:
             previous = point
         last_k, last_r = previous
         return last_r + self.tail * (k - last_k)
+
+
+_NO_BATCHING: Final = BatchingCurve()
 
 
 def prior_curve(is_gpu: bool, *, cpu_cost: float = CPU_BATCH_COST,
@@ -424,7 +429,7 @@ class _Inst:
             q, r = divmod(n, c)
             value = q * ratios[c] + ratios[r]
             if value <= best * (1.0 + _TIE):
-                best, best_c = min(best, value), c
+                best, best_c = value, c  # the value of the concurrency returned
         return best, best_c
 
 

@@ -89,6 +89,8 @@ PRIOR_BOUNDS: Final[Mapping[str, tuple[float, bool]]] = {
     "gpu_speed_factor": (0.0, True),
     "min_samples": (0.0, False),
     "min_concurrency_gain": (0.0, False),
+    "cpu_batch_cost": (0.0, False),
+    "gpu_batch_cost": (0.0, False),
 }
 _LOCK_TIMEOUT_SECONDS: Final = 30.0
 
@@ -133,8 +135,9 @@ class Calibration:
         contention: unit label -> stream count ``k`` -> contention ``c``.
         host_overhead: host id -> same-host overhead between its units.
         dispatch: dispatch overhead of parallel runs across machines.
-        batching: instance label -> concurrent requests ``k`` -> time of ``k`` together / one
-            alone (the instance's batching curve; filled by later measurements).
+        batching: instance label -> concurrent requests ``k`` -> wall seconds of ``k``
+            requests sent to that instance together (``k = 1``: one alone); the batching curve
+            ``ratio(k)`` is computed on read, as the median at ``k`` over the median at 1.
         colocation: ``"instance|instance"`` (sorted) -> what a measurement found about the pair
             (plain JSON data: whether they share a unit, how strongly, when measured).
         priors: prior values the file carried (checked against :data:`PRIOR_BOUNDS`).
@@ -205,8 +208,11 @@ class Calibration:
         self.journal.append(("forget", section, key, None, None))
 
     def forget(self, *, units: Iterable[str] = (), hosts: Iterable[str] = (),
-               dispatch: bool = False) -> None:
-        """Drop what is known about these units and hosts (and the dispatch overhead)."""
+               dispatch: bool = False, instances: Iterable[str] = ()) -> None:
+        """Drop what is known about these units and hosts (and the dispatch overhead), and the
+        batching curves of these instances."""
+        for label in instances:
+            self.batching.pop(label, None)
         for label in units:
             self.forget_entry("task_seconds", label)
             self.forget_entry("contention", label)

@@ -511,6 +511,9 @@ def _print_plan(plan: Any, data: dict[str, Any], config: Any, calibration: dict[
     out.write(f"dispatch to: {', '.join(nodes) if nodes else '(nothing)'}\n")
     if plan.mode == "parallel" and not nothing:
         out.write(f"tasks each:  {', '.join(map(str, plan.tasks_per_node))}\n")
+        if any(c > 1 for c in plan.concurrency_per_node):
+            out.write(f"at once:     {', '.join(map(str, plan.concurrency_per_node))} "
+                      f"(slots {', '.join(map(str, plan.slots_per_node))})\n")
     out.write(f"machines:    {_plural(plan.unique_hosts, 'physical host')}, "
               f"{_plural(plan.units, 'execution unit')}\n")
     out.write(f"calibration: {_describe_calibration(calibration)}\n")

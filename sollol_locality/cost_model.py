@@ -32,17 +32,17 @@ what finished runs measured.
 
 from __future__ import annotations
 
-import heapq
 import logging
 import os
 import statistics
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeGuard
 
-from . import _nodefields, calibration
+from . import _allocation, _nodefields, calibration
+from ._allocation import Allocation, BatchingCurve, Contention, SlotInstance
 from ._errors import CalibrationError, InvalidNodeAddress
 from .calibration import MIN_CONTENTION as _MIN_CONTENTION
 from .calibration import Calibration
@@ -104,7 +104,21 @@ class CostPriors:
             of two nodes on one core, whose true ``c`` is close to 0, learned from -0.04 to +0.07
             across six runs (``python -m benchmarks.dispatch [--quick]``, some with other
             processes busy on the VM); with no margin, one of them (-0.009) sent a job parallel
-            on one core and it ran 3% slower.
+            on one core and it ran 3% slower. Calibration also stops measuring an instance's
+            batching curve once sending twice as many requests at once raises its throughput
+            by no more than this.
+        cpu_batch_cost: the cost of each extra concurrent request on a CPU instance whose
+            slots are known (topology file, node object, process) but whose batching curve is
+            not yet measured, as a fraction of one task alone (0.35: 4 at once take 2.05x one).
+            CPU decode is memory-bandwidth bound, so batching pays, but each sequence adds
+            matrix work and a CPU has little compute headroom; public figures range from
+            sequences nearly free (llama.cpp issue 4064: 4, 8 and 16 tokens/s at batch 1, 2
+            and 4 on an x86 CPU) to no gain at all on a phone. An estimate between the two, on
+            the cautious side of the x86 figure.
+        gpu_batch_cost: the same for a GPU instance (0.15: 4 at once take 1.45x one). From
+            ``llama-batched-bench`` in llama.cpp pull request 16894 (7B Q8_0, GPU offload):
+            32 tokens take 0.405 s, 0.469 s and 0.570 s at batch 1, 2 and 4 (ratios 1.16 and
+            1.41; 1.20 and 1.53 with a 4096-token prompt). Prompt-heavy tasks batch worse.
     """
 
     cpu_contention: float = 1.0
@@ -114,6 +128,33 @@ class CostPriors:
     gpu_speed_factor: float = 4.0
     min_samples: int = 3
     min_concurrency_gain: float = 0.05
+    cpu_batch_cost: float = _allocation.CPU_BATCH_COST
+    gpu_batch_cost: float = _allocation.GPU_BATCH_COST
+
+
+@dataclass(frozen=True, slots=True)
+class Batching:
+    """How one instance serves concurrent requests, as the model plans it.
+
+    Attributes:
+        slots: requests it serves at once.
+        slots_source: where ``slots`` came from (a ``HostIdentity.facts`` source:
+            ``"topology file"``, ``"measured"``, ``"process"``, ``"node"``, ``"prior"``).
+        curve: its batching curve (:meth:`BatchingCurve.none` with one slot).
+        curve_source: ``"measured"`` (calibration's points), ``"prior"`` (the priors' cost per
+            extra request: slots known, curve not measured) or ``"none"`` (one slot).
+    """
+
+    slots: int
+    slots_source: str
+    curve: BatchingCurve
+    curve_source: str
+
+    def describe(self) -> str | dict[str, float]:
+        """``"prior"``, ``"none"``, or the measured points as ``{"k": ratio}`` (JSON-ready)."""
+        if self.curve_source != "measured":
+            return self.curve_source
+        return {str(k): round(r, 4) for k, r in self.curve.points}
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,125 +447,155 @@ class ParallelismCostModel:
             return 0.0
         return num_tasks * min(p.task_time for p in profiles)
 
+    # -- slots and contention, as the allocation engine takes them -------------------------
+
+    def measured_batching(self, identity: HostIdentity) -> dict[int, float]:
+        """``k -> ratio`` calibration measured for ``identity``'s instance (``k >= 2``; empty
+        when nothing is measured): the median wall time of ``k`` requests sent together over
+        the median of one alone, both from the instance's ``batching`` windows (one alone: the
+        unit's time per task when the instance has no window of its own)."""
+        windows = self.calibration.batching.get(identity.instance.label)
+        if not windows:
+            return {}
+        by_k = dict(windows)  # a copy: observe() may add a point from another thread
+        solo = _median(by_k.get(1))
+        if solo is None:
+            solo = self.measured_task_seconds(identity.unit)
+        if solo is None or solo <= 0:
+            return {}
+        result = {}
+        for k, window in by_k.items():
+            wall = _median(window)
+            if k >= 2 and wall is not None:
+                result[k] = max(wall / solo, 1e-9)
+        return result
+
+    def measured_slots(self, identity: HostIdentity) -> int | None:
+        """The slot count calibration measured for ``identity``'s instance: the largest ``k`` whose
+        throughput (``k / ratio(k)``) rose by more than ``priors.min_concurrency_gain`` over
+        every smaller ``k`` measured (1 when sending several at once gained nothing), or
+        ``None`` when no curve is measured."""
+        points = self.measured_batching(identity)
+        return self._slots_from(points) if points else None
+
+    def _slots_from(self, points: dict[int, float]) -> int:
+        margin = self.priors.min_concurrency_gain
+        best_k, best_rate = 1, 1.0
+        for k in sorted(points):
+            rate = k / points[k]
+            if rate > best_rate * (1.0 + margin):
+                best_k, best_rate = k, rate
+        return best_k
+
+    def batching(self, identity: HostIdentity) -> Batching:
+        """The slots and batching curve the model plans ``identity``'s instance with.
+
+        Slots, most trusted first: the topology file, calibration (:meth:`measured_slots`),
+        then what the identity carries (the local process, the node object, the prior of one).
+        The curve: calibration's points when measured, else, for an instance with more than
+        one slot, the prior cost per extra request (``priors.cpu_batch_cost`` or
+        ``gpu_batch_cost``), so that declared slots change the plan before any calibration.
+        """
+        source = identity.facts.get("slots", "prior")
+        slots = identity.slots
+        points = (self.measured_batching(identity)
+                  if self.calibration.batching else {})  # (the common case: none measured)
+        if points and source != "topology file":
+            slots, source = self._slots_from(points), "measured"
+        if slots <= 1:
+            return _ONE_SLOT.get(source) or Batching(1, source, BatchingCurve.none(), "none")
+        if points:
+            return Batching(slots, source, BatchingCurve.measured(points), "measured")
+        curve = _allocation.prior_curve(identity.unit.is_gpu,
+                                        cpu_cost=max(0.0, self.priors.cpu_batch_cost),
+                                        gpu_cost=max(0.0, self.priors.gpu_batch_cost))
+        return Batching(slots, source, curve, "prior")
+
+    def slot_instance(self, profile: NodeProfile) -> SlotInstance:
+        """``profile`` as the allocation engine sees it (keyed by its instance label)."""
+        # A profile built by hand may carry no identity: one slot, as before slots existed.
+        identity: HostIdentity | None = profile.identity
+        batching = (self.batching(identity) if identity is not None
+                    else Batching(1, "prior", BatchingCurve.none(), "none"))
+        unit = profile.unit
+        return SlotInstance(profile.instance.label, unit.label, unit.host, profile.task_time,
+                            batching.slots, batching.curve, unit.is_gpu)
+
+    def contention_table(self, profiles: Iterable[NodeProfile], *,
+                         trial: _Trial | None = None) -> Contention:
+        """The contention figures for the units and hosts of ``profiles``: the priors, with
+        what calibration measured in their place (``trial`` stands a candidate value in for one
+        figure, as :meth:`contention` does)."""
+        priors = self.priors
+        units = {p.unit for p in profiles}
+        measured: dict[str, dict[int, float]] = {}
+        host_measured: dict[str, float] = {}
+        streams: dict[str, int] = {}
+        cal = self.calibration
+        for unit in units if cal.contention or trial is not None else ():
+            by_k = dict(cal.contention.get(unit.label) or {})
+            table = {k: v for k, v in ((k, _median(w)) for k, w in by_k.items())
+                     if v is not None}
+            if trial is not None and trial.kind == "contention" and trial.key == unit.label:
+                table[trial.k] = trial.value
+            if table:
+                measured[unit.label] = table
+            gains = self.gains_from_concurrency(unit)
+            if gains > 1:
+                streams[unit.label] = gains
+        for host in {u.host for u in units} if cal.host_overhead or trial is not None else ():
+            value = self.host_overhead(host, trial=trial)
+            if value != priors.same_host_overhead:
+                host_measured[host] = value
+        return Contention(priors.cpu_contention, priors.gpu_contention,
+                          priors.same_host_overhead, self.dispatch_overhead(), measured,
+                          host_measured, streams)
+
+    def allocation_across(self, num_tasks: int, profiles: Sequence[NodeProfile]
+                          ) -> Allocation:
+        """The engine's allocation of ``num_tasks`` across exactly the distinct instances of
+        ``profiles`` (every one may get tasks), against sequential on the fastest."""
+        distinct = _distinct(profiles)
+        return _allocation.allocate_across(num_tasks, [self.slot_instance(p) for p in distinct],
+                                           self.contention_table(distinct))
+
     def parallel_makespan(self, num_tasks: int, profiles: Sequence[NodeProfile]
                           ) -> tuple[float, list[int]]:
         """Makespan of running the tasks concurrently across ``profiles`` and the tasks each
-        profile gets.
+        profile gets (aliases of one instance: the first listed).
 
         Tasks are balanced by speed (each goes to the node that would finish it first, given the
-        contention of the nodes working), then the run is simulated event by event: while ``k``
-        streams of a unit are busy each runs at ``1 / (k * (1 + c))`` of its solo speed, and a
-        stream left alone speeds back up.
+        contention of the nodes working and the batching of each node's slots), then the run is
+        simulated as nodes finish: while ``k`` streams of a unit are busy each runs at
+        ``1 / (k * (1 + c))`` of its solo speed, and a stream left alone speeds back up. The
+        cost does not depend on ``num_tasks`` (:func:`~sollol_locality._allocation.
+        allocate_across`).
         """
         count = len(profiles)
         if count == 0 or num_tasks <= 0:
             return 0.0, [0] * count
-        # Aliases of one instance are one server: only the first of each instance works.
+        allocation = self.allocation_across(num_tasks, profiles)
+        tasks = allocation.tasks_per_instance
+        shares = [0] * count
         seen: set[Instance] = set()
-        usable = []
         for i, profile in enumerate(profiles):
             if profile.instance not in seen:
                 seen.add(profile.instance)
-                usable.append(i)
-        active = set(usable)
-        best: tuple[float, list[int]] | None = None
-        for _ in range(6):
-            estimate = self._per_task_times(profiles, active, usable)
-            shares = _assign(num_tasks, [(i, estimate[i]) for i in usable])
-            now_active = {i for i in usable if shares[i] > 0}
-            makespan = self._simulate(profiles, shares)
-            if len({profiles[i].unit.host for i in now_active}) > 1:
-                makespan *= 1.0 + self.dispatch_overhead()
-            if best is None or makespan < best[0] - 1e-12:
-                best = (makespan, [shares.get(i, 0) for i in range(count)])
-            if now_active == active:
-                break
-            active = now_active
-        assert best is not None
-        return best
-
-    def _per_task_times(self, profiles: Sequence[NodeProfile], active: set[int],
-                        targets: Iterable[int], trial: _Trial | None = None
-                        ) -> dict[int, float]:
-        """Time per task of each target while the ``active`` nodes (plus itself) are busy."""
-        streams: dict[ExecutionUnit, int] = {}
-        host_units: dict[str, set[ExecutionUnit]] = {}
-        for i in active:
-            unit = profiles[i].unit
-            streams[unit] = streams.get(unit, 0) + 1
-            host_units.setdefault(unit.host, set()).add(unit)
-        times = {}
-        factors: dict[tuple[ExecutionUnit, int], float] = {}  # every node of a unit shares it
-        for i in targets:
-            profile = profiles[i]
-            unit = profile.unit
-            k = streams.get(unit, 0) + (0 if i in active else 1)
-            factor = factors.get((unit, k))
-            if factor is None:
-                factor = 1.0
-                if k > 1:
-                    factor = k * max(0.05, 1.0 + self.contention(unit, k, trial=trial))
-                units_busy = host_units.get(unit.host, set()) | {unit}
-                if len(units_busy) > 1:
-                    factor *= (1.0 + self.host_overhead(unit.host, trial=trial)
-                               * (len(units_busy) - 1))
-                factors[(unit, k)] = factor
-            times[i] = profile.task_time * factor
-        return times
+                shares[i] = tasks.get(profile.instance.label, 0)
+        return allocation.makespan, shares
 
     def dispatch_all_makespan(self, num_tasks: int, profiles: Sequence[NodeProfile]) -> float:
         """Makespan of dispatching to every node at once, as "parallel whenever two nodes are
         healthy" does: the first ``num_tasks`` distinct instances (in the order given) start one
         task each, and whenever a node finishes a task it takes the next one left, however slow
-        it is. Contention is simulated as in :meth:`parallel_makespan`; unlike it, no node is
-        spared, so a node many times slower than the rest still holds up the batch."""
-        seen: set[Instance] = set()
-        workers = []
-        for i, profile in enumerate(profiles):
-            if profile.instance not in seen:
-                seen.add(profile.instance)
-                workers.append(i)
-        if not workers or num_tasks <= 0:
+        it is. Contention is modelled as in :meth:`parallel_makespan`; unlike it, no node is
+        spared, so a node many times slower than the rest still holds up the batch. Computed in
+        closed form (:func:`~sollol_locality._allocation.dispatch_all`)."""
+        distinct = _distinct(profiles)
+        if not distinct or num_tasks <= 0:
             return 0.0
-        busy = {i: 0.0 for i in workers[:num_tasks]}  # node -> progress through its task
-        waiting = num_tasks - len(busy)
-        hosts = {profiles[i].unit.host for i in busy}
-        clock = 0.0
-        while busy:
-            times = self._per_task_times(profiles, set(busy), busy)
-            step = min((1.0 - busy[i]) * times[i] for i in busy)
-            clock += step
-            for i in list(busy):
-                busy[i] += step / times[i]
-                if busy[i] >= 1.0 - 1e-9:
-                    if waiting > 0:
-                        waiting -= 1
-                        busy[i] = 0.0
-                    else:
-                        del busy[i]
-        if len(hosts) > 1:
-            clock *= 1.0 + self.dispatch_overhead()
-        return clock
-
-    def _simulate(self, profiles: Sequence[NodeProfile], shares: Mapping[int, int],
-                  trial: _Trial | None = None) -> float:
-        """Wall time until every node has worked through its share, contention included."""
-        left = {i: n for i, n in shares.items() if n > 0}
-        progress = dict.fromkeys(left, 0.0)
-        clock = 0.0
-        while left:
-            times = self._per_task_times(profiles, set(left), left, trial)
-            step = min((1.0 - progress[i]) * times[i] for i in left)
-            clock += step
-            for i in list(left):
-                progress[i] += step / times[i]
-                if progress[i] >= 1.0 - 1e-9:
-                    left[i] -= 1
-                    progress[i] = 0.0
-                    if left[i] == 0:
-                        del left[i]
-                        del progress[i]
-        return clock
+        instances = [self.slot_instance(p) for p in distinct]
+        return _allocation.dispatch_all(num_tasks, instances, self.contention_table(distinct))
 
     def estimate(self, num_tasks: int, nodes: Iterable[Any],
                  topology: NodeTopology) -> SpeedupEstimate:
@@ -556,6 +627,12 @@ class ParallelismCostModel:
         for profile, share in zip(profiles, shares, strict=True):
             per_node[profile.index] = share
         reason = self._explain(num_tasks, profiles, used, speedup)
+        if num_tasks >= 2 and any(self.batching(p.identity).slots > 1 for p in used
+                                  if p.identity is not None):
+            allocation = self.allocation_across(num_tasks, profiles)
+            if any(a.concurrency > 1 for a in allocation.assignments):
+                names = {p.instance.label: p.identity.address.url for p in profiles}
+                reason = _allocation.describe_allocation(allocation, names)
         if invalid:
             reason += f" ({invalid} node(s) could not be parsed and were left out)"
         return SpeedupEstimate(speedup, sequential, parallel, units, reason, time_unit,
@@ -702,6 +779,19 @@ class ParallelismCostModel:
         run of 2 tasks would, and the figures stay consistent with how the model predicts.
         """
         cal = self._cal
+        if mode == "parallel" and len({i.instance for i in identities}) == 1:
+            identity = identities[0]
+            slots = self.batching(identity).slots
+            if slots > 1:  # the tasks were batched on one instance: a point of its curve
+                label = identity.instance.label
+                if 2 <= num_tasks <= slots:
+                    cal.push_k(cal.batching, label, num_tasks, wall)
+                    logger.debug("calibration: %s ran %d at once in %.3fs", label, num_tasks,
+                                 wall)
+                else:
+                    logger.debug("calibration: %d tasks on %s (%d slots) ran in rounds; not "
+                                 "used", num_tasks, label, slots)
+                return
         if mode == "sequential" or len(identities) == 1:
             if overheads_only:  # the per-task times taught the unit's time per task
                 return
@@ -710,10 +800,10 @@ class ParallelismCostModel:
             logger.debug("calibration: %s takes %.3fs per task", unit.label,
                          wall / num_tasks)
             return
-        instances: dict[Instance, HostIdentity] = {}
+        distinct: dict[Instance, HostIdentity] = {}
         for identity in identities:
-            instances.setdefault(identity.instance, identity)
-        members = list(instances.values())
+            distinct.setdefault(identity.instance, identity)
+        members = list(distinct.values())
         units = {m.unit for m in members}
         hosts = {m.unit.host for m in members}
         k = len(members)
@@ -727,19 +817,23 @@ class ParallelismCostModel:
             by_unit[unit] = seconds
         profiles = [NodeProfile(i, m, m.instance, m.unit, by_unit[m.unit], "calibration")
                     for i, m in enumerate(members)]
+        instances = [self.slot_instance(p) for p in profiles]
+        plan: dict[str, tuple[int, int]]
         if ran is not None:  # the tasks each instance really ran
-            shares = {i: ran.get(m.instance, 0) for i, m in enumerate(members)}
+            plan = {inst.key: (ran.get(m.instance, 0), 1)
+                    for inst, m in zip(instances, members, strict=True)}
         elif num_tasks <= k:  # one task each on the first nodes, as such a run is dispatched
-            shares = {i: int(i < num_tasks) for i in range(k)}
-        else:
-            times = self._per_task_times(profiles, set(range(k)), range(k))
-            shares = _assign(num_tasks, [(i, times[i]) for i in range(k)])
-        streams = sum(1 for n in shares.values() if n > 0)
+            plan = {inst.key: (int(i < num_tasks), 1) for i, inst in enumerate(instances)}
+        else:  # as the model would have planned it (a bounded search, whatever num_tasks)
+            plan = _allocation.allocate_across(num_tasks, instances,
+                                               self.contention_table(profiles)).by_instance
+        streams = sum(1 for n, _ in plan.values() if n > 0)
         if streams < 2:  # one node did everything: nothing ran concurrently
             return
 
         def simulated(trial: _Trial | None = None) -> float:
-            return self._simulate(profiles, shares, trial)
+            contention = replace(self.contention_table(profiles, trial=trial), dispatch=0.0)
+            return _allocation.predict(instances, plan, contention)
 
         if len(units) == 1:
             if overheads_only:  # the per-task times taught the unit's contention
@@ -765,14 +859,31 @@ class ParallelismCostModel:
             if ideal > 0:
                 cal.push_dispatch(max(0.0, wall / ideal - 1.0))
 
-    def _forget(self, *, units: Iterable[str] = (), hosts: Iterable[str] = (),
-                dispatch: bool = False) -> None:
-        """Drop what was learned about these units (time per task, contention) and hosts
-        (same-host overhead), and the dispatch overhead when ``dispatch``: a calibration run
-        about to measure them again replaces them instead of mixing old samples in."""
+    def observe_batching(self, identity: HostIdentity, k: int, wall_seconds: float) -> None:
+        """Learn one point of an instance's batching curve: ``k`` requests sent to it together
+        took ``wall_seconds`` (``k = 1``: one alone, the curve's reference).
+
+        Raises:
+            ValueError: ``k`` below 1 or a non-positive time.
+        """
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        if not _is_number(wall_seconds) or wall_seconds <= 0:
+            raise ValueError(f"wall_seconds must be a positive number, got {wall_seconds!r}")
         with self._lock:
             self._ensure_loaded()
-            self._cal.forget(units=units, hosts=hosts, dispatch=dispatch)
+            self._cal.push_k(self._cal.batching, identity.instance.label, k, float(wall_seconds))
+            self._version += 1
+
+    def _forget(self, *, units: Iterable[str] = (), hosts: Iterable[str] = (),
+                dispatch: bool = False, instances: Iterable[str] = ()) -> None:
+        """Drop what was learned about these units (time per task, contention) and hosts
+        (same-host overhead), the dispatch overhead when ``dispatch``, and the batching curves
+        of these instances: a calibration run about to measure them again replaces them
+        instead of mixing old samples in."""
+        with self._lock:
+            self._ensure_loaded()
+            self._cal.forget(units=units, hosts=hosts, dispatch=dispatch, instances=instances)
             self._version += 1
 
     # -- persistence (the file format is :mod:`sollol_locality.calibration`'s) -------------
@@ -886,13 +997,16 @@ def _contention_of(identity: HostIdentity, start: float, end: float,
     return k, integral / solo - 1.0
 
 
-def _assign(num_tasks: int, workers: Sequence[tuple[int, float]]) -> dict[int, int]:
-    """Give each task to the worker that would finish it first (equal tasks, greedy)."""
-    shares = {i: 0 for i, _ in workers}
-    heap = [(t, position, i, t) for position, (i, t) in enumerate(workers)]
-    heapq.heapify(heap)
-    for _ in range(num_tasks):
-        finish, position, i, t = heapq.heappop(heap)
-        shares[i] += 1
-        heapq.heappush(heap, (finish + t, position, i, t))
-    return shares
+_ONE_SLOT: Final = {source: Batching(1, source, BatchingCurve.none(), "none")
+                    for source in ("prior", "node", "process", "topology file", "measured")}
+
+
+def _distinct(profiles: Iterable[NodeProfile]) -> list[NodeProfile]:
+    """The first profile of each instance (aliases of one instance are one server)."""
+    seen: set[Instance] = set()
+    result = []
+    for profile in profiles:
+        if profile.instance not in seen:
+            seen.add(profile.instance)
+            result.append(profile)
+    return result

@@ -1,15 +1,19 @@
 """The execution decision: parallel or sequential, and on which nodes.
 
 :meth:`ExecutionPlanner.plan` compares running the batch one after another on the fastest node with
-running it concurrently on one node per execution unit (best units first, adding units only while
-they shorten the predicted makespan), and picks parallel only when its predicted speedup exceeds
-``LocalityConfig.min_speedup``. Forced modes (``LocalityConfig.mode``) win over the model and say
-so. A node that cannot be parsed is left out with a warning that names it; every node given comes
-back in the plan, either in ``hosts`` (grouped by machine) or in ``excluded``.
+the best allocation of its tasks to (instance, concurrency) that the allocation engine
+(:mod:`sollol_locality._allocation`) finds: one node per execution unit (best units first, adding
+units only while they shorten the predicted makespan), several tasks at once on a node whose
+instance batches them (its slots: ``OLLAMA_NUM_PARALLEL``), or both. A parallel plan may be one
+node. It picks parallel only when the predicted speedup exceeds ``LocalityConfig.min_speedup``; the
+cost of the decision does not depend on the task count. Forced modes (``LocalityConfig.mode``) win
+over the model and say so. A node that cannot be parsed is left out with a warning that names it;
+every node given comes back in the plan, either in ``hosts`` (grouped by machine) or in
+``excluded``.
 
-Decisions are cached for one second per (task count, node set, node metrics, calibration, nodes in
-back-off) so that a warm decision costs microseconds; the cache never changes an answer the inputs
-would change.
+Decisions are cached for one second per (task count, node set, node metrics and slots,
+calibration, nodes in back-off) so that a warm decision costs microseconds; the cache never
+changes an answer the inputs would change.
 
 Before the model decides, two kinds of candidates are left out (each listed in ``excluded`` with
 its reason, named in ``warnings`` and in ``reason``): a node in back-off after a failed call
@@ -39,11 +43,20 @@ from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 
 from . import _nodefields
+from ._allocation import (
+    Allocation,
+    BatchingCurve,
+    SlotInstance,
+    allocate,
+    allocate_across,
+    describe_allocation,
+    dispatch_all,
+)
 from ._dispatch import DEFAULT_MAX_ATTEMPTS, CancelToken, DispatchEvent, NodeHealth, dispatch
 from ._errors import CalibrationError, DispatchError, InvalidNodeAddress
 from .addresses import describe_input
 from .config import ENV_USE_UNRESOLVED, LocalityConfig
-from .cost_model import NodeProfile, ParallelismCostModel
+from .cost_model import Batching, NodeProfile, ParallelismCostModel
 from .topology import ExecutionUnit, HostIdentity, Instance, NodeTopology
 
 T = TypeVar("T")
@@ -70,8 +83,10 @@ class ExecutionPlan:
         mode: ``"parallel"`` or ``"sequential"``.
         speedup: the chosen plan's predicted speedup over running the tasks one after another on
             the fastest node (1.0 when sequential).
-        nodes: where to dispatch, the caller's own node objects, best first: one node per
-            execution unit when parallel, one node when sequential (empty when no node is usable).
+        nodes: where to dispatch, the caller's own node objects, best first: when parallel,
+            one node per execution unit used (possibly a single node that batches its tasks:
+            see ``concurrency_per_node``), one node when sequential (empty when no node is
+            usable).
         unique_hosts: distinct physical machines among the usable candidates.
         reason: one sentence a person understands.
         warnings: things the caller should know (nodes left out, names not resolved, ...).
@@ -81,10 +96,10 @@ class ExecutionPlan:
             hand).
 
     The properties below are thin aliases of ``detail`` (``cause``, ``num_tasks``, ``units``,
-    ``tasks_per_node``, ``concurrency_per_node``, ``naive_speedup``, ``sequential_seconds``,
-    ``predicted_seconds``, ``time_unit``, ``hosts``, ``excluded``, ``shared_host``,
-    ``identities``), giving back this call's node objects; :meth:`to_dict` gives all of it as
-    JSON-friendly data.
+    ``tasks_per_node``, ``concurrency_per_node``, ``slots_per_node``, ``naive_speedup``,
+    ``sequential_seconds``, ``predicted_seconds``, ``time_unit``, ``hosts``, ``excluded``,
+    ``shared_host``, ``identities``), giving back this call's node objects; :meth:`to_dict`
+    gives all of it as JSON-friendly data.
     """
 
     mode: Literal["parallel", "sequential"]
@@ -133,9 +148,14 @@ class ExecutionPlan:
 
     @property
     def concurrency_per_node(self) -> list[int]:
-        """How many tasks to have in flight at once on each node of ``nodes`` (1 per node: each
-        node serves one request at a time)."""
+        """How many tasks to have in flight at once on each node of ``nodes`` (1 on a node
+        that serves one request at a time; up to its slots on a node that batches them)."""
         return list(self.detail.concurrency) if self.detail else []
+
+    @property
+    def slots_per_node(self) -> list[int]:
+        """How many requests each node of ``nodes`` serves at once, as the plan assumed."""
+        return [b.slots for b in self.detail.batching] if self.detail else []
 
     @property
     def naive_speedup(self) -> float:
@@ -198,6 +218,10 @@ class ExecutionPlan:
             "nodes": urls,
             "tasks_per_node": self.tasks_per_node,
             "concurrency_per_node": self.concurrency_per_node,
+            "slots_per_node": self.slots_per_node,
+            "batching_per_node": ([{"slots": b.slots, "slots_source": b.slots_source,
+                                    "curve": b.describe()} for b in self.detail.batching]
+                                  if self.detail else []),
             "unique_hosts": self.unique_hosts,
             "units": self.units,
             "reason": self.reason,
@@ -236,7 +260,10 @@ class PlanDetail:
         mode, speedup, unique_hosts, reason, warnings, forced: as on the plan.
         chosen: positions, in the candidate list, of the plan's ``nodes`` (best first).
         tasks: predicted tasks for each chosen node.
-        concurrency: tasks in flight at once on each chosen node (1 each).
+        concurrency: tasks in flight at once on each chosen node (more than 1 on a node
+            that batches them).
+        batching: each chosen node's slots and batching curve as the decision planned them
+            (:class:`~sollol_locality.cost_model.Batching`).
         cause, num_tasks, units, naive_speedup, sequential_seconds, predicted_seconds,
             time_unit, shared_host: as the plan's properties of the same names.
         hosts: ``(host id, candidate positions)`` for each physical host, input order kept.
@@ -268,6 +295,7 @@ class PlanDetail:
     shared_host: str | None
     identities: tuple[HostIdentity, ...]
     concurrency: tuple[int, ...] = ()
+    batching: tuple[Batching, ...] = ()
     # What a decision is, for telling a changed decision from a repeated one (computed once).
     host_ids: frozenset[str] = field(init=False, repr=False, compare=False)
     chosen_urls: tuple[str, ...] = field(init=False, repr=False, compare=False)
@@ -278,6 +306,9 @@ class PlanDetail:
                            tuple(i.address.url for i in self.identities))
         if len(self.concurrency) != len(self.chosen):
             object.__setattr__(self, "concurrency", (1,) * len(self.chosen))
+        if len(self.batching) != len(self.chosen):
+            object.__setattr__(self, "batching", tuple(
+                Batching(1, "prior", BatchingCurve.none(), "none") for _ in self.chosen))
 
     def build(self, nodes: Sequence[Any]) -> ExecutionPlan:
         """A plan for this call: fresh lists, this call's node objects."""
@@ -355,7 +386,9 @@ class ExecutionPlanner:
         if key is not None:
             if len(self._memo) >= _MEMO_MAX:
                 self._memo.clear()
-            self._memo[key] = (now + DECISION_CACHE_SECONDS, version, template)
+            # Served for a second from when the decision was made (one over thousands of
+            # nodes can itself take a good part of a second).
+            self._memo[key] = (self._clock() + DECISION_CACHE_SECONDS, version, template)
         return template.build(node_list)
 
     def invalidate(self) -> None:
@@ -614,10 +647,20 @@ class ExecutionPlanner:
                              cause="no-nodes", naive_speedup=1.0, sequential_seconds=0.0,
                              predicted_seconds=0.0, shared_host=None, identities=(),
                              **common)  # type: ignore[arg-type]
-        fastest = min(profiles, key=_rank)
+        by_rank = sorted(profiles, key=_rank)
+        fastest = by_rank[0]
         sequential = model.sequential_makespan(num_tasks, profiles)
-        # What "parallel whenever two nodes are healthy" does: every node gets tasks.
-        naive_time = model.dispatch_all_makespan(num_tasks, profiles)
+        # The distinct instances, best first, as the allocation engine sees them (each built
+        # once per decision: a decision over many nodes costs what building them costs).
+        ranked = _distinct_instances(by_rank)
+        slot = {p.instance: model.slot_instance(p) for p in ranked}
+        instances = [slot[p.instance] for p in ranked]
+        contention = model.contention_table(ranked)
+        # What "parallel whenever two nodes are healthy" does: every node gets tasks, one at a
+        # time, in the order given (the closed form of ``model.dispatch_all_makespan``).
+        naive_time = (dispatch_all(num_tasks, [slot[p.instance] for p in
+                                               _distinct_instances(profiles)], contention)
+                      if num_tasks > 0 else 0.0)
         naive = sequential / naive_time if naive_time > 0 else 1.0
 
         def seq(reason: str, cause: Cause, *, shared: str | None = None,
@@ -626,19 +669,26 @@ class ExecutionPlanner:
                              warnings=tuple(warnings), forced=forced, cause=cause,
                              naive_speedup=naive, sequential_seconds=sequential,
                              predicted_seconds=sequential, shared_host=shared,
-                             identities=(fastest.identity,), **common)  # type: ignore[arg-type]
+                             identities=(fastest.identity,),
+                             batching=(model.batching(fastest.identity),),
+                             **common)  # type: ignore[arg-type]
 
-        def par(chosen: Sequence[NodeProfile], shares: Sequence[int], makespan: float,
-                reason: str, cause: Cause, *, forced: bool = False) -> PlanDetail:
+        def par(chosen: Sequence[NodeProfile], allocation: Allocation, reason: str,
+                cause: Cause, *, forced: bool = False) -> PlanDetail:
+            by_key = allocation.by_instance
             order = sorted(range(len(chosen)), key=lambda i: _rank(chosen[i]))
-            used = [i for i in order if shares[i] > 0]
+            used = [i for i in order if by_key.get(chosen[i].instance.label, (0, 0))[0] > 0]
+            makespan = allocation.makespan
             speedup = sequential / makespan if makespan > 0 else 1.0
             return PlanDetail("parallel", speedup, tuple(chosen[i].index for i in used),
-                             tuple(shares[i] for i in used), reason=reason,
-                             warnings=tuple(warnings), forced=forced, cause=cause,
-                             naive_speedup=naive, sequential_seconds=sequential,
+                             tuple(by_key[chosen[i].instance.label][0] for i in used),
+                             reason=reason, warnings=tuple(warnings), forced=forced,
+                             cause=cause, naive_speedup=naive, sequential_seconds=sequential,
                              predicted_seconds=makespan, shared_host=None,
                              identities=tuple(chosen[i].identity for i in used),
+                             concurrency=tuple(max(1, by_key[chosen[i].instance.label][1])
+                                               for i in used),
+                             batching=tuple(model.batching(chosen[i].identity) for i in used),
                              **common)  # type: ignore[arg-type]
 
         fastest_url = fastest.identity.address.url
@@ -648,13 +698,14 @@ class ExecutionPlanner:
                        f"{naive:.2f}x for running them in parallel).", "forced-sequential",
                        forced=True)
         if self.config.mode == "parallel":
-            streams = _distinct_instances(sorted(profiles, key=_rank))
-            makespan, shares = model.parallel_makespan(num_tasks, streams)
+            streams = ranked
+            across = allocate_across(num_tasks, instances, contention)
+            makespan = across.makespan
             if num_tasks >= 2 and naive < 1.0:
                 warnings.append(f"forced parallel is predicted slower than sequential "
                                 f"({naive:.2f}x)")
-            working = sum(1 for s in shares if s > 0)
-            return par(streams, shares, makespan,
+            working = sum(1 for a in across.assignments if a.tasks > 0)
+            return par(streams, across,
                        f"Parallel forced by {self.config.forced_by}: "
                        f"{_tasks(num_tasks)} across {_count(working, 'node')}, predicted "
                        f"{(sequential / makespan if makespan else 1.0):.2f}x.",
@@ -666,13 +717,14 @@ class ExecutionPlanner:
 
         # One stream per execution unit (more where calibration measured a gain), best first.
         per_unit: dict[ExecutionUnit, list[NodeProfile]] = {}
-        for profile in sorted(profiles, key=_rank):
+        for profile in by_rank:
             per_unit.setdefault(profile.unit, []).append(profile)
         ordered: list[list[NodeProfile]] = []
         for unit, members in per_unit.items():
             streams = _distinct_instances(members)
             ordered.append(streams[:max(1, model.gains_from_concurrency(unit))])
-        if len(ordered) == 1 and len(ordered[0]) == 1:
+        if (len(ordered) == 1 and len(ordered[0]) == 1
+                and not any(_batches(inst) for inst in instances)):
             members = per_unit[fastest.unit]
             unit = fastest.unit
             kind = ("its CPU" if not unit.is_gpu else "its GPU" if unit.device is None
@@ -680,7 +732,7 @@ class ExecutionPlanner:
             if len(profiles) == 1:
                 return seq(f"Sequential: only one node ({fastest_url}) is available.",
                            "one-unit")
-            instances = len(_distinct_instances(members))
+            distinct = len(_distinct_instances(members))
             return seq(
                 f"Sequential: all {len(profiles)} nodes run on one machine "
                 f"({unit.host}) and share {kind}; {_tasks(num_tasks)} in parallel there are "
@@ -689,37 +741,33 @@ class ExecutionPlanner:
                 + (f", a gain under the {model.priors.min_concurrency_gain:.0%} that "
                    "calibration must measure before it is trusted over noise." if naive > 1.0
                    else ".")
-                if instances > 1 else
+                if distinct > 1 else
                 f"Sequential: the {len(profiles)} nodes given are aliases of one instance "
                 f"({fastest_url}).",
                 "one-unit", shared=unit.host)
-        best: tuple[float, list[NodeProfile], list[int], float] | None = None
-        limit = min(num_tasks, len(ordered))
-        for m in range(1, limit + 1):
-            chosen = [p for streams in ordered[:m] for p in streams]
-            if len(chosen) < 2:
-                continue
-            makespan, shares = model.parallel_makespan(num_tasks, chosen)
-            speedup = sequential / makespan if makespan > 0 else 1.0
-            if best is None or speedup > best[0] + 1e-9:
-                best = (speedup, chosen, shares, makespan)
-        if best is None:  # pragma: no cover - len(ordered) >= 2 guarantees a candidate
-            return seq("Sequential: no parallel plan is possible.", "below-threshold")
-        speedup, chosen, shares, makespan = best
-        used = [p for p, s in zip(chosen, shares, strict=True) if s > 0]
-        if speedup > self.config.min_speedup and len(used) >= 2:
-            used_hosts = list(dict.fromkeys(p.unit.host for p in used))
-            used_units = {p.unit for p in used}
-            where = (f"{len(used_hosts)} machines ({_names(used_hosts)})" if len(used_hosts) > 1
-                     else f"{_count(len(used_units), 'unit')} of {used_hosts[0]} "
-                          f"({_names(u.label for u in used_units)})")
+        allocation = allocate(num_tasks, instances, contention)
+        speedup = allocation.speedup
+        by_key = allocation.by_instance
+        used = [p for p in ranked if p.instance.label in by_key]
+        if allocation.parallel and speedup > self.config.min_speedup:
+            batched = any(a.concurrency > 1 for a in allocation.assignments)
             left = len(profiles) - len(used)
             tail = (f"; {left} other node(s) would add contention or no speed and are left out"
                     if left else "")
-            return par(chosen, shares, makespan,
-                       f"Parallel: {_tasks(num_tasks)} across {where}, predicted "
-                       f"{speedup:.2f}x faster than one after another{tail}.", "parallel")
-        if len(used) < 2 or speedup <= 1.0 and _dominates(fastest, profiles):
+            if not batched:  # today's sentence: one task at a time on each of 2+ nodes
+                used_hosts = list(dict.fromkeys(p.unit.host for p in used))
+                used_units = {p.unit for p in used}
+                where = (f"{len(used_hosts)} machines ({_names(used_hosts)})"
+                         if len(used_hosts) > 1
+                         else f"{_count(len(used_units), 'unit')} of {used_hosts[0]} "
+                              f"({_names(u.label for u in used_units)})")
+                return par(ranked, allocation,
+                           f"Parallel: {_tasks(num_tasks)} across {where}, predicted "
+                           f"{speedup:.2f}x faster than one after another{tail}.", "parallel")
+            names = {p.instance.label: p.identity.address.url for p in ranked}
+            return par(ranked, allocation,
+                       f"Parallel: {describe_allocation(allocation, names)}{tail}.", "parallel")
+        if not allocation.parallel or speedup <= 1.0 and _dominates(fastest, profiles):
             others = [p for p in profiles if p.unit != fastest.unit]
             ratio = min(p.task_time for p in others) / fastest.task_time if others else 1.0
             rivals = ("machine" if any(p.unit.host != fastest.unit.host for p in others)
@@ -749,6 +797,12 @@ def _distinct_instances(profiles: Iterable[NodeProfile]) -> list[NodeProfile]:
             seen.add(profile.instance)
             result.append(profile)
     return result
+
+
+def _batches(instance: SlotInstance) -> bool:
+    """Whether sending several tasks at once to ``instance`` is predicted to gain anything."""
+    curve = instance.curve
+    return any(curve.ratio(k) < k * (1.0 - 1e-9) for k in range(2, instance.slots + 1))
 
 
 def _dominates(fastest: NodeProfile, profiles: Sequence[NodeProfile]) -> bool:

@@ -12,6 +12,13 @@
      contention; the units of each host together (several GPUs): the same-host overhead; one
      node per host together: the dispatch overhead between machines;
 
+   * each node's batching curve: ``k = 2, 4, ...`` requests sent to it at once, up to its
+     slots (up to 8 when nobody declared them), stopping once ``k`` at once no longer raises
+     its throughput by more than ``min_concurrency_gain`` (decided in the first round; later
+     rounds repeat the same ``k``). A node declared to serve one request at a time is not
+     measured. The curve is stored per instance and gives its slot count when the topology
+     file does not;
+
    interleaved this way, load that comes and goes during the run moves the solo and the
    concurrent measurements alike instead of biasing the ratio between them;
 
@@ -70,6 +77,7 @@ class CalibrationReport:
     observations: int = 0
     observations_before: int = 0  # what the file held before this run (0: no file)
     merged: bool = False  # whether the run merged into an existing file (else a fresh one)
+    batching: dict[str, dict[int, float]] = field(default_factory=dict)  # url -> k -> ratio
 
 
 # What a node that does not answer properly raises: refused or reset connections and timeouts
@@ -245,7 +253,9 @@ def calibrate(
     # What this run measures replaces what the model knew about the same units and hosts.
     model_._forget(units={i.unit.label for i in identities},
                    hosts={g.key for g in groups if g.kind == "host"},
-                   dispatch=any(g.kind == "machines" for g in groups))
+                   dispatch=any(g.kind == "machines" for g in groups),
+                   instances={i.instance.label for i in identities})
+    batching = {i.address.url: _batching_ks(i) for i in identities}
     solo: dict[str, list[float]] = {i.address.url: [] for i in identities}
     try:
         # 2. load the model everywhere
@@ -259,6 +269,12 @@ def calibrate(
                 solo[identity.address.url].append(wall)
                 model_.observe("sequential", [identity.node], 1, wall, identities=[identity])
                 say(f"{identity.address.url} alone, round {round_ + 1}/{rounds}: {wall:.3f}s")
+                if batching[identity.address.url]:
+                    model_.observe_batching(identity, 1, wall)
+                    batching[identity.address.url] = _measure_batching(
+                        identity, batching[identity.address.url], wall, model_,
+                        first_round=round_ == 0, model=chosen_model, num_predict=num_predict,
+                        timeout=timeout, say=say, where=f"round {round_ + 1}/{rounds}")
             for group in groups:
                 members = group.members
                 wall = _together(members, chosen_model, num_predict, timeout)
@@ -273,9 +289,56 @@ def calibrate(
     learned = model_.calibration
     learned.model = chosen_model
     learned.instances = sorted({*learned.instances, *(i.instance.label for i in identities)})
+    report.batching = {i.address.url: model_.measured_batching(i) for i in identities
+                       if batching[i.address.url]}
     report.path = model_.save(target)
     report.observations = model_.observations
     return report
+
+
+_UNDECLARED_SLOTS_LIMIT = 8
+"""How many requests at once calibration tries on an instance whose slots nobody declared."""
+
+
+def _batching_ks(identity: HostIdentity) -> list[int]:
+    """The ``k`` to measure ``identity``'s batching curve at: 2, 4, ... up to its slots (the
+    slots themselves included), or up to :data:`_UNDECLARED_SLOTS_LIMIT` when no source gave
+    them; none for an instance said to serve one request at a time."""
+    declared = identity.facts.get("slots", "prior") != "prior"
+    limit = identity.slots if declared else max(identity.slots, _UNDECLARED_SLOTS_LIMIT)
+    ks: list[int] = []
+    k = 2
+    while k < limit:
+        ks.append(k)
+        k *= 2
+    if limit >= 2:
+        ks.append(limit)
+    return ks
+
+
+def _measure_batching(identity: HostIdentity, ks: list[int], solo: float,
+                      cost_model: ParallelismCostModel, *, first_round: bool, model: str,
+                      num_predict: int, timeout: float, say: Callable[[str], None],
+                      where: str) -> list[int]:
+    """Send ``k`` requests at once to ``identity`` for each ``k`` of ``ks`` and record each
+    wall time; returns the ``k`` later rounds measure. In the first round the list stops at
+    the first ``k`` whose throughput (``k * solo / wall``) is not above the best so far by
+    more than ``min_concurrency_gain`` (that ``k`` is kept: it shows where the gain ends)."""
+    margin = cost_model.priors.min_concurrency_gain
+    best = 1.0
+    measured: list[int] = []
+    url = identity.address.url
+    for k in ks:
+        wall = _together([identity] * k, model, num_predict, timeout)
+        cost_model.observe_batching(identity, k, wall)
+        measured.append(k)
+        rate = k * solo / wall if wall > 0 else 0.0
+        say(f"{url} {k} at once, {where}: {wall:.3f}s ({rate:.2f}x the throughput of one)")
+        if first_round:
+            if rate <= best * (1.0 + margin):
+                break
+            best = rate
+    return measured
 
 
 @dataclass(frozen=True)

@@ -276,6 +276,162 @@ def test_allocation_invariants(instances, contention, tasks):
             plan.makespan, rel=1e-9)
 
 
+# -- today's one-slot math, frozen ----------------------------------------------------------------
+# A copy of what ``ParallelismCostModel.parallel_makespan``, ``dispatch_all_makespan`` and the
+# planner's search over units computed before they delegated to the engine (one request at a
+# time per instance, tasks placed one by one). Kept here, unchanged, so that the tests below
+# still compare the engine with the old arithmetic rather than with itself.
+
+
+def _ref_assign(num_tasks: int, workers: list[tuple[int, float]]) -> dict[int, int]:
+    shares = {i: 0 for i, _ in workers}
+    heap = [(t, position, i, t) for position, (i, t) in enumerate(workers)]
+    heapq.heapify(heap)
+    for _ in range(num_tasks):
+        finish, position, i, t = heapq.heappop(heap)
+        shares[i] += 1
+        heapq.heappush(heap, (finish + t, position, i, t))
+    return shares
+
+
+def _ref_times(model: ParallelismCostModel, profiles: list[NodeProfile], active: set[int],
+               targets: Any) -> dict[int, float]:
+    streams: dict[ExecutionUnit, int] = {}
+    host_units: dict[str, set[ExecutionUnit]] = {}
+    for i in active:
+        unit = profiles[i].unit
+        streams[unit] = streams.get(unit, 0) + 1
+        host_units.setdefault(unit.host, set()).add(unit)
+    times = {}
+    for i in targets:
+        profile = profiles[i]
+        unit = profile.unit
+        k = streams.get(unit, 0) + (0 if i in active else 1)
+        factor = 1.0
+        if k > 1:
+            factor = k * max(0.05, 1.0 + model.contention(unit, k))
+        units_busy = host_units.get(unit.host, set()) | {unit}
+        if len(units_busy) > 1:
+            factor *= 1.0 + model.host_overhead(unit.host) * (len(units_busy) - 1)
+        times[i] = profile.task_time * factor
+    return times
+
+
+def _ref_simulate(model: ParallelismCostModel, profiles: list[NodeProfile],
+                  shares: dict[int, int]) -> float:
+    left = {i: n for i, n in shares.items() if n > 0}
+    progress = dict.fromkeys(left, 0.0)
+    clock = 0.0
+    while left:
+        times = _ref_times(model, profiles, set(left), left)
+        step = min((1.0 - progress[i]) * times[i] for i in left)
+        clock += step
+        for i in list(left):
+            progress[i] += step / times[i]
+            if progress[i] >= 1.0 - 1e-9:
+                left[i] -= 1
+                progress[i] = 0.0
+                if left[i] == 0:
+                    del left[i]
+                    del progress[i]
+    return clock
+
+
+def _ref_parallel_makespan(model: ParallelismCostModel, num_tasks: int,
+                           profiles: list[NodeProfile]) -> tuple[float, list[int]]:
+    count = len(profiles)
+    if count == 0 or num_tasks <= 0:
+        return 0.0, [0] * count
+    seen: set[Instance] = set()
+    usable = []
+    for i, profile in enumerate(profiles):
+        if profile.instance not in seen:
+            seen.add(profile.instance)
+            usable.append(i)
+    active = set(usable)
+    best: tuple[float, list[int]] | None = None
+    for _ in range(6):
+        estimate = _ref_times(model, profiles, active, usable)
+        shares = _ref_assign(num_tasks, [(i, estimate[i]) for i in usable])
+        now_active = {i for i in usable if shares[i] > 0}
+        makespan = _ref_simulate(model, profiles, shares)
+        if len({profiles[i].unit.host for i in now_active}) > 1:
+            makespan *= 1.0 + model.dispatch_overhead()
+        if best is None or makespan < best[0] - 1e-12:
+            best = (makespan, [shares.get(i, 0) for i in range(count)])
+        if now_active == active:
+            break
+        active = now_active
+    assert best is not None
+    return best
+
+
+def _ref_dispatch_all(model: ParallelismCostModel, num_tasks: int,
+                      profiles: list[NodeProfile]) -> float:
+    seen: set[Instance] = set()
+    workers = []
+    for i, profile in enumerate(profiles):
+        if profile.instance not in seen:
+            seen.add(profile.instance)
+            workers.append(i)
+    if not workers or num_tasks <= 0:
+        return 0.0
+    busy = {i: 0.0 for i in workers[:num_tasks]}
+    waiting = num_tasks - len(busy)
+    hosts = {profiles[i].unit.host for i in busy}
+    clock = 0.0
+    while busy:
+        times = _ref_times(model, profiles, set(busy), busy)
+        step = min((1.0 - busy[i]) * times[i] for i in busy)
+        clock += step
+        for i in list(busy):
+            busy[i] += step / times[i]
+            if busy[i] >= 1.0 - 1e-9:
+                if waiting > 0:
+                    waiting -= 1
+                    busy[i] = 0.0
+                else:
+                    del busy[i]
+    if len(hosts) > 1:
+        clock *= 1.0 + model.dispatch_overhead()
+    return clock
+
+
+def _ref_plan(model: ParallelismCostModel, profiles: list[NodeProfile], num_tasks: int,
+              min_speedup: float) -> tuple[str, list[str], list[int], float]:
+    """Today's planner search: (mode, chosen instance labels, tasks each, predicted makespan)."""
+    ranked = sorted(profiles, key=_rank)
+    fastest = ranked[0]
+    sequential = num_tasks * fastest.task_time
+    seq = ("sequential", [fastest.instance.label], [num_tasks], sequential)
+    if num_tasks < 2:
+        return seq
+    per_unit: dict[ExecutionUnit, list[NodeProfile]] = {}
+    for profile in ranked:
+        per_unit.setdefault(profile.unit, []).append(profile)
+    ordered = [_distinct_instances(members)[:max(1, model.gains_from_concurrency(unit))]
+               for unit, members in per_unit.items()]
+    if len(ordered) == 1 and len(ordered[0]) == 1:
+        return seq
+    best: tuple[float, list[NodeProfile], list[int], float] | None = None
+    for m in range(1, min(num_tasks, len(ordered)) + 1):
+        chosen = [p for streams in ordered[:m] for p in streams]
+        if len(chosen) < 2:
+            continue
+        makespan, shares = _ref_parallel_makespan(model, num_tasks, chosen)
+        speedup = sequential / makespan if makespan > 0 else 1.0
+        if best is None or speedup > best[0] + 1e-9:
+            best = (speedup, chosen, shares, makespan)
+    assert best is not None
+    speedup, chosen, shares, makespan = best
+    used = [i for i in sorted(range(len(chosen)), key=lambda i: _rank(chosen[i]))
+            if shares[i] > 0]
+    if speedup > min_speedup and len(used) >= 2:
+        return ("parallel", [chosen[i].instance.label for i in used],
+                [shares[i] for i in used], makespan)
+    return seq
+
+
 # -- slots = 1 everywhere is today's model, exactly -------------------------------------------
 
 
@@ -328,8 +484,11 @@ def _profiles(draw: Any, *, one_unit_per_host: bool = False) -> list[NodeProfile
 
 def _check_makespan(profiles: list[NodeProfile], priors: CostPriors, tasks: int) -> None:
     model = ParallelismCostModel(offline_config(), priors=priors)
-    makespan, shares = model.parallel_makespan(tasks, profiles)
+    makespan, shares = _ref_parallel_makespan(model, tasks, profiles)
     plan = allocate_across(tasks, _slot_instances(profiles), _contention_of(model, profiles))
+    # The cost model, which now delegates to the engine, still gives the old figures.
+    assert model.parallel_makespan(tasks, profiles) == (pytest.approx(makespan, rel=1e-9,
+                                                                      abs=1e-12), shares)
     assert plan.makespan == pytest.approx(makespan, rel=1e-9, abs=1e-12)
     assert plan.sequential_makespan == pytest.approx(model.sequential_makespan(tasks, profiles),
                                                      rel=1e-9)
@@ -387,6 +546,13 @@ def _check_planner(planner: ExecutionPlanner, nodes: list[Any], tasks: int) -> N
     ranked = _distinct_instances(sorted(profiles, key=_rank))
     allocation = allocate(tasks, _slot_instances(ranked), _contention_of(model, ranked))
     chosen = [i.instance.label for i in plan.identities]
+    # Today's planner, frozen above: the same mode, nodes, counts and makespan.
+    mode, ref_chosen, ref_tasks, ref_makespan = _ref_plan(model, profiles, tasks,
+                                                          planner.config.min_speedup)
+    assert plan.mode == mode and chosen == ref_chosen
+    if mode == "parallel":
+        assert plan.tasks_per_node == ref_tasks and plan.concurrency_per_node == [1] * len(chosen)
+        assert plan.predicted_seconds == pytest.approx(ref_makespan, rel=1e-9)
     runs_parallel = allocation.parallel and allocation.speedup > planner.config.min_speedup
     assert runs_parallel == (plan.mode == "parallel")
     assert allocation.sequential_makespan == pytest.approx(plan.sequential_seconds, rel=1e-9)
@@ -456,9 +622,11 @@ def test_slots_without_a_batching_gain_are_planned_as_one_slot():
 def _check_dispatch_all(profiles: list[NodeProfile], priors: CostPriors, tasks: int) -> None:
     model = ParallelismCostModel(offline_config(), priors=priors)
     distinct = _distinct_instances(profiles)
-    expected = model.dispatch_all_makespan(tasks, profiles)
+    expected = _ref_dispatch_all(model, tasks, profiles)
     got = dispatch_all(tasks, _slot_instances(distinct), _contention_of(model, distinct))
     assert got == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert model.dispatch_all_makespan(tasks, profiles) == pytest.approx(expected, rel=1e-9,
+                                                                         abs=1e-12)
 
 
 @settings(max_examples=300, deadline=None)

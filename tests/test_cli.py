@@ -568,3 +568,24 @@ def test_calibrate_into_a_directory_that_does_not_exist_is_refused(tmp_path):
     assert done.returncode == 2
     assert done.stderr == ("sollol-locality: error: --calibration no-dir/cal.json: directory "
                            "no-dir does not exist\n")
+def test_plan_on_one_batching_node_runs_its_tasks_at_once(tmp_path):
+    # As a user runs it: a topology file declares the node's slots (and that h is a machine of
+    # its own, so nothing is resolved).
+    topology = tmp_path / "topology.toml"
+    topology.write_text('[hosts.h]\naliases = ["h"]\n\n'
+                        '[nodes."http://h:11434"]\nnum_parallel = 4\n')
+    argv = [sys.executable, "-m", "sollol_locality", "plan", "--tasks", "5", "--topology",
+            str(topology), "--nameserver", "127.0.0.1:9", "--no-hosts-file", "http://h:11434"]
+    env = {"PATH": "/usr/bin:/bin", "SOLLOL_LOCALITY_CALIBRATION": "", "PYTHONPATH": "."}
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, env=env)
+    lines = out.stdout.splitlines()
+    assert lines[0] == "mode:        parallel"
+    assert "dispatch to: http://h:11434" in lines
+    assert "tasks each:  5" in lines and "at once:     4 (slots 4)" in lines
+    assert ("reason:      Parallel: 5 tasks at once on http://h:11434, which batches 4: "
+            "predicted 1.64x.") in lines
+    data = json.loads(subprocess.run([*argv[:4], "--json", *argv[4:]], capture_output=True,
+                                     text=True, check=True, env=env).stdout)
+    assert data["concurrency_per_node"] == [4] and data["tasks_per_node"] == [5]
+    assert data["batching_per_node"] == [{"slots": 4, "slots_source": "topology file",
+                                          "curve": "prior"}]

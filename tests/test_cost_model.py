@@ -205,3 +205,50 @@ def test_load_rejects_malformed_files(tmp_path, content):
     path.write_text(content)
     with pytest.raises(CalibrationError):
         ParallelismCostModel(offline_config()).load(path)
+
+
+def test_an_estimate_on_a_batching_node_says_it_batches(model, topology):
+    estimate = model.estimate(5, [{"url": "http://10.0.0.5:11434", "num_parallel": 4}],
+                              topology)
+    assert estimate.speedup == pytest.approx(5 / 3.05)
+    assert estimate.tasks_per_node == (5,)
+    assert estimate.reason == ("5 tasks at once on http://10.0.0.5:11434, which batches 4: "
+                               "predicted 1.64x")
+
+
+def test_batch_cost_priors_change_the_prediction(topology):
+    node = {"url": "http://10.0.0.5:11434", "num_parallel": 4}
+    free = ParallelismCostModel(offline_config(), priors=CostPriors(cpu_batch_cost=0.0))
+    assert free.estimate(4, [node], topology).speedup == pytest.approx(4.0)
+    assert CostPriors().cpu_batch_cost == 0.35 and CostPriors().gpu_batch_cost == 0.15
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('{"format": "sollol-locality-calibration", "priors": {"cpu_batch_cost": -0.5}}',
+     "prior cpu_batch_cost = -0.5 is out of range (expected at least 0)"),
+    ('{"format": "sollol-locality-calibration", "batching": {"h:1": {"0": [1.0]}}}',
+     "batching['h:1'] stream counts must be at least 1"),
+    ('{"format": "sollol-locality-calibration", "batching": {"h:1": {"2": [-1.0]}}}',
+     "batching['h:1']['2'] must be at least 0"),
+])
+def test_load_rejects_bad_batching_figures(tmp_path, content, message):
+    path = tmp_path / "cal.json"
+    path.write_text(content)
+    with pytest.raises(CalibrationError) as info:
+        ParallelismCostModel(offline_config()).load(path)
+    assert str(info.value) == f"{path}: {message}"
+
+
+def test_batching_curves_round_trip_and_a_recalibration_forgets_them(model, topology, tmp_path):
+    node = {"url": "http://10.0.0.5:11434", "num_parallel": 4}
+    identity = topology.describe(node)
+    for k, wall in ((1, 1.0), (2, 1.3), (4, 1.9)):
+        model.observe_batching(identity, k, wall)
+    path = model.save(tmp_path / "cal.json")
+    assert json.loads(path.read_text())["batching"] == {
+        "10.0.0.5:11434": {"1": [1.0], "2": [1.3], "4": [1.9]}}
+    loaded = ParallelismCostModel(offline_config())
+    loaded.load(path)
+    assert loaded.measured_batching(identity) == pytest.approx({2: 1.3, 4: 1.9})
+    loaded._forget(instances={"10.0.0.5:11434"})
+    assert loaded.batching(identity).curve_source == "prior"

@@ -472,3 +472,127 @@ def test_a_failed_batch_still_teaches_what_did_run():
     assert caught.value.failed_tasks == (1,) and caught.value.results == (0, None, 2, 3)
     assert planner.cost_model.observations == 1
     assert list(planner.cost_model.calibration.task_seconds) == ["10.0.0.1/cpu"]
+# -- slots: several tasks at once on an instance that batches them -----------------------------
+
+ONE = "http://10.0.0.5:11434"
+OTHER = "http://10.0.0.6:11434"
+
+
+def slotted(url, slots, latency_ms=1000, **extra):
+    """A node mapping declaring its slots (``num_parallel``) and a trusted latency."""
+    return {"url": url, "num_parallel": slots, "latency_ms": latency_ms, "total_requests": 5,
+            **extra}
+
+
+def test_all_tasks_on_one_node_when_it_batches(planner):
+    plan = planner.plan(5, [{"url": ONE, "num_parallel": 4}])
+    assert plan.mode == "parallel" and plan.cause == "parallel" and not plan.forced
+    assert plan.nodes == [{"url": ONE, "num_parallel": 4}]
+    assert plan.tasks_per_node == [5] and plan.concurrency_per_node == [4]
+    assert plan.slots_per_node == [4]
+    # 4 at once (1 + 3 * 0.35 task-times at the CPU prior), then the fifth alone.
+    assert plan.predicted_seconds == pytest.approx(3.05)
+    assert plan.reason == (f"Parallel: 5 tasks at once on {ONE}, which batches 4: predicted "
+                           "1.64x.")
+    data = plan.to_dict()
+    assert data["concurrency_per_node"] == [4]
+    assert data["batching_per_node"] == [{"slots": 4, "slots_source": "node", "curve": "prior"}]
+
+
+def test_two_batching_instances_of_one_machine_one_holds_every_task(planner):
+    nodes = [{"url": "http://localhost:11434", "num_parallel": 4},
+             {"url": "http://localhost:11435", "num_parallel": 4}]
+    plan = planner.plan(8, nodes)
+    assert plan.mode == "parallel" and plan.nodes == [nodes[0]]
+    assert plan.tasks_per_node == [8] and plan.concurrency_per_node == [4]
+    assert plan.speedup == pytest.approx(8 / (2 * 2.05))
+
+
+def test_a_batching_node_beside_a_plain_one_takes_most_tasks(planner):
+    nodes = [slotted(ONE, 4), slotted(OTHER, 1)]
+    plan = planner.plan(20, nodes)
+    # 13 on the batching node: 3 rounds of 4 (2.05 s each) and 1 alone, 7.15 s; 7 one by one
+    # on the plain node, 7 s; both machines pay the 5% dispatch overhead.
+    assert plan.mode == "parallel" and plan.nodes == nodes
+    assert plan.tasks_per_node == [13, 7] and plan.concurrency_per_node == [4, 1]
+    assert plan.predicted_seconds == pytest.approx(7.15 * 1.05)
+    assert plan.reason == (f"Parallel: 20 tasks across 2 instances: 13 on {ONE} (4 at a time), "
+                           f"7 on {OTHER}; predicted {20 / (7.15 * 1.05):.2f}x.")
+    assert [b["curve"] for b in plan.to_dict()["batching_per_node"]] == ["prior", "none"]
+
+
+def test_declared_slots_come_from_the_topology_file(tmp_path):
+    path = tmp_path / "topology.toml"
+    path.write_text(f'[nodes."{ONE}"]\nnum_parallel = 4\n')
+    cfg = offline_config(topology_file=path)
+    plan = ExecutionPlanner(config=cfg, cost_model=ParallelismCostModel(cfg)).plan(5, [ONE])
+    assert plan.mode == "parallel" and plan.concurrency_per_node == [4]
+    assert plan.to_dict()["batching_per_node"][0]["slots_source"] == "topology file"
+
+
+@pytest.mark.parametrize("nodes", [
+    [ONE, OTHER], [ONE, "http://localhost:11434"], [slotted(ONE, 1), slotted(OTHER, 1)],
+    ["http://localhost:11434", "http://localhost:11435"],
+])
+def test_one_slot_declared_plans_as_no_slot_declared(planner, nodes):
+    declared = [slotted(n, 1) if isinstance(n, str) else n for n in nodes]
+    plain = [dict(n, num_parallel=None) if isinstance(n, dict) else n for n in nodes]
+    for tasks in (2, 3, 7):
+        a, b = planner.plan(tasks, declared), planner.plan(tasks, plain)
+        assert (a.mode, a.reason, a.tasks_per_node, a.speedup) == (
+            b.mode, b.reason, b.tasks_per_node, b.speedup)
+        assert a.concurrency_per_node == [1] * len(a.nodes)
+
+
+def test_slots_on_a_node_object_are_part_of_the_cached_decision(planner):
+    node = OllamaNode(ONE)
+    assert planner.plan(5, [node]).mode == "sequential"
+    node.num_parallel = 4  # type: ignore[attr-defined]
+    assert planner.plan(5, [node]).concurrency_per_node == [4]
+
+
+def test_forced_parallel_sends_several_at_once_to_a_batching_node(topology):
+    planner = planner_for(topology, mode="parallel")
+    plan = planner.plan(6, [slotted(ONE, 4), slotted(OTHER, 1)])
+    assert plan.forced and plan.mode == "parallel"
+    assert sum(plan.tasks_per_node) == 6 and plan.concurrency_per_node[0] > 1
+
+
+def test_a_billion_tasks_plan_with_exact_counts(planner):
+    nodes = [slotted(f"http://10.0.1.{i}:11434", s, latency) for i, (s, latency) in
+             enumerate([(4, 900), (1, 1000), (8, 1500), (2, 1100)])]
+    plan = planner.plan(10**9, nodes)
+    assert plan.mode == "parallel" and sum(plan.tasks_per_node) == 10**9
+    assert all(1 <= c <= s for c, s in zip(plan.concurrency_per_node, plan.slots_per_node,
+                                           strict=True))
+
+
+@st.composite
+def _slotted_nodes(draw):
+    urls = draw(st.lists(st.sampled_from(_POOL), min_size=1, max_size=6, unique=True))
+    nodes = []
+    for url in urls:
+        node = {"url": url, "num_parallel": draw(st.sampled_from([1, 1, 2, 4, 8]))}
+        if draw(st.booleans()):
+            node.update(latency_ms=draw(st.sampled_from([250, 1000, 4000])), total_requests=5)
+        if draw(st.booleans()):
+            node["gpu"] = draw(st.sampled_from(["0", "1"]))
+        nodes.append(node)
+    return nodes
+
+
+@_settings
+@given(nodes=_slotted_nodes(), tasks=st.one_of(st.integers(0, 40), st.integers(10**6, 10**12)),
+       min_speedup=st.sampled_from([1.0, 1.2]))
+def test_planned_makespan_and_counts_with_slots(topology, nodes, tasks, min_speedup):
+    plan = planner_for(topology, min_speedup=min_speedup).plan(tasks, nodes)
+    assert sum(plan.tasks_per_node) == tasks
+    assert len(plan.concurrency_per_node) == len(plan.slots_per_node) == len(plan.nodes)
+    if plan.mode == "parallel":
+        assert plan.predicted_seconds <= plan.sequential_seconds
+        assert plan.speedup > min_speedup
+        for n, c, s in zip(plan.tasks_per_node, plan.concurrency_per_node, plan.slots_per_node,
+                           strict=True):
+            assert 1 <= c <= min(n, s)
+    else:
+        assert plan.concurrency_per_node == [1] * len(plan.nodes)

@@ -19,6 +19,7 @@ import pytest
 from helpers import gpu_node, offline_config, offline_topology
 
 from sollol_locality import ExecutionPlanner, ParallelismCostModel
+from sollol_locality._allocation import BatchingCurve
 from sollol_locality.cli import main
 from sollol_locality.topology import ExecutionUnit
 
@@ -367,3 +368,104 @@ def test_requests_go_to_the_resolved_address_with_the_nodes_own_host_header(
         server.server_close()
         thread.join()
     assert seen == [f"node.lab.test:{port}" if family == "name" else f"[::1]:{port}"]
+# -- batching curves ---------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("declared", [True, False])
+def test_calibration_measures_a_batching_curve_that_the_plan_uses(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, declared: bool) -> None:
+    pytest.importorskip("numpy", reason="the emulator needs numpy (the bench extra)")
+    from sollol_locality import probe
+    from sollol_locality.testing.emulator import start_emulator
+
+    cpu = min(os.sched_getaffinity(0))
+    process = start_emulator(num_parallel=4, weights_mb=64, taskset=(cpu,))
+    try:
+        url = process.url
+        fields: dict[str, Any] = {}
+        if declared:  # the topology file says 4 slots; else calibration finds them
+            topology = tmp_path / "topology.toml"
+            topology.write_text(f'[nodes."{url}"]\nnum_parallel = 4\n')
+            fields["topology_file"] = topology
+        target = tmp_path / "calibration.json"
+        cfg = offline_config(calibration_file=target, **fields)
+        # No stopping on a small gain here (that rule is tested without timings below): every
+        # k is measured, so what is stored does not depend on how busy the machine is.
+        measure = probe._measure_batching
+        monkeypatch.setattr(probe, "_measure_batching",
+                            lambda *a, **kw: measure(*a, **{**kw, "first_round": False}))
+        lines: list[str] = []
+        report = probe.calibrate([url], num_predict=TOKENS, rounds=2, config=cfg,
+                                 progress=lines.append)
+    finally:
+        process.stop()
+    data = json.loads(target.read_text())
+    (windows,) = data["batching"].values()  # keyed by the instance label
+    ks = ["1", "2", "4"] if declared else ["1", "2", "4", "8"]
+    assert sorted(windows, key=int) == ks and all(len(windows[k]) == 2 for k in ks)
+    assert sum(" at once, round " in line for line in lines) == 2 * (len(ks) - 1)
+    curve = report.batching[url]
+    assert curve[2] < 2.0 and curve[4] < 3.0  # batched: far less than k times one
+    # The next plan uses what was measured: several at once on the node, the measured curve.
+    planner = ExecutionPlanner(config=cfg)
+    plan = planner.plan(4, [url])
+    assert plan.mode == "parallel" and plan.concurrency_per_node[0] > 1
+    assert plan.predicted_seconds < plan.sequential_seconds
+    (batching,) = plan.to_dict()["batching_per_node"]
+    # (A ratio below an earlier point's, which noise can give, is raised to it.)
+    points = BatchingCurve.measured(curve).points
+    assert batching["curve"] == {str(k): round(r, 4) for k, r in points}
+    if declared:
+        assert (batching["slots"], batching["slots_source"]) == (4, "topology file")
+    else:  # the largest k that still raised the throughput by more than the noise margin
+        identity = planner.topology.describe(url)
+        assert batching["slots"] == planner.cost_model.measured_slots(identity) > 1
+        assert batching["slots_source"] == "measured"
+
+
+def test_the_curve_search_stops_when_throughput_stops_rising(
+        monkeypatch: pytest.MonkeyPatch, model: ParallelismCostModel, topology: Any) -> None:
+    from sollol_locality import probe
+
+    identity = topology.describe({"url": "http://10.0.0.5:11434", "num_parallel": 16})
+    assert probe._batching_ks(identity) == [2, 4, 8, 16]
+    assert probe._batching_ks(topology.describe("http://10.0.0.5:11434")) == [2, 4, 8]
+    assert probe._batching_ks(topology.describe({"url": "http://10.0.0.5:11434",
+                                                 "num_parallel": 1})) == []
+    walls = {2: 1.2, 4: 1.6, 8: 3.1, 16: 6.0}  # 4 slots: 8 at once is two rounds of 4
+    monkeypatch.setattr(probe, "_together", lambda members, *a: walls[len(members)])
+    said: list[str] = []
+    kept = probe._measure_batching(identity, [2, 4, 8, 16], 1.0, model, first_round=True,
+                                   model="m", num_predict=1, timeout=1.0, say=said.append,
+                                   where="round 1/1")
+    assert kept == [2, 4, 8]
+    assert said[-1] == ("http://10.0.0.5:11434 8 at once, round 1/1: 3.100s (2.58x the "
+                        "throughput of one)")
+    model.observe_batching(identity, 1, 1.0)
+    assert model.measured_slots(identity) == 4
+    assert model.batching(identity).slots == 4  # measured, over the node's own 16
+
+def test_a_measured_curve_gives_slots_and_replaces_the_prior(model, topology):
+    node = {"url": "http://10.0.0.5:11434", "num_parallel": 4}
+    identity = topology.describe(node)
+    assert model.batching(identity).curve_source == "prior"
+    for k, wall in ((1, 2.0), (2, 2.4), (4, 3.2), (8, 6.4)):
+        model.observe_batching(identity, k, wall)
+    batching = model.batching(identity)
+    assert (batching.slots, batching.slots_source, batching.curve_source) == (4, "measured",
+                                                                              "measured")
+    assert batching.curve.ratio(4) == pytest.approx(1.6)
+    assert model.measured_slots(identity) == 4
+    with pytest.raises(ValueError, match="^k must be a positive integer, got 0$"):
+        model.observe_batching(identity, 0, 1.0)
+
+
+def test_a_batched_run_on_one_instance_is_a_point_of_its_curve(model, topology):
+    node = {"url": "http://10.0.0.5:11434", "num_parallel": 4}
+    model.observe("sequential", [node], 2, 4.0, topology=topology)
+    model.observe("parallel", [node], 4, 3.0, topology=topology)
+    assert model.measured_batching(topology.describe(node)) == {4: pytest.approx(1.5)}
+    assert list(model.calibration.task_seconds["10.0.0.5/cpu"]) == [2.0]
+    model.observe("parallel", [node], 9, 9.0, topology=topology)  # in rounds: not a point
+    assert list(model.calibration.batching["10.0.0.5:11434"]) == [4]
