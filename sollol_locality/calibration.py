@@ -29,6 +29,7 @@ from typing import Any, Final
 
 from ._errors import CalibrationError
 from ._nodefields import is_number
+from .colocation import ColocationFacts
 
 __all__ = [
     "FORMAT",
@@ -80,8 +81,10 @@ class Calibration:
         dispatch: dispatch overhead of parallel runs across machines.
         batching: instance label -> concurrent requests ``k`` -> time of ``k`` together / one
             alone (the instance's batching curve; filled by later measurements).
-        colocation: ``"instance|instance"`` (sorted) -> what a measurement found about the pair
-            (plain JSON data: whether they share a unit, how strongly, when measured).
+        colocation: what measurements found about pairs of instances (keyed by
+            :attr:`~sollol_locality.topology.Instance.label`): which share a unit, how strongly,
+            which are independent, when measured (:class:`~sollol_locality.colocation.
+            ColocationFacts`; the file's top-level ``"colocation"`` is its ``to_dict()``).
         priors: prior values the file carried (checked against :data:`PRIOR_BOUNDS`).
         observations: how many finished runs taught it.
     """
@@ -91,7 +94,7 @@ class Calibration:
     host_overhead: dict[str, Samples] = field(default_factory=dict)
     dispatch: Samples = field(default_factory=samples)
     batching: dict[str, dict[int, Samples]] = field(default_factory=dict)
-    colocation: dict[str, dict[str, Any]] = field(default_factory=dict)
+    colocation: ColocationFacts = field(default_factory=ColocationFacts)
     priors: dict[str, float] = field(default_factory=dict)
     observations: int = 0
 
@@ -133,7 +136,7 @@ def to_dict(cal: Calibration, priors: Mapping[str, float] | None = None) -> dict
         "host_overhead": {k: list(v) for k, v in cal.host_overhead.items()},
         "dispatch_overhead": list(cal.dispatch),
         "batching": _nested_out(cal.batching),
-        "colocation": {k: dict(v) for k, v in cal.colocation.items()},
+        "colocation": cal.colocation.to_dict(),
     }
 
 
@@ -164,11 +167,20 @@ def read(path: str | os.PathLike[str]) -> Calibration:
 
 def write(path: str | os.PathLike[str], cal: Calibration,
           priors: Mapping[str, float] | None = None) -> Path:
-    """Write ``cal`` to ``path`` atomically, under ``path.lock``; returns the path."""
+    """Write ``cal`` to ``path`` atomically, under ``path.lock``; returns the path.
+
+    The ``"colocation"`` section is merged, under the lock, with the one the file holds then:
+    :meth:`ColocationFacts.merge <sollol_locality.colocation.ColocationFacts.merge>` (every pair
+    either knows; where both know one, the newer measurement wins), so two processes that
+    learned about different pairs both keep theirs, whatever the order of their saves. ``cal``
+    itself is not changed.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    data = json.dumps(to_dict(cal, priors), indent=2, sort_keys=True)
     with _locked(target):
+        content = to_dict(cal, priors)
+        content["colocation"] = _file_colocation(target).merge(cal.colocation).to_dict()
+        data = json.dumps(content, indent=2, sort_keys=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -250,18 +262,38 @@ def from_dict(data: object, shown: str = "<calibration>") -> Calibration:
                                                     0.0)
         cal.dispatch = _samples(data.get("dispatch_overhead") or [], f"{shown}: dispatch", 0.0)
         cal.batching = _nested_in(data.get("batching"), shown, "batching", 0.0, 1)
-        colocation = data.get("colocation")
-        colocation = {} if colocation is None else colocation
-        if not isinstance(colocation, dict) or not all(isinstance(v, dict)
-                                                       for v in colocation.values()):
-            raise CalibrationError(f"{shown}: colocation must be a table of tables")
-        cal.colocation = {str(k): dict(v) for k, v in colocation.items()}
+        cal.colocation = _colocation(data.get("colocation"), shown)
         cal.priors = _priors(data.get("priors"), shown)
         observations = data.get("observations", 0)
         cal.observations = int(observations) if is_number(observations) else 0
     except (AttributeError, TypeError, ValueError) as exc:
         raise CalibrationError(f"{shown} is malformed: {exc}") from exc
     return cal
+
+
+def _colocation(raw: object, shown: str) -> ColocationFacts:
+    """The file's ``"colocation"`` section (missing: nothing measured)."""
+    if raw is None:
+        return ColocationFacts()
+    try:
+        return ColocationFacts.from_dict(raw)
+    except CalibrationError as exc:
+        raise CalibrationError(f"{shown}: {exc}") from None
+
+
+def _file_colocation(target: Path) -> ColocationFacts:
+    """The co-location facts the file at ``target`` holds now (nothing when it is missing or
+    unreadable: the write replaces an unreadable file as it always has)."""
+    try:
+        data = json.loads(target.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return ColocationFacts()
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        return ColocationFacts()
+    try:
+        return _colocation(data.get("colocation"), os.fspath(target))
+    except CalibrationError:
+        return ColocationFacts()
 
 
 def _priors(raw: object, shown: str) -> dict[str, float]:
