@@ -13,6 +13,8 @@ topology_file      ``SOLLOL_LOCALITY_TOPOLOGY``     none
 dns_timeout        ``SOLLOL_LOCALITY_DNS_TIMEOUT``  ``1.0`` second for one whole decision
 nameservers        ``SOLLOL_LOCALITY_NAMESERVERS``  the system's (``ip[:port],...``)
 calibration_file   ``SOLLOL_LOCALITY_CALIBRATION``  the user state directory (platformdirs)
+colocation_max_age ``SOLLOL_LOCALITY_COLOCATION_``  ``7d``: a co-location measurement older
+                   ``MAX_AGE``                      than this is shown as stale (still used)
 =================  ===============================  =========================================
 
 A bad value raises :class:`~sollol_locality.ConfigError` at construction, naming the variable (or
@@ -50,6 +52,7 @@ from .addresses import describe_input, parse_node_address
 
 __all__ = [
     "ENV_CALIBRATION",
+    "ENV_COLOCATION_MAX_AGE",
     "ENV_DNS_TIMEOUT",
     "ENV_MIN_SPEEDUP",
     "ENV_MODE",
@@ -76,6 +79,7 @@ ENV_TOPOLOGY: Final = "SOLLOL_LOCALITY_TOPOLOGY"
 ENV_DNS_TIMEOUT: Final = "SOLLOL_LOCALITY_DNS_TIMEOUT"
 ENV_NAMESERVERS: Final = "SOLLOL_LOCALITY_NAMESERVERS"
 ENV_CALIBRATION: Final = "SOLLOL_LOCALITY_CALIBRATION"
+ENV_COLOCATION_MAX_AGE: Final = "SOLLOL_LOCALITY_COLOCATION_MAX_AGE"
 
 _MODES: Final = ("auto", "parallel", "sequential")
 _APP: Final = "sollol-locality"
@@ -127,6 +131,7 @@ _ENVIRONMENT: Final[tuple[tuple[str, str], ...]] = (
     ("dns_timeout", ENV_DNS_TIMEOUT),
     ("nameservers", ENV_NAMESERVERS),
     ("calibration_file", ENV_CALIBRATION),
+    ("colocation_max_age", ENV_COLOCATION_MAX_AGE),
 )
 
 
@@ -151,6 +156,9 @@ class LocalityConfig:
         calibration_fallback: a file read instead of ``calibration_file`` while that one does
             not exist (:meth:`from_env` sets it to the first release's cache location); never
             written.
+        colocation_max_age: seconds after which a measured co-location (or independence) is
+            shown as stale; it is still used. A number of seconds, or with a unit: ``"90m"``,
+            ``"12h"``, ``"7d"``. Default 7 days.
     """
 
     mode: Mode = "auto"
@@ -161,6 +169,7 @@ class LocalityConfig:
     calibration_file: Path | None = None
     hosts_file: Path | None = Path("/etc/hosts")
     calibration_fallback: Path | None = None
+    colocation_max_age: float = 7 * 24 * 3600.0
 
     def __post_init__(self) -> None:
         values = _normalise(
@@ -209,7 +218,7 @@ class LocalityConfig:
 
 
 _FIELDS: Final = ("mode", "min_speedup", "topology_file", "dns_timeout", "nameservers",
-                  "calibration_file", "hosts_file", "calibration_fallback")
+                  "calibration_file", "hosts_file", "calibration_fallback", "colocation_max_age")
 
 
 def _normalise(values: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
@@ -224,6 +233,8 @@ def _normalise(values: Mapping[str, Any], names: Mapping[str, str]) -> dict[str,
             result[name] = _check_float(value, shown, low=0.0, allow_low=False)
         elif name == "dns_timeout":
             result[name] = _check_float(value, shown, low=0.0, allow_low=False, high=60.0)
+        elif name == "colocation_max_age":
+            result[name] = _check_age(value, shown)
         elif name == "nameservers":
             result[name] = None if value is None else _check_nameservers(value, shown)
         elif name == "calibration_file" and (
@@ -258,6 +269,28 @@ def _check_float(value: object, name: str, *, low: float, allow_low: bool,
         raise ConfigError(f"{name}={value!r} is out of range (expected a number {bound})",
                           variable=name, value=value)
     return number
+
+
+_AGE_UNITS: Final = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _check_age(value: object, name: str) -> float:
+    """Seconds: a number, or a string with an optional unit (``s``, ``m``, ``h``, ``d``)."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        scale = _AGE_UNITS.get(text[-1:], None) if text else None
+        if scale is not None:
+            text = text[:-1].strip()
+        try:
+            number = float(text) * (scale or 1.0)
+        except ValueError:
+            raise ConfigError(f"{name}={value!r} is not a duration (seconds, or a number with "
+                              "s, m, h or d)", variable=name, value=value) from None
+        if not (math.isfinite(number) and number > 0):
+            raise ConfigError(f"{name}={value!r} is out of range (expected a duration greater "
+                              "than 0)", variable=name, value=value)
+        return number
+    return _check_float(value, name, low=0.0, allow_low=False)
 
 
 def _check_path(value: object, name: str) -> Path:

@@ -9,6 +9,11 @@ back in the plan, either in ``hosts`` (grouped by machine) or in ``excluded``.
 
 Decisions are cached for one second per (task count, node set, node metrics, calibration) so that a
 warm decision costs microseconds; the cache never changes an answer the inputs would change.
+
+Measured co-location: the planner gives its topology the cost model's calibration
+(:meth:`NodeTopology.use_colocation`), so nodes measured to share a unit are one unit for both,
+and a plan whose candidates include such nodes names the pair in its reason. Recorded parallel
+runs with per-task timings teach it too (:meth:`ExecutionPlanner._learn_colocation`).
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
 from . import _nodefields
-from ._errors import InvalidNodeAddress
-from .addresses import describe_input
+from ._errors import CalibrationError, InvalidNodeAddress
+from .addresses import describe_input, parse_node_address
+from .colocation import PairFact, RecordedEvidence
 from .config import ENV_MODE, LocalityConfig
 from .cost_model import NodeProfile, ParallelismCostModel
 from .topology import ExecutionUnit, HostIdentity, Instance, NodeTopology
@@ -285,8 +291,13 @@ class ExecutionPlanner:
         self.config = config
         self.topology = topology if topology is not None else NodeTopology(config)
         self.cost_model = cost_model if cost_model is not None else ParallelismCostModel(config)
+        if not self.topology.has_colocation_source:
+            # one calibration for both: what the model learns about co-location, the
+            # topology's units show
+            self.topology.use_colocation(self.cost_model.colocation_facts)
         self._clock = clock
-        self._memo: dict[tuple[Any, ...], tuple[float, int, PlanDetail]] = {}
+        self._memo: dict[tuple[Any, ...], tuple[float, Any, PlanDetail]] = {}
+        self._recorded = RecordedEvidence()
 
     def select_mode(self, num_tasks: int, nodes: Iterable[Any]) -> Literal["parallel",
                                                                            "sequential"]:
@@ -310,7 +321,7 @@ class ExecutionPlanner:
         except TypeError:
             key = None
         now = self._clock()
-        version = self.cost_model.version
+        version = (self.cost_model.version, self.topology.colocation_version)
         if key is not None:
             cached = self._memo.get(key)
             if cached is not None and cached[0] > now and cached[1] == version:
@@ -330,6 +341,12 @@ class ExecutionPlanner:
 
     def _decide(self, num_tasks: int, nodes: Sequence[Any]) -> PlanDetail:
         identities = self.topology.describe_many(nodes)
+        detail = self._decide_for(num_tasks, nodes, identities)
+        note = self._colocation_note(identities) if num_tasks >= 2 else ""
+        return replace(detail, reason=f"{detail.reason} {note}") if note else detail
+
+    def _decide_for(self, num_tasks: int, nodes: Sequence[Any],
+                    identities: Sequence[HostIdentity | InvalidNodeAddress]) -> PlanDetail:
         model = self.cost_model
         warnings: list[str] = []
         excluded: list[tuple[int, str]] = []
@@ -473,6 +490,102 @@ class ExecutionPlanner:
         return seq(f"Sequential on {fastest_url}: the best parallel plan is predicted at "
                    f"{speedup:.2f}x, not above the required {self.config.min_speedup:.2f}x.",
                    "below-threshold")
+
+
+    # -- measured co-location ----------------------------------------------------------------
+
+    def _colocation_note(self, identities: Sequence[HostIdentity | InvalidNodeAddress]) -> str:
+        """A sentence naming the measured pairs among the candidates, for the reason:
+        ``"10.0.0.5:11434 and 10.0.0.6:11434 share one unit (measured 2026-12-01, 1.93x)."``
+        (empty when no measured unit holds two of them)."""
+        members: dict[str, list[str]] = {}
+        for identity in identities:
+            if isinstance(identity, HostIdentity) and identity.unit.measured is not None:
+                labels = members.setdefault(identity.unit.measured, [])
+                if identity.instance.label not in labels:
+                    labels.append(identity.instance.label)
+        if not any(len(labels) > 1 for labels in members.values()):
+            return ""
+        facts = self.topology.colocation_facts()
+        now, max_age = time.time(), self.config.colocation_max_age
+        parts: list[str] = []
+        for labels in members.values():
+            if len(labels) < 2:
+                continue
+            ordered = sorted(labels)
+            direct = [f for i, a in enumerate(ordered) for b in ordered[i + 1:]
+                      if (f := facts.fact(a, b)) is not None and f.colocated]
+            parts += [f"{f.a} and {f.b} share one unit ({f.describe(now, max_age)})"
+                      for f in direct]
+            if not direct:
+                parts.append(f"{_names(ordered)} share one measured unit")
+        return "; ".join(parts) + "."
+
+    def _learn_colocation(self, plan: ExecutionPlan, timings: Iterable[Any], *,
+                          measured_at: float | None = None) -> tuple[PairFact, ...]:
+        """Learn co-location from one recorded parallel run of ``plan``.
+
+        ``timings``: one ``(node, start_s, end_s)`` per task, seconds from the batch's start
+        (``node`` as in ``plan.nodes``, or any shape of its address). Each node's expected time
+        alone is its measured time per task (nodes with none, or sent several tasks at once,
+        are left out). The evidence accumulates over runs under
+        :class:`~sollol_locality.colocation.RecordedEvidence`'s rule: a pair becomes one unit
+        after 3 runs in which both slowed as one unit's nodes do (at most a quarter of its runs
+        with evidence against), so one noisy run never merges; one run in which both kept
+        their solo speed while overlapping undoes a merge. A change is merged into the cost
+        model's calibration (its version changes, so cached decisions are recomputed) and
+        returned; malformed timings are logged and teach nothing.
+        """
+        identities = plan.identities
+        if plan.mode != "parallel" or not identities or len(identities) != len(plan.nodes):
+            return ()
+        model = self.cost_model
+        profiles, time_unit = model.profiles(list(identities))
+        if time_unit != "seconds":
+            return ()
+        concurrency = plan.concurrency_per_node or [1] * len(identities)
+        expected: dict[str, float] = {}
+        by_url: dict[str, str] = {}
+        for profile in profiles:
+            identity = identities[profile.index]
+            by_url[identity.address.url] = identity.instance.label
+            if profile.speed_source != "prior" and concurrency[profile.index] <= 1:
+                expected[identity.instance.label] = profile.task_time
+        rows: list[tuple[str, float, float]] = []
+        for item in timings:
+            try:
+                node, start, end = item
+            except (TypeError, ValueError):
+                logger.warning("timing %r is not (node, start_s, end_s); run not used for "
+                               "co-location", item)
+                return ()
+            label = next((identities[i].instance.label for i, n in enumerate(plan.nodes)
+                          if n is node), None)
+            if label is None:
+                try:
+                    label = by_url.get(parse_node_address(node).url)
+                except InvalidNodeAddress:
+                    label = None
+            if label is not None and label in expected:
+                rows.append((label, start, end))
+        if not rows:
+            return ()
+        evidence = self._recorded
+        evidence.know(model.colocation_facts())
+        try:
+            changed = evidence.add_run(rows, expected, measured_at=time.time()
+                                       if measured_at is None else measured_at)
+        except CalibrationError as exc:
+            logger.warning("recorded timings not used for co-location: %s", exc)
+            return ()
+        if changed:
+            model.update_colocation(evidence.facts())
+            for fact in changed:
+                logger.info("%s and %s %s (%s)", fact.a, fact.b,
+                            "share one unit" if fact.colocated else "are separate units again",
+                            fact.describe(time.time(), self.config.colocation_max_age),
+                            extra={"event": "colocation_learned", "colocated": fact.colocated})
+        return changed
 
 
 def _rank(profile: NodeProfile) -> tuple[float, bool, bool, str, int, int]:

@@ -1,0 +1,166 @@
+"""Measured co-location in use: the calibration's facts make nodes on different addresses one
+measured unit (topology, cost model, planner), and recorded runs teach the same facts."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import offline_config
+
+from sollol_locality import ExecutionPlanner, NodeTopology, ParallelismCostModel, calibration
+from sollol_locality.calibration import Calibration
+from sollol_locality.colocation import ColocationFacts, PairFact
+from sollol_locality.topology import ExecutionUnit, HostIdentity
+
+A, B, C = "http://10.0.0.5:11434", "http://10.0.0.6:11434", "http://10.0.0.7:11434"
+KA, KB, KC = "10.0.0.5:11434", "10.0.0.6:11434", "10.0.0.7:11434"
+DAY = 86400.0
+
+
+def pair(a: str, b: str, colocated: bool = True, strength: float | None = 1.9, *,
+         age: float = 0.0, source: Any = "calibrate") -> PairFact:
+    x, y = sorted((a, b))
+    return PairFact(x, y, colocated, strength, time.time() - age, source)
+
+
+def calibrated_model(facts: ColocationFacts | None = None, **fields: Any
+                     ) -> ParallelismCostModel:
+    """Three machines, each measured at 1 s per task alone."""
+    model = ParallelismCostModel(offline_config(**fields))
+    cal = model.calibration
+    for host in ("10.0.0.5", "10.0.0.6", "10.0.0.7"):
+        cal.push(cal.task_seconds, f"{host}/cpu", 1.0)
+    model.update_colocation(facts or ColocationFacts())
+    return model
+
+
+def identities(planner: ExecutionPlanner, nodes: list[str]) -> list[HostIdentity]:
+    described = planner.topology.describe_many(nodes)
+    assert all(isinstance(i, HostIdentity) for i in described)
+    return described  # type: ignore[return-value]
+
+
+# -- topology ---------------------------------------------------------------------------------
+
+
+def test_a_calibration_file_with_colocation_makes_one_measured_unit(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    cal = Calibration()
+    cal.colocation = ColocationFacts.of([pair(KA, KB), pair(KA, KC, False, None)])
+    calibration.write(path, cal)
+    planner = ExecutionPlanner(config=offline_config(calibration_file=path))
+    a, b, c = identities(planner, [A, B, C])
+    assert a.unit == b.unit == ExecutionUnit("10.0.0.5", measured=KA)
+    assert a.unit.label == b.unit.label == f"measured:{KA}"
+    assert a.facts["unit"] == b.facts["unit"] == "measured"
+    assert (a.physical_host_id, b.physical_host_id) == ("10.0.0.5", "10.0.0.6")  # unchanged
+    assert b.own_unit.label == "10.0.0.6/cpu"
+    assert c.unit.label == "10.0.0.7/cpu" and c.facts["unit"] == "address"
+    # the topology reads the calibration the cost model loaded: one object
+    assert planner.topology.colocation_facts() is planner.cost_model.calibration.colocation
+
+
+def test_a_declared_unit_in_the_topology_file_wins(tmp_path: Path) -> None:
+    topology_file = tmp_path / "topology.toml"
+    topology_file.write_text(f'[nodes."{A}"]\ncpus = "0-3"\n')
+    facts = ColocationFacts.of([pair(KA, KB), pair(KB, KC)])
+    topology = NodeTopology(offline_config(topology_file=topology_file), colocation=facts)
+    a, b, c = topology.describe_many([A, B, C])
+    assert isinstance(a, HostIdentity) and isinstance(b, HostIdentity)
+    assert isinstance(c, HostIdentity)
+    assert a.unit.label == "10.0.0.5/cpu:0-3" and a.facts["unit"] == "topology file"
+    # the rest of the measured group is still one unit, named by the group's smallest member
+    assert b.unit == c.unit and b.unit.label == f"measured:{KA}"
+    assert b.facts["unit"] == c.facts["unit"] == "measured"
+
+
+def test_one_member_of_a_group_alone_keeps_its_own_unit() -> None:
+    topology = NodeTopology(offline_config(), colocation=ColocationFacts.of([pair(KA, KB)]))
+    [a, c] = topology.describe_many([A, C])
+    assert isinstance(a, HostIdentity) and a.unit.label == "10.0.0.5/cpu"
+    assert a.facts["unit"] == "address"
+
+
+# -- cost model ----------------------------------------------------------------------------
+
+
+def test_a_measured_pair_gives_its_units_contention_unless_calibrated() -> None:
+    model = calibrated_model(ColocationFacts.of([pair(KA, KB, strength=2.4)]))
+    unit = ExecutionUnit("10.0.0.5", measured=KA)
+    assert model.colocation_strength(unit) == pytest.approx(2.4)
+    assert model.contention(unit, 2) == pytest.approx(2.4 / 2 - 1)
+    model.calibration.push_k(model.calibration.contention, unit.label, 2, 0.3)
+    assert model.contention(unit, 2) == pytest.approx(0.3)
+    assert model.contention(ExecutionUnit("10.0.0.7"), 2) == model.priors.cpu_contention
+
+
+def test_the_plan_treats_a_measured_pair_as_one_unit_and_names_it() -> None:
+    model = calibrated_model(ColocationFacts.of([pair(KA, KB, strength=1.93)]))
+    plan = ExecutionPlanner(cost_model=model, config=model.config).plan(4, [A, B, C])
+    assert plan.mode == "parallel" and plan.units == 2 and len(plan.nodes) == 2
+    assert C in plan.nodes
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    assert plan.reason.endswith(f" {KA} and {KB} share one unit (measured {day}, 1.93x).")
+
+
+# -- recorded runs through the planner -------------------------------------------------------
+
+
+def slowed_run(pa: float = 1.95, pb: float = 1.9) -> list[tuple[str, float, float]]:
+    """One task per node, all started together: A and B slow each other, C keeps its speed."""
+    return [(A, 0.0, pa), (B, 0.0, pb), (C, 0.0, 1.0)]
+
+
+def test_three_consistent_recorded_runs_merge_one_noisy_run_does_not() -> None:
+    model = calibrated_model()
+    planner = ExecutionPlanner(cost_model=model, config=model.config)
+    nodes = [A, B, C]
+    before = planner.plan(3, nodes)
+    assert before.units == 3 and len(before.nodes) == 3
+    # one noisy run: both slowed once; nothing changes
+    assert planner._learn_colocation(before, slowed_run()) == ()
+    assert planner.plan(3, nodes).units == 3
+    assert not model.colocation_facts().groups()
+    # two more consistent runs: the third makes the merge
+    assert planner._learn_colocation(before, slowed_run(1.9, 2.0)) == ()
+    [fact] = planner._learn_colocation(before, slowed_run(2.0, 1.95))
+    assert (fact.a, fact.b, fact.colocated, fact.runs) == (KA, KB, True, 3)
+    assert fact.strength == pytest.approx(1.95)
+    assert model.colocation_facts().groups() == (frozenset({KA, KB}),)
+    after = planner.plan(3, nodes)  # within the decision cache's second: the version changed
+    assert after.units == 2 and len(after.nodes) == 2 and C in after.nodes
+    assert f"{KA} and {KB} share one unit (measured " in after.reason
+    assert ", 1.95x, from 3 recorded runs)." in after.reason
+    [a, b, _] = identities(planner, nodes)
+    assert a.unit == b.unit and a.facts["unit"] == "measured"
+
+
+def test_a_run_showing_independence_undoes_a_stale_merge() -> None:
+    stale = pair(KA, KB, strength=1.9, age=30 * DAY)
+    model = calibrated_model(ColocationFacts.of([stale]))
+    planner = ExecutionPlanner(cost_model=model, config=model.config)
+    assert planner.plan(3, [A, B, C]).units == 2
+    assert ", stale)." in planner.plan(3, [A, B, C]).reason
+    # a run that sent work to both (forced parallel) finds them at their solo speed together
+    forced = ExecutionPlanner(planner.topology, model, offline_config(mode="parallel"))
+    run = forced.plan(3, [A, B, C])
+    assert len(run.nodes) == 3
+    [fact] = forced._learn_colocation(run, [(A, 0.0, 1.02), (B, 0.0, 1.0), (C, 0.0, 1.01)])
+    assert (fact.a, fact.b, fact.colocated, fact.source) == (KA, KB, False, "recorded")
+    assert not model.colocation_facts().groups()
+    plan = planner.plan(3, [A, B, C])
+    assert plan.units == 3 and len(plan.nodes) == 3 and "share one unit" not in plan.reason
+
+
+def test_timings_it_cannot_use_teach_nothing() -> None:
+    model = calibrated_model()
+    planner = ExecutionPlanner(cost_model=model, config=model.config)
+    plan = planner.plan(3, [A, B, C])
+    assert planner._learn_colocation(plan, [("x",)]) == ()
+    assert planner._learn_colocation(plan, [(A, 2.0, 1.0), (B, 0.0, 1.0)]) == ()
+    unknown = ExecutionPlanner(config=offline_config()).plan(3, [A, B, C])  # no speeds known
+    assert planner._learn_colocation(unknown, slowed_run()) == ()
+    assert model.colocation_facts() == ColocationFacts()
