@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
@@ -89,6 +90,9 @@ def _add_calibrate(sub: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", "-o", metavar="FILE",
                         help="where to write (default $SOLLOL_LOCALITY_CALIBRATION or the user "
                              "state directory)")
+    parser.add_argument("--budget", type=float, metavar="SECONDS",
+                        help="time the search for co-located machines may take (default: no "
+                             "bound); what it leaves untested is reported")
     parser.add_argument("nodes", nargs="+", metavar="NODE", help="node address")
     parser.set_defaults(handler=_cmd_calibrate)
 
@@ -105,16 +109,33 @@ def _cmd_calibrate(args: argparse.Namespace, out: TextIO) -> int:
 
     report = calibrate(args.nodes, model=args.model, num_predict=args.tokens, rounds=args.rounds,
                        timeout=args.timeout, output=args.output, config=config,
-                       progress=progress)
+                       progress=progress, budget=args.budget)
     if args.json:
         json.dump({"path": str(report.path), "model": report.model,
                    "solo_seconds": report.solo_seconds, "together": report.together,
-                   "observations": report.observations}, out, indent=2)
+                   "observations": report.observations, "colocation": report.colocation},
+                  out, indent=2)
         out.write("\n")
     else:
         out.write(f"calibrated {len(report.solo_seconds)} node(s) with {report.model}; "
                   f"wrote {report.path}\n")
+        for line in _colocation_lines(report.colocation):
+            out.write(line + "\n")
     return 0
+
+
+def _colocation_lines(found: dict[str, Any] | None) -> list[str]:
+    """What the co-location search found, for ``calibrate``'s text output."""
+    if not found:
+        return []
+    lines = [f"co-located: {' and '.join(g['members'])} share one unit "
+             f"({g['strength']:.2f}x)" for g in found["groups"]]
+    if found["untested_pairs"] or found["untested_nodes"]:
+        pairs = ", ".join(f"{a}/{b}" for a, b in found["untested_pairs"])
+        lines.append(f"left untested (budget spent): {pairs or 'none'}"
+                     + (f"; nodes {', '.join(found['untested_nodes'])}"
+                        if found["untested_nodes"] else ""))
+    return lines
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -138,9 +159,15 @@ def _config(args: argparse.Namespace) -> Any:
     return LocalityConfig.from_env(**fields)
 
 
-def describe_identity(identity: Any) -> dict[str, Any]:
-    """A JSON-friendly description of a :class:`HostIdentity` (no credentials)."""
-    return {
+def describe_identity(identity: Any, colocation: Any = None, *,
+                      max_age: float | None = None, now: float | None = None) -> dict[str, Any]:
+    """A JSON-friendly description of a :class:`HostIdentity` (no credentials).
+
+    With ``colocation`` (the :class:`~sollol_locality.colocation.ColocationFacts` in force),
+    ``"colocation"`` lists the node's measured unit-mates: ``"shares a unit with X (measured
+    DATE, 1.93x)"``, ``", stale"`` when older than ``max_age`` seconds at ``now``.
+    """
+    data = {
         "node": identity.address.url,
         "physical_host_id": identity.physical_host_id,
         "is_local": identity.is_local,
@@ -151,12 +178,22 @@ def describe_identity(identity: Any) -> dict[str, Any]:
         "resolved": identity.resolved,
         "source": identity.source,
     }
+    if colocation is not None and identity.unit.measured is not None:
+        from .colocation import DEFAULT_MAX_AGE, describe_colocation
+
+        data["colocation"] = list(describe_colocation(
+            colocation, identity.instance.label, now=time.time() if now is None else now,
+            max_age=DEFAULT_MAX_AGE if max_age is None else max_age))
+    return data
 
 
 def _cmd_hosts(args: argparse.Namespace, out: TextIO) -> int:
-    from .topology import NodeTopology
+    from .planner import ExecutionPlanner
 
-    topology = NodeTopology(_config(args))
+    config = _config(args)
+    # the planner's topology reads the calibration file's measured co-location
+    topology = ExecutionPlanner(config=config).topology
+    facts = topology.colocation_facts()
     identities = topology.describe_many(args.nodes)
     groups: dict[str, list[dict[str, Any]]] = {}
     invalid: list[dict[str, str]] = []
@@ -164,7 +201,8 @@ def _cmd_hosts(args: argparse.Namespace, out: TextIO) -> int:
         if isinstance(identity, InvalidNodeAddress):
             invalid.append({"node": describe_input(raw).strip("'"), "reason": identity.reason})
         else:
-            groups.setdefault(identity.physical_host_id, []).append(describe_identity(identity))
+            groups.setdefault(identity.physical_host_id, []).append(
+                describe_identity(identity, facts, max_age=config.colocation_max_age))
     if args.json:
         json.dump({"hosts": groups, "unique_hosts": len(groups), "invalid": invalid}, out,
                   indent=2)
@@ -183,6 +221,8 @@ def _cmd_hosts(args: argparse.Namespace, out: TextIO) -> int:
             extra = "" if member["resolved"] else "  (not resolved)"
             device = f"  gpu {member['device']}" if member["device"] is not None else ""
             out.write(f"  {member['node']:<{width}}  {member['source']}{device}{extra}\n")
+            for line in member.get("colocation", ()):
+                out.write(f"  {'':<{width}}  {line}\n")
     if invalid:
         out.write("\ninvalid nodes (left out)\n")
         for item in invalid:

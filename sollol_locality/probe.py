@@ -15,6 +15,16 @@
    interleaved this way, load that comes and goes during the run moves the solo and the
    concurrent measurements alike instead of biasing the ratio between them;
 
+4. the co-location search (:func:`~sollol_locality.colocation.detect_colocation`) over one node
+   per machine: concurrent runs in which every request is timed by its own thread (each run
+   repeated ``--rounds`` times, the median per node kept), compared with each node's solo
+   median, to find the "machines" that are one (two VMs of one host, two pods of one node);
+   ``--budget SECONDS`` bounds it, and what it left untested is reported. Its facts (which
+   instances share a unit, how strongly, which are independent) go to the calibration file;
+5. ``--rounds`` runs of one node per *measured unit* together: the dispatch overhead between
+   machines that really are separate (co-located "machines" would pass their slowdown off as
+   dispatch overhead).
+
 then writes the calibration file (atomically) that later decisions load automatically. What the
 run measured replaces what the file knew about the same units and hosts (a cluster is calibrated
 as it is now); what it knew about others is kept. A file at the target that is not a calibration
@@ -39,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import CalibrationError, InvalidNodeAddress
+from .colocation import ColocationReport, detect_colocation, facts_from_report
 from .config import LocalityConfig
 from .cost_model import ParallelismCostModel
 from .topology import ExecutionUnit, HostIdentity, Instance, NodeTopology
@@ -57,6 +68,7 @@ class CalibrationReport:
     solo_seconds: dict[str, float] = field(default_factory=dict)  # node url -> median s/task
     together: list[dict[str, Any]] = field(default_factory=list)
     observations: int = 0
+    colocation: dict[str, Any] | None = None  # see colocation_summary(); None: not searched
 
 
 # Nodes are reached directly: a proxy from the environment (http_proxy) would send a request
@@ -88,17 +100,26 @@ def _generate(identity: HostIdentity, model: str, num_predict: int, timeout: flo
 
 def _together(identities: Sequence[HostIdentity], model: str, num_predict: int,
               timeout: float) -> float:
+    return _together_timed(identities, model, num_predict, timeout)[0]
+
+
+def _together_timed(identities: Sequence[HostIdentity], model: str, num_predict: int,
+                    timeout: float) -> tuple[float, list[float]]:
+    """Run one generate on each node at once: the wall time, and each node's own time (timed
+    by the thread that sent its request), in the order given."""
     errors: list[BaseException] = []
+    times = [0.0] * len(identities)
     barrier = threading.Barrier(len(identities) + 1)
 
-    def work(identity: HostIdentity) -> None:
+    def work(position: int, identity: HostIdentity) -> None:
         barrier.wait()
         try:
-            _generate(identity, model, num_predict, timeout)
+            times[position] = _generate(identity, model, num_predict, timeout)
         except _NODE_ERRORS as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in identities]
+    threads = [threading.Thread(target=work, args=pair, daemon=True)
+               for pair in enumerate(identities)]
     for thread in threads:
         thread.start()
     barrier.wait()
@@ -108,7 +129,77 @@ def _together(identities: Sequence[HostIdentity], model: str, num_predict: int,
     wall = time.perf_counter() - start
     if errors:
         raise CalibrationError(f"a node failed during a concurrent run: {errors[0]}")
-    return wall
+    return wall, times
+
+
+def colocation_measure(identities: Sequence[HostIdentity], model: str, *, num_predict: int,
+                       timeout: float, rounds: int,
+                       progress: Callable[[str], None] | None = None
+                       ) -> Callable[[Sequence[str]], dict[str, float]]:
+    """The ``measure`` :func:`~sollol_locality.colocation.detect_colocation` drives, over live
+    nodes keyed by instance label: the group's nodes run one generate each at once, ``rounds``
+    times; each node's time is the median of its own request times."""
+    by_label = {i.instance.label: i for i in identities}
+    say = progress or (lambda line: None)
+
+    def measure(group: Sequence[str]) -> dict[str, float]:
+        members = [by_label[label] for label in group]
+        samples: list[list[float]] = [[] for _ in members]
+        for _ in range(rounds):
+            _, times = _together_timed(members, model, num_predict, timeout)
+            for position, seconds in enumerate(times):
+                samples[position].append(seconds)
+        result = {label: sorted(values)[len(values) // 2]
+                  for label, values in zip(group, samples, strict=True)}
+        say(f"co-location run of {len(group)} node(s): "
+            + ", ".join(f"{label} {seconds:.3f}s" for label, seconds in result.items()))
+        return result
+
+    return measure
+
+
+def search_colocation(identities: Sequence[HostIdentity], solo: dict[str, float],
+                      measure: Callable[[Sequence[str]], dict[str, float]], *,
+                      budget: float | None = None,
+                      clock: Callable[[], float] = time.monotonic) -> ColocationReport[str]:
+    """Run the co-location search over ``identities`` (one per machine), keyed by instance
+    label; ``solo`` is each label's median solo time and ``budget`` the seconds it may take."""
+    labels = [i.instance.label for i in identities]
+    return detect_colocation(labels, {k: solo[k] for k in labels}, measure, max_seconds=budget,
+                             clock=clock)
+
+
+def colocation_summary(report: ColocationReport[str]) -> dict[str, Any]:
+    """What the search found, for the report and ``calibrate --json``: ``groups`` (members and
+    strength), ``independent`` (pairs), ``untested_pairs``, ``untested_nodes``,
+    ``budget_exhausted`` and ``runs`` (purpose, members, per-node slowdowns, slowed)."""
+    def pairs(items: Any) -> list[list[str]]:
+        return sorted(sorted(p) for p in items)
+
+    return {
+        "groups": [{"members": sorted(g.members), "strength": round(g.strength, 4)}
+                   for g in report.groups],
+        "independent": pairs(report.independent),
+        "untested_pairs": pairs(report.untested_pairs),
+        "untested_nodes": list(report.untested_nodes),
+        "budget_exhausted": report.budget_exhausted,
+        "runs": [{"purpose": r.purpose, "members": list(r.members),
+                  "slowdowns": {k: round(v, 4) for k, v in r.slowdowns},
+                  "slowed": sorted(r.slowed)} for r in report.runs],
+    }
+
+
+def _per_unit(machines: Sequence[HostIdentity], report: ColocationReport[str]
+              ) -> list[HostIdentity]:
+    """One node per measured unit among ``machines`` (the first of each, in order)."""
+    seen: set[frozenset[str]] = set()
+    kept = []
+    for identity in machines:
+        unit = report.unit_of(identity.instance.label)
+        if unit not in seen:
+            seen.add(unit)
+            kept.append(identity)
+    return kept
 
 
 def calibrate(
@@ -123,8 +214,12 @@ def calibrate(
     topology: NodeTopology | None = None,
     cost_model: ParallelismCostModel | None = None,
     progress: Callable[[str], None] | None = None,
+    budget: float | None = None,
 ) -> CalibrationReport:
     """Measure ``nodes`` and write the calibration file; see the module docstring.
+
+    ``budget``: the seconds the co-location search may take (``None``: no bound); pairs and
+    nodes it left untested are in ``report.colocation``.
 
     Raises:
         CalibrationError: a node cannot be parsed, does not answer or lacks the model (nothing
@@ -132,6 +227,8 @@ def calibrate(
     """
     if rounds < 1 or num_predict < 1:
         raise CalibrationError("rounds and num_predict must be at least 1")
+    if budget is not None and not budget >= 0:
+        raise CalibrationError(f"budget {budget!r} must be a number of seconds >= 0")
     config = config if config is not None else LocalityConfig.from_env()
     topology = topology if topology is not None else NodeTopology(config)
     target = Path(output) if output is not None else config.calibration_file
@@ -189,20 +286,60 @@ def calibrate(
                 model_.observe("sequential", [identity.node], 1, wall, identities=[identity])
                 say(f"{identity.address.url} alone, round {round_ + 1}/{rounds}: {wall:.3f}s")
             for group in groups:
+                if group.kind == "machines":
+                    continue  # after the co-location search, one node per measured unit
                 members = group.members
-                wall = _together(members, chosen_model, num_predict, timeout)
+                wall, each = _together_timed(members, chosen_model, num_predict, timeout)
                 model_.observe("parallel", [m.node for m in members], len(members), wall,
                                identities=members)
                 say(f"{group.label} together, round {round_ + 1}/{rounds}: {wall:.3f}s")
                 report.together.append({"group": group.label, "nodes": len(members),
-                                        "wall": wall})
+                                        "wall": wall, "times": {
+                                            m.address.url: t
+                                            for m, t in zip(members, each, strict=True)}})
+        report.solo_seconds = {url: sorted(times)[len(times) // 2]
+                               for url, times in solo.items()}
+        machines = next((g.members for g in groups if g.kind == "machines"), [])
+        if machines:
+            _machines_step(report, machines, model_, chosen_model, num_predict=num_predict,
+                           timeout=timeout, rounds=rounds, budget=budget, say=say)
     except _NODE_ERRORS as exc:
         raise CalibrationError(f"calibration failed, nothing written: {exc}") from exc
-    report.solo_seconds = {url: sorted(times)[len(times) // 2] for url, times in solo.items()}
     report.path = model_.save(target)
     report.observations = model_.observations
     say(f"wrote {report.path}")
     return report
+
+
+def _machines_step(report: CalibrationReport, machines: Sequence[HostIdentity],
+                   model: ParallelismCostModel, chosen_model: str, *, num_predict: int,
+                   timeout: float, rounds: int, budget: float | None,
+                   say: Callable[[str], None]) -> None:
+    """Steps 4 and 5: the co-location search over one node per machine, its facts into the
+    model, then the dispatch overhead over one node per measured unit."""
+    solo = {i.instance.label: report.solo_seconds[i.address.url] for i in machines}
+    measure = colocation_measure(machines, chosen_model, num_predict=num_predict,
+                                 timeout=timeout, rounds=rounds, progress=say)
+    found = search_colocation(machines, solo, measure, budget=budget)
+    model.update_colocation(facts_from_report(found, time.time()))
+    report.colocation = colocation_summary(found)
+    for group in found.groups:
+        say(f"co-located: {', '.join(sorted(group.members))} share one unit "
+            f"(each {group.strength:.2f}x slower with the other)")
+    if found.untested_pairs or found.untested_nodes:
+        say(f"co-location budget spent: {len(found.untested_pairs)} pair(s) left untested")
+    separate = _per_unit(machines, found)
+    if len(separate) < 2:
+        return
+    label = f"one node on each of {len(separate)} measured units"
+    for round_ in range(rounds):
+        wall, times = _together_timed(separate, chosen_model, num_predict, timeout)
+        model.observe("parallel", [m.node for m in separate], len(separate), wall,
+                      identities=separate)
+        say(f"{label} together, round {round_ + 1}/{rounds}: {wall:.3f}s")
+        report.together.append({"group": label, "nodes": len(separate), "wall": wall,
+                                "times": {m.address.url: t
+                                          for m, t in zip(separate, times, strict=True)}})
 
 
 @dataclass(frozen=True)
