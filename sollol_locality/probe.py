@@ -16,9 +16,9 @@
    concurrent measurements alike instead of biasing the ratio between them;
 
 4. the co-location search (:func:`~sollol_locality.colocation.detect_colocation`) over one node
-   per machine: concurrent runs in which every request is timed by its own thread (each run
-   repeated ``--rounds`` times, the median per node kept), compared with each node's solo
-   median, to find the "machines" that are one (two VMs of one host, two pods of one node);
+   per machine: concurrent runs in which every request is timed by its own thread, each
+   repeated ``--rounds`` times right after the same nodes ran alone (the median per-node
+   slowdown kept), to find the "machines" that are one (two VMs of one host, two pods of one node);
    ``--budget SECONDS`` bounds it, and what it left untested is reported. Its facts (which
    instances share a unit, how strongly, which are independent) go to the calibration file;
 5. ``--rounds`` runs of one node per *measured unit* together: the dispatch overhead between
@@ -39,11 +39,12 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import json
+import statistics
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,26 +134,33 @@ def _together_timed(identities: Sequence[HostIdentity], model: str, num_predict:
 
 
 def colocation_measure(identities: Sequence[HostIdentity], model: str, *, num_predict: int,
-                       timeout: float, rounds: int,
+                       timeout: float, rounds: int, solo: Mapping[str, float],
                        progress: Callable[[str], None] | None = None
                        ) -> Callable[[Sequence[str]], dict[str, float]]:
     """The ``measure`` :func:`~sollol_locality.colocation.detect_colocation` drives, over live
-    nodes keyed by instance label: the group's nodes run one generate each at once, ``rounds``
-    times; each node's time is the median of its own request times."""
+    nodes keyed by instance label.
+
+    Each of ``rounds`` rounds runs every member of the group alone, one after another, then
+    all of them at once (each request timed by its own thread). A node's slowdown in a round is
+    its time together over its time alone *in that round*, so load that comes and goes on the
+    machines moves both alike instead of passing for sharing; the time returned is the median
+    slowdown over the rounds times the node's ``solo`` median (what the detector divides by).
+    """
     by_label = {i.instance.label: i for i in identities}
     say = progress or (lambda line: None)
 
     def measure(group: Sequence[str]) -> dict[str, float]:
         members = [by_label[label] for label in group]
-        samples: list[list[float]] = [[] for _ in members]
+        ratios: list[list[float]] = [[] for _ in members]
         for _ in range(rounds):
+            alone = [_generate(m, model, num_predict, timeout) for m in members]
             _, times = _together_timed(members, model, num_predict, timeout)
             for position, seconds in enumerate(times):
-                samples[position].append(seconds)
-        result = {label: sorted(values)[len(values) // 2]
-                  for label, values in zip(group, samples, strict=True)}
+                ratios[position].append(seconds / alone[position])
+        result = {label: statistics.median(values) * solo[label]
+                  for label, values in zip(group, ratios, strict=True)}
         say(f"co-location run of {len(group)} node(s): "
-            + ", ".join(f"{label} {seconds:.3f}s" for label, seconds in result.items()))
+            + ", ".join(f"{label} {result[label] / solo[label]:.2f}x" for label in group))
         return result
 
     return measure
@@ -319,7 +327,7 @@ def _machines_step(report: CalibrationReport, machines: Sequence[HostIdentity],
     model, then the dispatch overhead over one node per measured unit."""
     solo = {i.instance.label: report.solo_seconds[i.address.url] for i in machines}
     measure = colocation_measure(machines, chosen_model, num_predict=num_predict,
-                                 timeout=timeout, rounds=rounds, progress=say)
+                                 timeout=timeout, rounds=rounds, solo=solo, progress=say)
     found = search_colocation(machines, solo, measure, budget=budget)
     model.update_colocation(facts_from_report(found, time.time()))
     report.colocation = colocation_summary(found)
