@@ -164,3 +164,67 @@ def test_timings_it_cannot_use_teach_nothing() -> None:
     unknown = ExecutionPlanner(config=offline_config()).plan(3, [A, B, C])  # no speeds known
     assert planner._learn_colocation(unknown, slowed_run()) == ()
     assert model.colocation_facts() == ColocationFacts()
+
+
+def test_the_decision_cache_notices_new_colocation_facts() -> None:
+    facts = [ColocationFacts()]
+    topology = NodeTopology(offline_config(), colocation=lambda: facts[0])
+    model = calibrated_model()
+    planner = ExecutionPlanner(topology, model, model.config)
+    assert planner.plan(3, [A, B, C]).units == 3
+    facts[0] = ColocationFacts.of([pair(KA, KB)])  # within the cache's second
+    assert planner.plan(3, [A, B, C]).units == 2
+
+
+# -- sollol-locality hosts ---------------------------------------------------------------------
+
+
+def hosts_output(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, facts: ColocationFacts,
+                 *argv: str, max_age: str | None = None) -> str:
+    import io
+
+    from sollol_locality.cli import main
+
+    path = tmp_path / "c.json"
+    cal = Calibration()
+    cal.colocation = facts
+    calibration.write(path, cal)
+    monkeypatch.setenv("SOLLOL_LOCALITY_CALIBRATION", str(path))
+    monkeypatch.delenv("SOLLOL_LOCALITY_TOPOLOGY", raising=False)
+    if max_age is None:
+        monkeypatch.delenv("SOLLOL_LOCALITY_COLOCATION_MAX_AGE", raising=False)
+    else:
+        monkeypatch.setenv("SOLLOL_LOCALITY_COLOCATION_MAX_AGE", max_age)
+    out = io.StringIO()
+    assert main(["hosts", "--nameserver", "127.0.0.1:9", *argv, A, B, C], out=out) == 0
+    return out.getvalue()
+
+
+def test_hosts_shows_who_shares_a_unit_and_when_it_was_measured(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fact = pair(KA, KB, strength=1.93, age=DAY)
+    day = time.strftime("%Y-%m-%d", time.gmtime(fact.measured_at))
+    text = hosts_output(monkeypatch, tmp_path, ColocationFacts.of([fact]))
+    width = len(A)
+    assert (f"  {A}  address\n  {'':<{width}}  shares a unit with {KB} (measured {day}, "
+            "1.93x)\n") in text
+    assert f"shares a unit with {KA} (measured {day}, 1.93x)\n" in text
+    assert text.count("shares a unit") == 2  # C shares nothing
+
+
+def test_hosts_shows_an_old_measurement_as_stale_after_the_configured_age(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import json
+
+    fact = pair(KA, KB, strength=1.93, age=2 * DAY)
+    day = time.strftime("%Y-%m-%d", time.gmtime(fact.measured_at))
+    facts = ColocationFacts.of([fact])
+    fresh = hosts_output(monkeypatch, tmp_path, facts)  # the default age is 7 days
+    assert "1.93x)" in fresh and "stale" not in fresh
+    stale = hosts_output(monkeypatch, tmp_path, facts, "--json", max_age="1d")
+    members = [m for ms in json.loads(stale)["hosts"].values() for m in ms]
+    assert [m.get("colocation") for m in members] == [
+        [f"shares a unit with {KB} (measured {day}, 1.93x, stale)"],
+        [f"shares a unit with {KA} (measured {day}, 1.93x, stale)"],
+        None]
+    assert [m["unit"] for m in members] == [f"measured:{KA}", f"measured:{KA}", "10.0.0.7/cpu"]

@@ -370,3 +370,70 @@ def test_the_search_finds_the_hidden_pair_and_the_plan_uses_it(tmp_path: Path) -
     plan = planner.plan(4, urls)
     assert f"{pair[0]} and {pair[1]} share one unit (measured " in plan.reason
     assert plan.units == 2
+
+
+def test_the_budget_bounds_the_search_and_says_what_it_left() -> None:
+    from sollol_locality.cli import _colocation_lines
+    from sollol_locality.colocation import simulated_measure
+    from sollol_locality.probe import colocation_summary, search_colocation
+
+    topology = offline_topology()
+    urls = [f"http://10.0.0.{i}:11434" for i in (5, 6, 7, 8)]
+    machines = [topology.describe(url) for url in urls]
+    labels = [m.instance.label for m in machines]
+    solo = dict.fromkeys(labels, 1.0)
+    # every node slowed in the first run: two hidden units, interleaved
+    measure = simulated_measure({k: i % 2 for i, k in enumerate(labels)}, solo)
+    now = [0.0]
+
+    def timed(group: Any) -> Any:
+        now[0] += 1.0  # each run takes one second of the injected clock
+        return measure(group)
+
+    found = search_colocation(machines, solo, timed, budget=2.5, clock=lambda: now[0])
+    summary = colocation_summary(found)
+    # the all-nodes run (1 s by the clock; its slowest node took 2 s): a test run estimated
+    # at 2 s more no longer fits in 2.5 s
+    assert summary["budget_exhausted"] and [r["purpose"] for r in summary["runs"]] == ["all"]
+    assert summary["untested_nodes"] and summary["untested_pairs"]
+    [line] = [x for x in _colocation_lines(summary) if x.startswith("left untested")]
+    assert line.startswith("left untested (budget spent): 10.0.0.")
+    unbounded = search_colocation(machines, solo, measure)
+    assert [sorted(g.members) for g in unbounded.groups] == [sorted(labels[0::2]),
+                                                               sorted(labels[1::2])]
+    assert not unbounded.untested_pairs
+
+
+@pytest.mark.integration
+@pytest.mark.netns
+def test_calibrate_budget_zero_reports_every_pair_untested(tmp_path: Path) -> None:
+    pytest.importorskip("numpy", reason="the emulator needs numpy (the bench extra)")
+    from sollol_locality.testing.machines import (
+        SCENARIOS,
+        Cluster,
+        ScenarioUnavailable,
+        scenario_skip_reason,
+        start_scenario,
+    )
+
+    reason = scenario_skip_reason(SCENARIOS["two-machines"])
+    if reason is not None:
+        pytest.skip(reason)
+    target = tmp_path / "c.json"
+    with Cluster() as cluster:
+        try:
+            running = start_scenario("two-machines", cluster, weights_mb=1, auto_subnets=True)
+        except ScenarioUnavailable as exc:
+            pytest.skip(exc.reason)
+        urls = list(running.urls)
+        code, text = run("calibrate", "--tokens", "4", "--rounds", "1", "--budget", "0",
+                         "--output", str(target), *OFFLINE, *urls)
+        code_json, data = run("calibrate", "--tokens", "4", "--rounds", "1", "--budget", "0",
+                              "--json", "--output", str(target), *OFFLINE, *urls)
+    a, b = sorted(url.split("//", 1)[1] for url in urls)
+    assert code == code_json == 0
+    assert text.splitlines()[1:] == [f"left untested (budget spent): {a}/{b}; nodes "
+                                     f"{', '.join(u.split('//', 1)[1] for u in urls)}"]
+    found = json.loads(data)["colocation"]
+    assert found["untested_pairs"] == [[a, b]] and found["budget_exhausted"]
+    assert found["runs"] == [] and found["groups"] == []
