@@ -9,8 +9,7 @@
 
    * each node alone: the time per task of its execution unit;
    * the nodes of each execution unit together (two instances on one CPU or GPU): the unit's
-     contention; the units of each host together (several GPUs): the same-host overhead; one
-     node per host together: the dispatch overhead between machines;
+     contention; the units of each host together (several GPUs): the same-host overhead;
 
    interleaved this way, load that comes and goes during the run moves the solo and the
    concurrent measurements alike instead of biasing the ratio between them;
@@ -18,8 +17,8 @@
 4. the co-location search (:func:`~sollol_locality.colocation.detect_colocation`) over one node
    per machine: concurrent runs in which every request is timed by its own thread, each
    repeated ``--rounds`` times right after the same nodes ran alone (the median per-node
-   slowdown kept), to find the "machines" that are one (two VMs of one host, two pods of one node);
-   ``--budget SECONDS`` bounds it, and what it left untested is reported. Its facts (which
+   slowdown kept), to find the "machines" that are one (two VMs of one host, two pods of one
+   node); ``--budget SECONDS`` bounds it, and what it left untested is reported. Its facts (which
    instances share a unit, how strongly, which are independent) go to the calibration file;
 5. ``--rounds`` runs of one node per *measured unit* together: the dispatch overhead between
    machines that really are separate (co-located "machines" would pass their slowdown off as

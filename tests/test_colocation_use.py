@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 from helpers import offline_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sollol_locality import ExecutionPlanner, NodeTopology, ParallelismCostModel, calibration
 from sollol_locality.calibration import Calibration
@@ -228,3 +230,28 @@ def test_hosts_shows_an_old_measurement_as_stale_after_the_configured_age(
         [f"shares a unit with {KA} (measured {day}, 1.93x, stale)"],
         None]
     assert [m["unit"] for m in members] == [f"measured:{KA}", f"measured:{KA}", "10.0.0.7/cpu"]
+
+
+LABELS = [f"10.0.0.{i}:11434" for i in range(1, 6)]
+
+
+@given(links=st.lists(st.tuples(st.sampled_from(LABELS), st.sampled_from(LABELS),
+                                st.booleans()), max_size=8),
+       present=st.lists(st.sampled_from(LABELS), min_size=1, max_size=5, unique=True))
+@settings(max_examples=60, deadline=None)
+def test_measured_units_are_the_groups_among_the_nodes_given(
+        links: list[tuple[str, str, bool]], present: list[str]) -> None:
+    facts = ColocationFacts.of([PairFact(*sorted((a, b)), colocated, 1.9, 1000.0, "calibrate")
+                                for a, b, colocated in links if a != b])
+    topology = NodeTopology(offline_config(), colocation=facts)
+    described = topology.describe_many([f"http://{label}" for label in present])
+    by_label = {i.instance.label: i for i in described if isinstance(i, HostIdentity)}
+    groups = facts.groups()
+    for a in present:
+        group = next((g for g in groups if a in g), frozenset())
+        shared = len(group & set(present)) > 1
+        assert (by_label[a].facts["unit"] == "measured") == shared
+        assert by_label[a].unit.label == (f"measured:{min(group)}" if shared
+                                          else by_label[a].own_unit.label)
+        for b in present:
+            assert (by_label[a].unit == by_label[b].unit) == (a == b or shared and b in group)

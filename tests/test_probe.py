@@ -437,3 +437,20 @@ def test_calibrate_budget_zero_reports_every_pair_untested(tmp_path: Path) -> No
     found = json.loads(data)["colocation"]
     assert found["untested_pairs"] == [[a, b]] and found["budget_exhausted"]
     assert found["runs"] == [] and found["groups"] == []
+
+
+@pytest.mark.integration
+@pytest.mark.netns
+def test_two_namespaces_on_one_core_are_one_measured_unit_not_a_dispatch_overhead(
+        tmp_path: Path) -> None:
+    report, target, urls = _scenario_calibration("shared-core-namespaces", tmp_path)
+    found = report.colocation
+    assert found is not None
+    assert [g["members"] for g in found["groups"]] == [sorted(map(_label, urls))]
+    data = json.loads(target.read_text())
+    # one measured unit: no run across "machines" teaches a dispatch overhead
+    assert report.together == [] and data["dispatch_overhead"] == []
+    planner = ExecutionPlanner(config=offline_config(calibration_file=target))
+    plan = planner.plan(4, urls)
+    assert plan.units == 1 and plan.mode == "sequential"
+    assert "share one unit (measured " in plan.reason
