@@ -276,7 +276,8 @@ def calibrate(
     report = CalibrationReport(path=None, model=chosen_model)
     groups = _groups(identities)
     # What this run measures replaces what the model knew about the same units and hosts.
-    model_._forget(units={i.unit.label for i in identities},
+    model_._forget(units={i.unit.label for i in identities}
+                   | {i.own_unit.label for i in identities},
                    hosts={g.key for g in groups if g.kind == "host"},
                    dispatch=any(g.kind == "machines" for g in groups))
     solo: dict[str, list[float]] = {i.address.url: [] for i in identities}
