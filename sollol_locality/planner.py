@@ -470,7 +470,7 @@ class ExecutionPlanner:
         speedup, chosen, shares, makespan = best
         used = [p for p, s in zip(chosen, shares, strict=True) if s > 0]
         if speedup > self.config.min_speedup and len(used) >= 2:
-            used_hosts = list(dict.fromkeys(p.unit.host for p in used))
+            used_hosts = list(dict.fromkeys(p.identity.physical_host_id for p in used))
             used_units = {p.unit for p in used}
             where = (f"{len(used_hosts)} machines ({_names(used_hosts)})" if len(used_hosts) > 1
                      else f"{len(used_units)} units of {used_hosts[0]} "

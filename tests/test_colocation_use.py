@@ -101,11 +101,13 @@ def test_a_measured_pair_gives_its_units_contention_unless_calibrated() -> None:
 
 def test_the_plan_treats_a_measured_pair_as_one_unit_and_names_it() -> None:
     model = calibrated_model(ColocationFacts.of([pair(KA, KB, strength=1.93)]))
+    model.calibration.task_seconds["10.0.0.6/cpu"] = calibration.samples([0.9])  # B: faster
     plan = ExecutionPlanner(cost_model=model, config=model.config).plan(4, [A, B, C])
-    assert plan.mode == "parallel" and plan.units == 2 and len(plan.nodes) == 2
-    assert C in plan.nodes
+    assert plan.mode == "parallel" and plan.units == 2 and plan.nodes == [B, C]
     day = time.strftime("%Y-%m-%d", time.gmtime())
     assert plan.reason.endswith(f" {KA} and {KB} share one unit (measured {day}, 1.93x).")
+    # the machines named are those of the nodes dispatched to (B's own, not its unit's name)
+    assert "across 2 machines (10.0.0.6, 10.0.0.7)" in plan.reason
 
 
 # -- recorded runs through the planner -------------------------------------------------------
