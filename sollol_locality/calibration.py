@@ -55,6 +55,7 @@ from typing import Any, Final
 
 from ._errors import CalibrationError
 from ._nodefields import is_number
+from .colocation import ColocationFacts
 
 __all__ = [
     "FORMAT",
@@ -108,9 +109,13 @@ SECTIONS: Final[Mapping[str, str]] = {
 }
 """How each section of a :class:`Calibration` is merged on save (see the module docstring)."""
 
-SECTION_MERGE: dict[str, Callable[[Any, Any], Any]] = {}
+SECTION_MERGE: dict[str, Callable[[Any, Any], Any]] = {
+    "colocation": lambda on_file, ours: on_file.merge(ours),
+}
 """Per section merged whole, ``merge(on_file_section, our_section) -> section`` (commutative
-and idempotent); its journal entries are then not replayed."""
+and idempotent); its journal entries are then not replayed. Measured co-location merges as
+:meth:`ColocationFacts.merge <sollol_locality.colocation.ColocationFacts.merge>` does: every
+pair either side knows, the newer measurement where both know one."""
 
 TABLE_MERGE: dict[str, Callable[[Any, Any], Any]] = {}
 """Per ``"table"`` section, ``merge(on_file, ours) -> record`` for a key set since the read
@@ -138,8 +143,10 @@ class Calibration:
         batching: instance label -> concurrent requests ``k`` -> wall seconds of ``k``
             requests sent to that instance together (``k = 1``: one alone); the batching curve
             ``ratio(k)`` is computed on read, as the median at ``k`` over the median at 1.
-        colocation: ``"instance|instance"`` (sorted) -> what a measurement found about the pair
-            (plain JSON data: whether they share a unit, how strongly, when measured).
+        colocation: what measurements found about pairs of instances (keyed by
+            :attr:`~sollol_locality.topology.Instance.label`): which share a unit, how strongly,
+            which are independent, when measured (:class:`~sollol_locality.colocation.
+            ColocationFacts`; the file's top-level ``"colocation"`` is its ``to_dict()``).
         priors: prior values the file carried (checked against :data:`PRIOR_BOUNDS`).
         observations: how many finished runs taught it.
         model: the model the measurements ran (``calibrate`` records it), ``None`` when not
@@ -154,7 +161,7 @@ class Calibration:
     host_overhead: dict[str, Samples] = field(default_factory=dict)
     dispatch: Samples = field(default_factory=samples)
     batching: dict[str, dict[int, Samples]] = field(default_factory=dict)
-    colocation: dict[str, dict[str, Any]] = field(default_factory=dict)
+    colocation: ColocationFacts = field(default_factory=ColocationFacts)
     priors: dict[str, float] = field(default_factory=dict)
     observations: int = 0
     model: str | None = None
@@ -272,7 +279,7 @@ def to_dict(cal: Calibration, priors: Mapping[str, float] | None = None) -> dict
         "host_overhead": {k: list(v) for k, v in cal.host_overhead.items()},
         "dispatch_overhead": list(cal.dispatch),
         "batching": _nested_out(cal.batching),
-        "colocation": {k: dict(v) for k, v in cal.colocation.items()},
+        "colocation": cal.colocation.to_dict(),
     }
 
 
@@ -303,12 +310,20 @@ def read(path: str | os.PathLike[str]) -> Calibration:
 
 def write(path: str | os.PathLike[str], cal: Calibration,
           priors: Mapping[str, float] | None = None) -> Path:
-    """Write ``cal`` to ``path`` atomically, under ``path.lock``; returns the path."""
+    """Write ``cal`` to ``path`` atomically, under ``path.lock``; returns the path.
+
+    The ``"colocation"`` section is merged, under the lock, with the one the file holds then:
+    :meth:`ColocationFacts.merge <sollol_locality.colocation.ColocationFacts.merge>` (every pair
+    either knows; where both know one, the newer measurement wins), so two processes that
+    learned about different pairs both keep theirs, whatever the order of their saves. ``cal``
+    itself is not changed.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    data = json.dumps(to_dict(cal, priors), indent=2, sort_keys=True)
     with _locked(target):
-        _replace(target, data)
+        content = to_dict(cal, priors)
+        content["colocation"] = _file_colocation(target).merge(cal.colocation).to_dict()
+        _replace(target, json.dumps(content, indent=2, sort_keys=True))
     return target
 
 
@@ -413,12 +428,7 @@ def from_dict(data: object, shown: str = "<calibration>") -> Calibration:
                                                     0.0)
         cal.dispatch = _samples(data.get("dispatch_overhead") or [], f"{shown}: dispatch", 0.0)
         cal.batching = _nested_in(data.get("batching"), shown, "batching", 0.0, 1)
-        colocation = data.get("colocation")
-        colocation = {} if colocation is None else colocation
-        if not isinstance(colocation, dict) or not all(isinstance(v, dict)
-                                                       for v in colocation.values()):
-            raise CalibrationError(f"{shown}: colocation must be a table of tables")
-        cal.colocation = {str(k): dict(v) for k, v in colocation.items()}
+        cal.colocation = _colocation(data.get("colocation"), shown)
         cal.priors = _priors(data.get("priors"), shown)
         observations = data.get("observations", 0)
         cal.observations = int(observations) if is_number(observations) else 0
@@ -434,6 +444,31 @@ def from_dict(data: object, shown: str = "<calibration>") -> Calibration:
     except (AttributeError, TypeError, ValueError) as exc:
         raise CalibrationError(f"{shown} is malformed: {exc}") from exc
     return cal
+
+
+def _colocation(raw: object, shown: str) -> ColocationFacts:
+    """The file's ``"colocation"`` section (missing: nothing measured)."""
+    if raw is None:
+        return ColocationFacts()
+    try:
+        return ColocationFacts.from_dict(raw)
+    except CalibrationError as exc:
+        raise CalibrationError(f"{shown}: {exc}") from None
+
+
+def _file_colocation(target: Path) -> ColocationFacts:
+    """The co-location facts the file at ``target`` holds now (nothing when it is missing or
+    unreadable: the write replaces an unreadable file as it always has)."""
+    try:
+        data = json.loads(target.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return ColocationFacts()
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        return ColocationFacts()
+    try:
+        return _colocation(data.get("colocation"), os.fspath(target))
+    except CalibrationError:
+        return ColocationFacts()
 
 
 def _priors(raw: object, shown: str) -> dict[str, float]:

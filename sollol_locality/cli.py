@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -64,8 +65,9 @@ exit status:
 # What each command reads from the environment (LocalityConfig field names).
 _NETWORK: Final = ("topology_file", "dns_timeout", "nameservers")
 _READS: Final[dict[str, tuple[str, ...]]] = {
-    "hosts": _NETWORK,
-    "plan": (*_NETWORK, "mode", "min_speedup", "calibration_file"),
+    "hosts": (*_NETWORK, "calibration_file", "colocation_max_age"),  # measured co-location
+    "plan": (*_NETWORK, "mode", "min_speedup", "calibration_file", "colocation_max_age",
+             "use_unresolved"),
     "calibrate": (*_NETWORK, "calibration_file"),
 }
 
@@ -206,11 +208,28 @@ def _add_calibrate(sub: Any, common: argparse.ArgumentParser, default_file: Path
                              f"{default_file})")
     parser.add_argument("--replace", action="store_true",
                         help="start the file afresh instead of merging into it (default: merge)")
+    parser.add_argument("--budget", type=float, metavar="SECONDS",
+                        help="time the search for co-located machines may take (default: no "
+                             "bound); what it leaves untested is reported")
     parser.add_argument("nodes", nargs="+", metavar="NODE", help="node address")
     parser.set_defaults(handler=_cmd_calibrate)
 
 
 # -- settings -------------------------------------------------------------------------------
+
+
+def _colocation_lines(found: dict[str, Any] | None) -> list[str]:
+    """What the co-location search found, for ``calibrate``'s text output."""
+    if not found:
+        return []
+    lines = [f"co-located: {' and '.join(g['members'])} share one unit "
+             f"({g['strength']:.2f}x)" for g in found["groups"]]
+    if found["untested_pairs"] or found["untested_nodes"]:
+        pairs = ", ".join(f"{a}/{b}" for a, b in found["untested_pairs"])
+        lines.append(f"left untested (budget spent): {pairs or 'none'}"
+                     + (f"; nodes {', '.join(found['untested_nodes'])}"
+                        if found["untested_nodes"] else ""))
+    return lines
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -296,9 +315,15 @@ def _shown(node: str) -> str:
 # -- hosts ----------------------------------------------------------------------------------
 
 
-def describe_identity(identity: Any) -> dict[str, Any]:
-    """A JSON-friendly description of a :class:`HostIdentity` (no credentials)."""
-    return {
+def describe_identity(identity: Any, colocation: Any = None, *,
+                      max_age: float | None = None, now: float | None = None) -> dict[str, Any]:
+    """A JSON-friendly description of a :class:`HostIdentity` (no credentials).
+
+    With ``colocation`` (the :class:`~sollol_locality.colocation.ColocationFacts` in force),
+    ``"colocation"`` lists the node's measured unit-mates: ``"shares a unit with X (measured
+    DATE, 1.93x)"``, ``", stale"`` when older than ``max_age`` seconds at ``now``.
+    """
+    data = {
         "node": identity.address.url,
         "physical_host_id": identity.physical_host_id,
         "is_local": identity.is_local,
@@ -310,10 +335,22 @@ def describe_identity(identity: Any) -> dict[str, Any]:
         "source": identity.source,
         "resolution_error": identity.resolution_error,
     }
+    if colocation is not None and identity.unit.measured is not None:
+        from .colocation import DEFAULT_MAX_AGE, describe_colocation
+
+        data["colocation"] = list(describe_colocation(
+            colocation, identity.instance.label, now=time.time() if now is None else now,
+            max_age=DEFAULT_MAX_AGE if max_age is None else max_age))
+    return data
 
 
 def _cmd_hosts(args: argparse.Namespace, out: TextIO) -> int:
-    topology = _topology(args, _config(args))
+    from .planner import ExecutionPlanner
+
+    config = _config(args)
+    # the planner's topology reads the calibration file's measured co-location (never writes it)
+    topology = ExecutionPlanner(_topology(args, config), None, config).topology
+    facts = topology.colocation_facts()
     nodes, repeats = _unique(args.nodes)
     identities = topology.describe_many(nodes)
     groups: dict[str, list[dict[str, Any]]] = {}
@@ -322,7 +359,8 @@ def _cmd_hosts(args: argparse.Namespace, out: TextIO) -> int:
         if isinstance(identity, InvalidNodeAddress):
             invalid.append({"node": describe_input(raw).strip("'"), "reason": identity.reason})
         else:
-            groups.setdefault(identity.physical_host_id, []).append(describe_identity(identity))
+            groups.setdefault(identity.physical_host_id, []).append(
+                describe_identity(identity, facts, max_age=config.colocation_max_age))
     notes = _notes(repeats)
     for note in notes:
         logger.info("note: %s", note)
@@ -354,6 +392,8 @@ def _print_hosts(groups: dict[str, list[dict[str, Any]]], invalid: list[dict[str
                 how = f"unresolved ({member['resolution_error'] or 'no reason given'})"
             device = f"  gpu {member['device']}" if member["device"] is not None else ""
             out.write(f"  {member['node']:<{width}}  {how}{device}\n")
+            for line in member.get("colocation", ()):
+                out.write(f"  {'':<{width}}  {line}\n")
     if invalid:
         out.write("\ninvalid nodes (left out)\n")
         for item in invalid:
@@ -550,13 +590,14 @@ def _cmd_calibrate(args: argparse.Namespace, out: TextIO) -> int:
 
     report = calibrate(nodes, model=args.model, num_predict=args.tokens, rounds=args.rounds,
                        timeout=args.timeout, output=target, config=config, topology=topology,
-                       progress=progress, replace=args.replace)
+                       progress=progress, replace=args.replace, budget=args.budget)
     if args.json:
         json.dump({"path": str(report.path), "model": report.model,
                    "solo_seconds": report.solo_seconds, "together": report.together,
                    "observations": report.observations,
                    "observations_before": report.observations_before,
-                   "merged": report.merged}, out, indent=2)
+                   "merged": report.merged, "batching": report.batching,
+                   "colocation": report.colocation}, out, indent=2)
         out.write("\n")
         return EXIT_OK
     done = f"calibrated {_plural(len(report.solo_seconds), 'node')} with {report.model}"
@@ -568,6 +609,8 @@ def _cmd_calibrate(args: argparse.Namespace, out: TextIO) -> int:
     else:
         how = f"wrote {report.path}"
     out.write(f"{done}; {how}\n")
+    for line in _colocation_lines(report.colocation):
+        out.write(line + "\n")
     return EXIT_OK
 
 

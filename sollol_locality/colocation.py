@@ -14,7 +14,8 @@ No address, DNS or interface probe sees that; timing does. This module holds the
   start and end times), with a stated rule so that one noisy run never flips it;
 * :func:`simulated_run_counts`: the detector's run count on simulated clusters, for the benchmark.
 
-Layer 2: plain data and pure algorithms. No I/O, no network; it imports only ``_errors`` and the
+Layer 2 (just below :mod:`~sollol_locality.calibration`, which holds and merges its facts):
+plain data and pure algorithms. No I/O, no network; it imports only ``_errors`` and the
 standard library. Instances are identified by opaque keys: any hashable value for the detector,
 strings (e.g. ``"10.0.0.5:11434"``) for what is stored, since the facts are written as JSON.
 

@@ -15,6 +15,8 @@ nameservers        ``SOLLOL_LOCALITY_NAMESERVERS``  the system's (``ip[:port],..
 calibration_file   ``SOLLOL_LOCALITY_CALIBRATION``  the user state directory (platformdirs)
 save_interval      ``SOLLOL_LOCALITY_SAVE_INTERVAL``  ``30.0`` seconds between saves of learning
 use_unresolved     ``SOLLOL_LOCALITY_USE_UNRESOLVED`` ``false``: unresolved names get no work
+colocation_max_age ``SOLLOL_LOCALITY_COLOCATION_``  ``7d``: a co-location measurement older
+                   ``MAX_AGE``                      than this is shown as stale (still used)
 =================  ===============================  =========================================
 
 A bad value raises :class:`~sollol_locality.ConfigError` at construction, naming the variable (or
@@ -52,6 +54,7 @@ from .addresses import describe_input, parse_node_address
 
 __all__ = [
     "ENV_CALIBRATION",
+    "ENV_COLOCATION_MAX_AGE",
     "ENV_DNS_TIMEOUT",
     "ENV_MIN_SPEEDUP",
     "ENV_MODE",
@@ -82,6 +85,7 @@ ENV_NAMESERVERS: Final = "SOLLOL_LOCALITY_NAMESERVERS"
 ENV_CALIBRATION: Final = "SOLLOL_LOCALITY_CALIBRATION"
 ENV_SAVE_INTERVAL: Final = "SOLLOL_LOCALITY_SAVE_INTERVAL"
 ENV_USE_UNRESOLVED: Final = "SOLLOL_LOCALITY_USE_UNRESOLVED"
+ENV_COLOCATION_MAX_AGE: Final = "SOLLOL_LOCALITY_COLOCATION_MAX_AGE"
 
 _MODES: Final = ("auto", "parallel", "sequential")
 _APP: Final = "sollol-locality"
@@ -135,6 +139,7 @@ _ENVIRONMENT: Final[tuple[tuple[str, str], ...]] = (
     ("calibration_file", ENV_CALIBRATION),
     ("save_interval", ENV_SAVE_INTERVAL),
     ("use_unresolved", ENV_USE_UNRESOLVED),
+    ("colocation_max_age", ENV_COLOCATION_MAX_AGE),
 )
 
 
@@ -167,6 +172,9 @@ class LocalityConfig:
         use_unresolved: ``False`` (the default): a node whose name did not resolve gets no work
             while a resolved node is available (it is listed in the plan's ``excluded`` with
             the reason); ``True`` plans over it as its own machine, as the first release did.
+        colocation_max_age: seconds after which a measured co-location (or independence) is
+            shown as stale; it is still used. A number of seconds, or with a unit: ``"90m"``,
+            ``"12h"``, ``"7d"``. Default 7 days.
     """
 
     mode: Mode = "auto"
@@ -180,6 +188,7 @@ class LocalityConfig:
     mode_source: str | None = field(default=None, compare=False)
     save_interval: float = 30.0
     use_unresolved: bool = False
+    colocation_max_age: float = 7 * 24 * 3600.0
 
     def __post_init__(self) -> None:
         values = _normalise(
@@ -238,7 +247,7 @@ class LocalityConfig:
 
 _FIELDS: Final = ("mode", "min_speedup", "topology_file", "dns_timeout", "nameservers",
                   "calibration_file", "hosts_file", "calibration_fallback", "save_interval",
-                  "use_unresolved")
+                  "use_unresolved", "colocation_max_age")
 _TRUE: Final = ("1", "true", "yes", "on")
 _FALSE: Final = ("0", "false", "no", "off")
 
@@ -255,6 +264,8 @@ def _normalise(values: Mapping[str, Any], names: Mapping[str, str]) -> dict[str,
             result[name] = _check_float(value, shown, low=0.0, allow_low=False)
         elif name == "dns_timeout":
             result[name] = _check_float(value, shown, low=0.0, allow_low=False, high=60.0)
+        elif name == "colocation_max_age":
+            result[name] = _check_age(value, shown)
         elif name == "nameservers":
             result[name] = None if value is None else _check_nameservers(value, shown)
         elif name == "save_interval":
@@ -306,6 +317,26 @@ def _check_bool(value: object, name: str) -> bool:
         return False
     raise ConfigError(f"{name}={value!r} is not a boolean (expected one of "
                       f"{', '.join(_TRUE + _FALSE)})", variable=name, value=value)
+_AGE_UNITS: Final = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _check_age(value: object, name: str) -> float:
+    """Seconds: a number, or a string with an optional unit (``s``, ``m``, ``h``, ``d``)."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        scale = _AGE_UNITS.get(text[-1:], None) if text else None
+        if scale is not None:
+            text = text[:-1].strip()
+        try:
+            number = float(text) * (scale or 1.0)
+        except ValueError:
+            raise ConfigError(f"{name}={value!r} is not a duration (seconds, or a number with "
+                              "s, m, h or d)", variable=name, value=value) from None
+        if not (math.isfinite(number) and number > 0):
+            raise ConfigError(f"{name}={value!r} is out of range (expected a duration greater "
+                              "than 0)", variable=name, value=value)
+        return number
+    return _check_float(value, name, low=0.0, allow_low=False)
 
 
 def _check_path(value: object, name: str) -> Path:

@@ -46,6 +46,7 @@ from ._allocation import Allocation, BatchingCurve, Contention, SlotInstance
 from ._errors import CalibrationError, InvalidNodeAddress
 from .calibration import MIN_CONTENTION as _MIN_CONTENTION
 from .calibration import Calibration
+from .colocation import ColocationFacts
 from .config import LocalityConfig
 
 if TYPE_CHECKING:
@@ -361,10 +362,42 @@ class ParallelismCostModel:
         """Whether any measured figure is in use."""
         return bool(self._learned())
 
+    def colocation_facts(self) -> ColocationFacts:
+        """The measured co-location the calibration holds (loading the file on first use); the
+        planner gives this to its topology, so both read one calibration."""
+        return self.calibration.colocation
+
+    def update_colocation(self, facts: ColocationFacts) -> bool:
+        """Merge ``facts`` into the calibration's co-location (the newer measurement of a pair
+        wins); returns whether anything changed (then :attr:`version` changes too)."""
+        with self._lock:
+            self._ensure_loaded()
+            merged = self._cal.colocation.merge(facts)
+            if merged == self._cal.colocation:
+                return False
+            self._cal.colocation = merged
+            self._version += 1
+            return True
+
+    def colocation_strength(self, unit: ExecutionUnit) -> float | None:
+        """For a measured unit, the slowdown ``s`` of two of its nodes together (the median of
+        its measured pairs' strengths), else ``None``."""
+        if unit.measured is None:
+            return None
+        facts = self.calibration.colocation
+        group = next((g for g in facts.groups() if unit.measured in g), None)
+        if group is None:
+            return None
+        strengths = [f.strength for f in facts.pairs.values()
+                     if f.colocated and f.a in group and f.strength is not None]
+        return statistics.median(strengths) if strengths else None
+
     def contention(self, unit: ExecutionUnit, k: int, *, trial: _Trial | None = None) -> float:
         """``c`` for ``k`` concurrent nodes on ``unit``: measured if known (nearest measured
-        ``k``), else the CPU or GPU prior. ``trial`` (learning only) stands a candidate value in
-        for one stream count of one unit, as if it had been measured."""
+        ``k``); for a measured co-located unit without its own contention, ``s / 2 - 1`` from
+        the pair's measured slowdown ``s`` (two together each take ``s`` times as long:
+        ``2 * (1 + c) = s``); else the CPU or GPU prior. ``trial`` (learning only) stands a
+        candidate value in for one stream count of one unit, as if it had been measured."""
         # A copy: observe() may add a stream count from another thread while this one decides.
         by_k: dict[int, Any] = dict(self._learned().contention.get(unit.label) or {})
         if trial is not None and trial.kind == "contention" and trial.key == unit.label:
@@ -374,6 +407,9 @@ class ParallelismCostModel:
             value = _median(by_k[nearest])
             if value is not None:
                 return value
+        strength = self.colocation_strength(unit)
+        if strength is not None:
+            return max(_MIN_CONTENTION, strength / 2.0 - 1.0)
         return self.priors.gpu_contention if unit.is_gpu else self.priors.cpu_contention
 
     def gains_from_concurrency(self, unit: ExecutionUnit) -> int:
@@ -412,7 +448,10 @@ class ParallelismCostModel:
             if isinstance(identity, InvalidNodeAddress):
                 continue
             unit = identity.unit
-            seconds: float | None = self.measured_task_seconds(unit)
+            # a node of a measured unit keeps its own measured speed
+            seconds: float | None = self.measured_task_seconds(identity.own_unit)
+            if seconds is None and unit.measured is not None:
+                seconds = self.measured_task_seconds(unit)
             source = "calibration"
             if seconds is None:
                 seconds = _nodefields.latency(identity.node, priors.min_samples)
@@ -454,7 +493,7 @@ class ParallelismCostModel:
         when nothing is measured): the median wall time of ``k`` requests sent together over
         the median of one alone, both from the instance's ``batching`` windows (one alone: the
         unit's time per task when the instance has no window of its own)."""
-        windows = self.calibration.batching.get(identity.instance.label)
+        windows = self._learned().batching.get(identity.instance.label)
         if not windows:
             return {}
         by_k = dict(windows)  # a copy: observe() may add a point from another thread
@@ -499,7 +538,7 @@ class ParallelismCostModel:
         source = identity.facts.get("slots", "prior")
         slots = identity.slots
         points = (self.measured_batching(identity)
-                  if self.calibration.batching else {})  # (the common case: none measured)
+                  if self._learned().batching else {})  # (the common case: none measured)
         if points and source != "topology file":
             slots, source = self._slots_from(points), "measured"
         if slots <= 1:
@@ -531,7 +570,11 @@ class ParallelismCostModel:
         measured: dict[str, dict[int, float]] = {}
         host_measured: dict[str, float] = {}
         streams: dict[str, int] = {}
-        cal = self.calibration
+        cal = self._learned()
+        for unit in units:  # a measured co-located unit: its pairs' slowdown, unless measured
+            strength = self.colocation_strength(unit)
+            if strength is not None and not cal.contention.get(unit.label):
+                measured[unit.label] = {2: max(_MIN_CONTENTION, strength / 2.0 - 1.0)}
         for unit in units if cal.contention or trial is not None else ():
             by_k = dict(cal.contention.get(unit.label) or {})
             table = {k: v for k, v in ((k, _median(w)) for k, w in by_k.items())
@@ -795,7 +838,7 @@ class ParallelismCostModel:
         if mode == "sequential" or len(identities) == 1:
             if overheads_only:  # the per-task times taught the unit's time per task
                 return
-            unit = identities[0].unit
+            unit = identities[0].own_unit  # a node's own speed, also inside a measured unit
             cal.push(cal.task_seconds, unit.label, wall / num_tasks)
             logger.debug("calibration: %s takes %.3fs per task", unit.label,
                          wall / num_tasks)
@@ -807,15 +850,17 @@ class ParallelismCostModel:
         units = {m.unit for m in members}
         hosts = {m.unit.host for m in members}
         k = len(members)
-        by_unit: dict[ExecutionUnit, float] = {}
-        for unit in units:
-            seconds = self.measured_task_seconds(unit)
+        solo: list[float] = []
+        for member in members:  # each node's own solo time (a measured unit's nodes too)
+            seconds = self.measured_task_seconds(member.own_unit)
+            if seconds is None:
+                seconds = self.measured_task_seconds(member.unit)
             if seconds is None:
                 logger.debug("calibration: no solo time for %s yet; parallel run not used",
-                             unit.label)
+                             member.own_unit.label)
                 return
-            by_unit[unit] = seconds
-        profiles = [NodeProfile(i, m, m.instance, m.unit, by_unit[m.unit], "calibration")
+            solo.append(seconds)
+        profiles = [NodeProfile(i, m, m.instance, m.unit, solo[i], "calibration")
                     for i, m in enumerate(members)]
         instances = [self.slot_instance(p) for p in profiles]
         plan: dict[str, tuple[int, int]]

@@ -26,6 +26,11 @@ dispatch`: per-node concurrency, retries on another node, back-off) and records 
 :meth:`ExecutionPlanner.record_execution` teaches the cost model from a finished batch's wall
 time and per-task times and saves what it learned to the calibration file, at most once per
 ``LocalityConfig.save_interval`` seconds and at exit (merged with what other processes saved).
+
+Measured co-location: the planner gives its topology the cost model's calibration
+(:meth:`NodeTopology.use_colocation`), so nodes measured to share a unit are one unit for both,
+and a plan whose candidates include such nodes names the pair in its reason. Recorded parallel
+runs with per-task timings teach it too (:meth:`ExecutionPlanner._learn_colocation`).
 """
 
 from __future__ import annotations
@@ -54,7 +59,8 @@ from ._allocation import (
 )
 from ._dispatch import DEFAULT_MAX_ATTEMPTS, CancelToken, DispatchEvent, NodeHealth, dispatch
 from ._errors import CalibrationError, DispatchError, InvalidNodeAddress
-from .addresses import describe_input
+from .addresses import describe_input, parse_node_address
+from .colocation import PairFact, RecordedEvidence
 from .config import ENV_USE_UNRESOLVED, LocalityConfig
 from .cost_model import Batching, NodeProfile, ParallelismCostModel
 from .topology import ExecutionUnit, HostIdentity, Instance, NodeTopology
@@ -343,8 +349,13 @@ class ExecutionPlanner:
         self.config = config
         self.topology = topology if topology is not None else NodeTopology(config)
         self.cost_model = cost_model if cost_model is not None else ParallelismCostModel(config)
+        if not self.topology.has_colocation_source:
+            # one calibration for both: what the model learns about co-location, the
+            # topology's units show
+            self.topology.use_colocation(self.cost_model.colocation_facts)
         self._clock = clock
-        self._memo: dict[tuple[Any, ...], tuple[float, int, PlanDetail]] = {}
+        self._memo: dict[tuple[Any, ...], tuple[float, Any, PlanDetail]] = {}
+        self._recorded = RecordedEvidence()
         self.health = health if health is not None else NodeHealth(clock=clock,
                                                                    key=self._instance_key)
         self._save_lock = threading.Lock()
@@ -377,7 +388,7 @@ class ExecutionPlanner:
         except TypeError:
             key = None
         now = self._clock()
-        version = self.cost_model.version
+        version = (self.cost_model.version, self.topology.colocation_version)
         if key is not None:
             cached = self._memo.get(key)
             if cached is not None and cached[0] > now and cached[1] == version:
@@ -509,10 +520,8 @@ class ExecutionPlanner:
         self.cost_model.observe(plan.mode, [i.node for i, _, _ in timed], len(timed),
                                 wall_seconds, identities=[i for i, _, _ in timed],
                                 timings=timed, as_planned=as_planned)
-        # Co-location learning (another change adds it): what per-node times tell about pairs.
-        learn_colocation = getattr(self, "_learn_colocation", None)
-        if learn_colocation is not None:
-            learn_colocation(plan, [(i.node, s, e) for i, s, e in timed])
+        # What per-node times tell about pairs of nodes that slow each other (co-location).
+        self._learn_colocation(plan, [(i.node, s, e) for i, s, e in timed])
         self._autosave()
 
     # -- saving what was learned -----------------------------------------------------------
@@ -617,6 +626,12 @@ class ExecutionPlanner:
 
     def _decide(self, num_tasks: int, nodes: Sequence[Any]) -> PlanDetail:
         identities = self.topology.describe_many(nodes)
+        detail = self._decide_for(num_tasks, nodes, identities)
+        note = self._colocation_note(identities) if num_tasks >= 2 else ""
+        return replace(detail, reason=f"{detail.reason} {note}") if note else detail
+
+    def _decide_for(self, num_tasks: int, nodes: Sequence[Any],
+                    identities: Sequence[HostIdentity | InvalidNodeAddress]) -> PlanDetail:
         model = self.cost_model
         warnings: list[str] = []
         excluded: list[tuple[int, str]] = []
@@ -755,7 +770,7 @@ class ExecutionPlanner:
             tail = (f"; {left} other node(s) would add contention or no speed and are left out"
                     if left else "")
             if not batched:  # today's sentence: one task at a time on each of 2+ nodes
-                used_hosts = list(dict.fromkeys(p.unit.host for p in used))
+                used_hosts = list(dict.fromkeys(p.identity.physical_host_id for p in used))
                 used_units = {p.unit for p in used}
                 where = (f"{len(used_hosts)} machines ({_names(used_hosts)})"
                          if len(used_hosts) > 1
@@ -778,6 +793,102 @@ class ExecutionPlanner:
         return seq(f"Sequential on {fastest_url}: the best parallel plan is predicted at "
                    f"{speedup:.2f}x, not above the required {self.config.min_speedup:.2f}x.",
                    "below-threshold")
+
+
+    # -- measured co-location ----------------------------------------------------------------
+
+    def _colocation_note(self, identities: Sequence[HostIdentity | InvalidNodeAddress]) -> str:
+        """A sentence naming the measured pairs among the candidates, for the reason:
+        ``"10.0.0.5:11434 and 10.0.0.6:11434 share one unit (measured 2026-12-01, 1.93x)."``
+        (empty when no measured unit holds two of them)."""
+        members: dict[str, list[str]] = {}
+        for identity in identities:
+            if isinstance(identity, HostIdentity) and identity.unit.measured is not None:
+                labels = members.setdefault(identity.unit.measured, [])
+                if identity.instance.label not in labels:
+                    labels.append(identity.instance.label)
+        if not any(len(labels) > 1 for labels in members.values()):
+            return ""
+        facts = self.topology.colocation_facts()
+        now, max_age = time.time(), self.config.colocation_max_age
+        parts: list[str] = []
+        for labels in members.values():
+            if len(labels) < 2:
+                continue
+            ordered = sorted(labels)
+            direct = [f for i, a in enumerate(ordered) for b in ordered[i + 1:]
+                      if (f := facts.fact(a, b)) is not None and f.colocated]
+            parts += [f"{f.a} and {f.b} share one unit ({f.describe(now, max_age)})"
+                      for f in direct]
+            if not direct:
+                parts.append(f"{_names(ordered)} share one measured unit")
+        return "; ".join(parts) + "."
+
+    def _learn_colocation(self, plan: ExecutionPlan, timings: Iterable[Any], *,
+                          measured_at: float | None = None) -> tuple[PairFact, ...]:
+        """Learn co-location from one recorded parallel run of ``plan``.
+
+        ``timings``: one ``(node, start_s, end_s)`` per task, seconds from the batch's start
+        (``node`` as in ``plan.nodes``, or any shape of its address). Each node's expected time
+        alone is its measured time per task (nodes with none, or sent several tasks at once,
+        are left out). The evidence accumulates over runs under
+        :class:`~sollol_locality.colocation.RecordedEvidence`'s rule: a pair becomes one unit
+        after 3 runs in which both slowed as one unit's nodes do (at most a quarter of its runs
+        with evidence against), so one noisy run never merges; one run in which both kept
+        their solo speed while overlapping undoes a merge. A change is merged into the cost
+        model's calibration (its version changes, so cached decisions are recomputed) and
+        returned; malformed timings are logged and teach nothing.
+        """
+        identities = plan.identities
+        if plan.mode != "parallel" or not identities or len(identities) != len(plan.nodes):
+            return ()
+        model = self.cost_model
+        profiles, time_unit = model.profiles(list(identities))
+        if time_unit != "seconds":
+            return ()
+        concurrency = plan.concurrency_per_node or [1] * len(identities)
+        expected: dict[str, float] = {}
+        by_url: dict[str, str] = {}
+        for profile in profiles:
+            identity = identities[profile.index]
+            by_url[identity.address.url] = identity.instance.label
+            if profile.speed_source != "prior" and concurrency[profile.index] <= 1:
+                expected[identity.instance.label] = profile.task_time
+        rows: list[tuple[str, float, float]] = []
+        for item in timings:
+            try:
+                node, start, end = item
+            except (TypeError, ValueError):
+                logger.warning("timing %r is not (node, start_s, end_s); run not used for "
+                               "co-location", item)
+                return ()
+            label = next((identities[i].instance.label for i, n in enumerate(plan.nodes)
+                          if n is node), None)
+            if label is None:
+                try:
+                    label = by_url.get(parse_node_address(node).url)
+                except InvalidNodeAddress:
+                    label = None
+            if label is not None and label in expected:
+                rows.append((label, start, end))
+        if not rows:
+            return ()
+        evidence = self._recorded
+        evidence.know(model.colocation_facts())
+        try:
+            changed = evidence.add_run(rows, expected, measured_at=time.time()
+                                       if measured_at is None else measured_at)
+        except CalibrationError as exc:
+            logger.warning("recorded timings not used for co-location: %s", exc)
+            return ()
+        if changed:
+            model.update_colocation(evidence.facts())
+            for fact in changed:
+                logger.info("%s and %s %s (%s)", fact.a, fact.b,
+                            "share one unit" if fact.colocated else "are separate units again",
+                            fact.describe(time.time(), self.config.colocation_max_age),
+                            extra={"event": "colocation_learned", "colocated": fact.colocated})
+        return changed
 
 
 def _rank(profile: NodeProfile) -> tuple[float, bool, bool, str, int, int]:

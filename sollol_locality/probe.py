@@ -9,9 +9,7 @@
 
    * each node alone: the time per task of its execution unit;
    * the nodes of each execution unit together (two instances on one CPU or GPU): the unit's
-     contention; the units of each host together (several GPUs): the same-host overhead; one
-     node per host together: the dispatch overhead between machines;
-
+     contention; the units of each host together (several GPUs): the same-host overhead;
    * each node's batching curve: ``k = 2, 4, ...`` requests sent to it at once, up to its
      slots (up to 8 when nobody declared them), stopping once ``k`` at once no longer raises
      its throughput by more than ``min_concurrency_gain`` (decided in the first round; later
@@ -22,7 +20,17 @@
    interleaved this way, load that comes and goes during the run moves the solo and the
    concurrent measurements alike instead of biasing the ratio between them;
 
-then writes the calibration file (atomically) that later decisions load automatically, with the
+4. the co-location search (:func:`~sollol_locality.colocation.detect_colocation`) over one node
+   per machine: concurrent runs in which every request is timed by its own thread, each
+   repeated ``--rounds`` times right after the same nodes ran alone (the median per-node
+   slowdown kept), to find the "machines" that are one (two VMs of one host, two pods of one
+   node); ``--budget SECONDS`` bounds it, and what it left untested is reported. Its facts (which
+   instances share a unit, how strongly, which are independent) go to the calibration file;
+5. ``--rounds`` runs of one node per *measured unit* together: the dispatch overhead between
+   machines that really are separate (co-located "machines" would pass their slowdown off as
+   dispatch overhead).
+
+It then writes the calibration file (atomically) that later decisions load automatically, with the
 model measured and the instances (``host:port``) it measured. By default the run merges into the
 file: what it measured replaces what the file knew about the same units and hosts (a cluster is
 calibrated as it is now); what it knew about others is kept. A file that measured another model
@@ -48,15 +56,17 @@ import http.client
 import json
 import socket
 import ssl
+import statistics
 import threading
 import time
 import urllib.error
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ._errors import CalibrationError, InvalidNodeAddress
+from .colocation import ColocationReport, detect_colocation, facts_from_report
 from .config import LocalityConfig
 from .cost_model import ParallelismCostModel
 from .topology import ExecutionUnit, HostIdentity, Instance, NodeTopology
@@ -78,6 +88,7 @@ class CalibrationReport:
     observations_before: int = 0  # what the file held before this run (0: no file)
     merged: bool = False  # whether the run merged into an existing file (else a fresh one)
     batching: dict[str, dict[int, float]] = field(default_factory=dict)  # url -> k -> ratio
+    colocation: dict[str, Any] | None = None  # see colocation_summary(); None: not searched
 
 
 # What a node that does not answer properly raises: refused or reset connections and timeouts
@@ -152,17 +163,26 @@ def _generate(identity: HostIdentity, model: str, num_predict: int, timeout: flo
 
 def _together(identities: Sequence[HostIdentity], model: str, num_predict: int,
               timeout: float) -> float:
+    return _together_timed(identities, model, num_predict, timeout)[0]
+
+
+def _together_timed(identities: Sequence[HostIdentity], model: str, num_predict: int,
+                    timeout: float) -> tuple[float, list[float]]:
+    """Run one generate on each node at once: the wall time, and each node's own time (timed
+    by the thread that sent its request), in the order given."""
     errors: list[BaseException] = []
+    times = [0.0] * len(identities)
     barrier = threading.Barrier(len(identities) + 1)
 
-    def work(identity: HostIdentity) -> None:
+    def work(position: int, identity: HostIdentity) -> None:
         barrier.wait()
         try:
-            _generate(identity, model, num_predict, timeout)
+            times[position] = _generate(identity, model, num_predict, timeout)
         except _NODE_ERRORS as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in identities]
+    threads = [threading.Thread(target=work, args=pair, daemon=True)
+               for pair in enumerate(identities)]
     for thread in threads:
         thread.start()
     barrier.wait()
@@ -172,7 +192,84 @@ def _together(identities: Sequence[HostIdentity], model: str, num_predict: int,
     wall = time.perf_counter() - start
     if errors:
         raise CalibrationError(f"a node failed during a concurrent run: {errors[0]}")
-    return wall
+    return wall, times
+
+
+def colocation_measure(identities: Sequence[HostIdentity], model: str, *, num_predict: int,
+                       timeout: float, rounds: int, solo: Mapping[str, float],
+                       progress: Callable[[str], None] | None = None
+                       ) -> Callable[[Sequence[str]], dict[str, float]]:
+    """The ``measure`` :func:`~sollol_locality.colocation.detect_colocation` drives, over live
+    nodes keyed by instance label.
+
+    Each of ``rounds`` rounds runs every member of the group alone, one after another, then
+    all of them at once (each request timed by its own thread). A node's slowdown in a round is
+    its time together over its time alone *in that round*, so load that comes and goes on the
+    machines moves both alike instead of passing for sharing; the time returned is the median
+    slowdown over the rounds times the node's ``solo`` median (what the detector divides by).
+    """
+    by_label = {i.instance.label: i for i in identities}
+    say = progress or (lambda line: None)
+
+    def measure(group: Sequence[str]) -> dict[str, float]:
+        members = [by_label[label] for label in group]
+        ratios: list[list[float]] = [[] for _ in members]
+        for _ in range(rounds):
+            alone = [_generate(m, model, num_predict, timeout) for m in members]
+            _, times = _together_timed(members, model, num_predict, timeout)
+            for position, seconds in enumerate(times):
+                ratios[position].append(seconds / alone[position])
+        result = {label: statistics.median(values) * solo[label]
+                  for label, values in zip(group, ratios, strict=True)}
+        say(f"co-location run of {len(group)} node(s): "
+            + ", ".join(f"{label} {result[label] / solo[label]:.2f}x" for label in group))
+        return result
+
+    return measure
+
+
+def search_colocation(identities: Sequence[HostIdentity], solo: dict[str, float],
+                      measure: Callable[[Sequence[str]], dict[str, float]], *,
+                      budget: float | None = None,
+                      clock: Callable[[], float] = time.monotonic) -> ColocationReport[str]:
+    """Run the co-location search over ``identities`` (one per machine), keyed by instance
+    label; ``solo`` is each label's median solo time and ``budget`` the seconds it may take."""
+    labels = [i.instance.label for i in identities]
+    return detect_colocation(labels, {k: solo[k] for k in labels}, measure, max_seconds=budget,
+                             clock=clock)
+
+
+def colocation_summary(report: ColocationReport[str]) -> dict[str, Any]:
+    """What the search found, for the report and ``calibrate --json``: ``groups`` (members and
+    strength), ``independent`` (pairs), ``untested_pairs``, ``untested_nodes``,
+    ``budget_exhausted`` and ``runs`` (purpose, members, per-node slowdowns, slowed)."""
+    def pairs(items: Any) -> list[list[str]]:
+        return sorted(sorted(p) for p in items)
+
+    return {
+        "groups": [{"members": sorted(g.members), "strength": round(g.strength, 4)}
+                   for g in report.groups],
+        "independent": pairs(report.independent),
+        "untested_pairs": pairs(report.untested_pairs),
+        "untested_nodes": list(report.untested_nodes),
+        "budget_exhausted": report.budget_exhausted,
+        "runs": [{"purpose": r.purpose, "members": list(r.members),
+                  "slowdowns": {k: round(v, 4) for k, v in r.slowdowns},
+                  "slowed": sorted(r.slowed)} for r in report.runs],
+    }
+
+
+def _per_unit(machines: Sequence[HostIdentity], report: ColocationReport[str]
+              ) -> list[HostIdentity]:
+    """One node per measured unit among ``machines`` (the first of each, in order)."""
+    seen: set[frozenset[str]] = set()
+    kept = []
+    for identity in machines:
+        unit = report.unit_of(identity.instance.label)
+        if unit not in seen:
+            seen.add(unit)
+            kept.append(identity)
+    return kept
 
 
 def calibrate(
@@ -188,10 +285,13 @@ def calibrate(
     cost_model: ParallelismCostModel | None = None,
     progress: Callable[[str], None] | None = None,
     replace: bool = False,
+    budget: float | None = None,
 ) -> CalibrationReport:
     """Measure ``nodes`` and write the calibration file; see the module docstring.
 
-    ``replace`` starts the file afresh instead of merging into what it holds.
+    ``replace`` starts the file afresh instead of merging into what it holds. ``budget``: the
+    seconds the co-location search may take (``None``: no bound); pairs and nodes it left
+    untested are in ``report.colocation``.
 
     Raises:
         CalibrationError: a node cannot be parsed, does not answer or lacks the model, or the
@@ -201,6 +301,8 @@ def calibrate(
     for name, value in (("rounds", rounds), ("num_predict", num_predict)):
         if value < 1:
             raise CalibrationError(f"{name} must be at least 1, got {value!r}")
+    if budget is not None and not budget >= 0:
+        raise CalibrationError(f"budget {budget!r} must be a number of seconds >= 0")
     config = config if config is not None else LocalityConfig.from_env()
     topology = topology if topology is not None else NodeTopology(config)
     target = Path(output) if output is not None else config.calibration_file
@@ -251,7 +353,8 @@ def calibrate(
                                merged=merged)
     groups = _groups(identities)
     # What this run measures replaces what the model knew about the same units and hosts.
-    model_._forget(units={i.unit.label for i in identities},
+    model_._forget(units={i.unit.label for i in identities}
+                   | {i.own_unit.label for i in identities},
                    hosts={g.key for g in groups if g.kind == "host"},
                    dispatch=any(g.kind == "machines" for g in groups),
                    instances={i.instance.label for i in identities})
@@ -276,16 +379,25 @@ def calibrate(
                         first_round=round_ == 0, model=chosen_model, num_predict=num_predict,
                         timeout=timeout, say=say, where=f"round {round_ + 1}/{rounds}")
             for group in groups:
+                if group.kind == "machines":
+                    continue  # after the co-location search, one node per measured unit
                 members = group.members
-                wall = _together(members, chosen_model, num_predict, timeout)
+                wall, each = _together_timed(members, chosen_model, num_predict, timeout)
                 model_.observe("parallel", [m.node for m in members], len(members), wall,
                                identities=members)
                 say(f"{group.label} together, round {round_ + 1}/{rounds}: {wall:.3f}s")
                 report.together.append({"group": group.label, "nodes": len(members),
-                                        "wall": wall})
+                                        "wall": wall, "times": {
+                                            m.address.url: t
+                                            for m, t in zip(members, each, strict=True)}})
+        report.solo_seconds = {url: sorted(times)[len(times) // 2]
+                               for url, times in solo.items()}
+        machines = next((g.members for g in groups if g.kind == "machines"), [])
+        if machines:
+            _machines_step(report, machines, model_, chosen_model, num_predict=num_predict,
+                           timeout=timeout, rounds=rounds, budget=budget, say=say)
     except _NODE_ERRORS as exc:
         raise CalibrationError(f"calibration failed, nothing written: {exc}") from exc
-    report.solo_seconds = {url: sorted(times)[len(times) // 2] for url, times in solo.items()}
     learned = model_.calibration
     learned.model = chosen_model
     learned.instances = sorted({*learned.instances, *(i.instance.label for i in identities)})
@@ -339,6 +451,35 @@ def _measure_batching(identity: HostIdentity, ks: list[int], solo: float,
                 break
             best = rate
     return measured
+def _machines_step(report: CalibrationReport, machines: Sequence[HostIdentity],
+                   model: ParallelismCostModel, chosen_model: str, *, num_predict: int,
+                   timeout: float, rounds: int, budget: float | None,
+                   say: Callable[[str], None]) -> None:
+    """Steps 4 and 5: the co-location search over one node per machine, its facts into the
+    model, then the dispatch overhead over one node per measured unit."""
+    solo = {i.instance.label: report.solo_seconds[i.address.url] for i in machines}
+    measure = colocation_measure(machines, chosen_model, num_predict=num_predict,
+                                 timeout=timeout, rounds=rounds, solo=solo, progress=say)
+    found = search_colocation(machines, solo, measure, budget=budget)
+    model.update_colocation(facts_from_report(found, time.time()))
+    report.colocation = colocation_summary(found)
+    for group in found.groups:
+        say(f"co-located: {', '.join(sorted(group.members))} share one unit "
+            f"(each {group.strength:.2f}x slower with the other)")
+    if found.untested_pairs or found.untested_nodes:
+        say(f"co-location budget spent: {len(found.untested_pairs)} pair(s) left untested")
+    separate = _per_unit(machines, found)
+    if len(separate) < 2:
+        return
+    label = f"one node on each of {len(separate)} measured units"
+    for round_ in range(rounds):
+        wall, times = _together_timed(separate, chosen_model, num_predict, timeout)
+        model.observe("parallel", [m.node for m in separate], len(separate), wall,
+                      identities=separate)
+        say(f"{label} together, round {round_ + 1}/{rounds}: {wall:.3f}s")
+        report.together.append({"group": label, "nodes": len(separate), "wall": wall,
+                                "times": {m.address.url: t
+                                          for m, t in zip(separate, times, strict=True)}})
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,10 @@
    IPv4 before IPv6, so the id does not depend on input order.
 6. A name that cannot be resolved never raises: it is its own host, ``resolved=False``, with the
    name as its id and locality group ``"unknown"``.
+7. Measured co-location (the calibration's facts, :meth:`NodeTopology.use_colocation`): nodes on
+   different addresses measured to slow each other as one unit's nodes do share one measured
+   :class:`ExecutionUnit` (``facts["unit"] == "measured"``), unless the topology file declares
+   their unit. Their host ids stay what the addresses say.
 
 Host ids are stable within a call. Across calls they stay stable as long as what DNS says does not
 change; a host whose addresses change is best pinned in the topology file.
@@ -38,6 +42,7 @@ from typing import Any, Final
 from . import _nodefields
 from ._errors import InvalidNodeAddress, TopologyFileError
 from .addresses import NodeAddress, describe_input, parse_node_address
+from .colocation import ColocationFacts
 from .config import LocalityConfig, TopologyOverrides, load_topology_file
 
 __all__ = ["ExecutionUnit", "HostIdentity", "Instance", "NodeTopology", "LOCALHOST_ID"]
@@ -91,18 +96,26 @@ class ExecutionUnit:
         is_gpu: whether the unit is a GPU.
         device: the GPU id, when one is known.
         cpus: the CPU set, when the instance is pinned to one (``None``: the whole machine).
-        label: ``"host/cpu"``, ``"host/cpu:0-3"``, ``"host/gpu"`` or ``"host/gpu:ID"``; the
-            key calibration stores the unit's figures under.
+        measured: for a unit found by measurement (instances on different addresses that
+            slow each other as one unit's do), the smallest instance label of the measured
+            group; ``None`` for every other unit. Every node of the group has this same unit;
+            ``host`` is then that instance's physical host.
+        label: ``"host/cpu"``, ``"host/cpu:0-3"``, ``"host/gpu"``, ``"host/gpu:ID"`` or, for a
+            measured unit, ``"measured:INSTANCE"``; the key calibration stores the unit's
+            figures under.
     """
 
     host: str
     is_gpu: bool = False
     device: str | None = None
     cpus: frozenset[int] | None = None
+    measured: str | None = None
     label: str = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.is_gpu:
+        if self.measured is not None:
+            text = f"measured:{self.measured}"
+        elif self.is_gpu:
             text = f"{self.host}/gpu" + (f":{self.device}" if self.device is not None else "")
         else:
             text = f"{self.host}/cpu" + (f":{_cpu_text(self.cpus)}" if self.cpus else "")
@@ -164,6 +177,8 @@ class HostIdentity:
             local container's address), else ``None``.
         resolution_error: why the name was not resolved (``"NXDOMAIN"``, ``"timeout: ..."``,
             ``"no address records"``, the resolver's error), ``None`` when it was.
+        measured_unit: the measured unit the node shares with nodes on other addresses
+            (calibration's co-location facts), which :attr:`unit` then is; else ``None``.
     """
 
     node: Any
@@ -181,6 +196,7 @@ class HostIdentity:
     facts: Mapping[str, str] = field(default_factory=lambda: _NO_FACTS, hash=False)
     instance_host: str | None = None
     resolution_error: str | None = field(default=None, compare=False)
+    measured_unit: ExecutionUnit | None = None
     instance: Instance = field(init=False, repr=False, compare=False)
     unit: ExecutionUnit = field(init=False, repr=False, compare=False)
 
@@ -188,9 +204,16 @@ class HostIdentity:
         host = self.physical_host_id
         object.__setattr__(self, "instance",
                            Instance(self.instance_host or host, self.address.port))
+        object.__setattr__(self, "unit", self.measured_unit or self.own_unit)
+
+    @property
+    def own_unit(self) -> ExecutionUnit:
+        """The unit the node's own facts give (address, node object, topology file), before
+        measured co-location: where calibration keeps the node's own time per task."""
+        if self.measured_unit is None and hasattr(self, "unit"):
+            return self.unit
         gpu = self.has_gpu or self.device is not None
-        object.__setattr__(self, "unit", ExecutionUnit(
-            host, gpu, self.device, None if gpu else self.cpus))
+        return ExecutionUnit(self.physical_host_id, gpu, self.device, None if gpu else self.cpus)
 
     def __repr__(self) -> str:
         # ``node`` is the caller's object; its URL may carry credentials, so it is shown masked.
@@ -202,6 +225,7 @@ class HostIdentity:
 
 
 _NO_FACTS: Final[Mapping[str, str]] = MappingProxyType({})
+_NO_COLOCATION: Final = ColocationFacts()
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +257,10 @@ class NodeTopology:
             :class:`sollol_locality.resolver.Resolver`); a dnspython resolver by default.
         local_machine: what "this machine" is (:class:`sollol_locality.local.LocalMachine`).
         clock: monotonic clock used to re-check the topology file.
+        colocation: measured co-location (:class:`~sollol_locality.colocation.ColocationFacts`),
+            or a callable returning the current facts (the planner passes its cost model's
+            :meth:`~sollol_locality.ParallelismCostModel.colocation_facts`, so topology and
+            cost model share one calibration); see :meth:`use_colocation`.
 
     The constructor reads the topology file (a malformed one raises
     :class:`~sollol_locality.TopologyFileError`) and does no network I/O. When the file changes
@@ -246,8 +274,14 @@ class NodeTopology:
         resolver: Any = None,
         local_machine: Any = None,
         clock: Callable[[], float] = time.monotonic,
+        colocation: ColocationFacts | Callable[[], ColocationFacts] | None = None,
     ) -> None:
         self.config = config if config is not None else LocalityConfig.from_env()
+        self._colocation: Callable[[], ColocationFacts] | None = None
+        self._colocation_seen: tuple[ColocationFacts, dict[str, tuple[str, frozenset[str]]]] | \
+            None = None
+        self._colocation_version = 0
+        self.use_colocation(colocation)
         self._clock = clock
         if resolver is None:
             from .resolver import DnsResolver
@@ -279,6 +313,39 @@ class NodeTopology:
         self._lock = threading.Lock()
 
     # -- public API ------------------------------------------------------------------------
+
+    def use_colocation(self, source: ColocationFacts | Callable[[], ColocationFacts] | None
+                       ) -> None:
+        """Where measured co-location comes from: fixed facts, a callable giving the current
+        ones (called on each description: it must be cheap), or ``None`` for none.
+
+        Every node of a measured group (:meth:`ColocationFacts.groups`) whose unit the topology
+        file does not declare (``gpu``, ``cpus``) gets one shared measured unit
+        (:attr:`ExecutionUnit.measured`), with ``facts["unit"] == "measured"``; its
+        ``physical_host_id`` is unchanged. A declared unit wins over the measurement.
+        """
+        if isinstance(source, ColocationFacts):
+            facts = source
+            self._colocation = lambda: facts
+        else:
+            self._colocation = source
+        self._colocation_version += 1
+
+    @property
+    def has_colocation_source(self) -> bool:
+        """Whether :meth:`use_colocation` was given a source."""
+        return self._colocation is not None
+
+    def colocation_facts(self) -> ColocationFacts:
+        """The measured co-location in force (empty when there is no source)."""
+        source = self._colocation
+        return source() if source is not None else _NO_COLOCATION
+
+    @property
+    def colocation_version(self) -> int:
+        """Changes whenever the co-location facts in force change (a decision cache key)."""
+        self._measured_index()
+        return self._colocation_version
 
     @property
     def overrides(self) -> TopologyOverrides:
@@ -337,6 +404,51 @@ class NodeTopology:
             if host_id != base.fallback_id and base.zone is None and not base.is_local:
                 group = overrides.zone_of(host_id) or group
             results.append(_identity(node, address, host_id, group, base))  # type: ignore[arg-type]
+        return self._apply_measured_units(results)
+
+    # -- measured co-location ----------------------------------------------------------------
+
+    def _measured_index(self) -> dict[str, tuple[str, frozenset[str]]]:
+        """Instance label -> (the group's smallest label, the group), for the facts in force;
+        rebuilt only when the facts object changes."""
+        facts = self.colocation_facts()
+        seen = self._colocation_seen
+        if seen is not None and seen[0] is facts:
+            return seen[1]
+        index: dict[str, tuple[str, frozenset[str]]] = {}
+        for group in facts.groups():
+            key = min(group)
+            for label in group:
+                index[label] = (key, group)
+        with self._lock:
+            if self._colocation_seen is None or self._colocation_seen[0] is not facts:
+                if self._colocation_seen is not None:
+                    self._colocation_version += 1
+                self._colocation_seen = (facts, index)
+        return index
+
+    def _apply_measured_units(self, results: list[HostIdentity | InvalidNodeAddress]
+                              ) -> list[HostIdentity | InvalidNodeAddress]:
+        """Give the nodes of each measured group, unless the topology file declares their
+        unit, one shared measured unit (see :meth:`use_colocation`)."""
+        index = self._measured_index()
+        if not index:
+            return results
+        members: dict[str, list[tuple[int, HostIdentity]]] = {}
+        for position, identity in enumerate(results):
+            if isinstance(identity, InvalidNodeAddress):
+                continue
+            entry = index.get(identity.instance.label)
+            if entry is not None and identity.facts.get("unit") != "topology file":
+                members.setdefault(entry[0], []).append((position, identity))
+        for key, found in members.items():
+            if len({identity.instance for _, identity in found}) < 2:
+                continue  # one instance of the group in this call: nothing shares with it
+            head = min((identity for _, identity in found), key=lambda i: i.instance.label)
+            unit = ExecutionUnit(head.physical_host_id, head.own_unit.is_gpu, measured=key)
+            for position, identity in found:
+                facts = MappingProxyType({**identity.facts, "unit": "measured"})
+                results[position] = replace(identity, measured_unit=unit, facts=facts)
         return results
 
     # -- internals --------------------------------------------------------------------------

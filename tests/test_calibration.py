@@ -11,6 +11,7 @@ from helpers import offline_config, offline_topology
 
 from sollol_locality import CalibrationError, ParallelismCostModel, calibration
 from sollol_locality.calibration import Calibration
+from sollol_locality.colocation import ColocationFacts, PairFact
 from sollol_locality.topology import ExecutionUnit
 
 
@@ -21,13 +22,14 @@ def test_round_trip_keeps_every_table(tmp_path):
     cal.push(cal.host_overhead, "h", 0.1)
     cal.dispatch.append(0.02)
     cal.push_k(cal.batching, "h:11434", 4, 1.6)
-    cal.colocation["a:1|b:1"] = {"shared": True, "slowdown": 1.9, "measured": "2026-12-01"}
+    cal.colocation = ColocationFacts.of([PairFact("a:1", "b:1", True, 1.9, 1.7e9, "calibrate")])
     cal.observations = 7
     path = calibration.write(tmp_path / "c.json", cal, {"cpu_contention": 0.8})
     back = calibration.read(path)
     assert calibration.to_dict(back) == calibration.to_dict(cal, {"cpu_contention": 0.8})
     assert back.batching == {"h:11434": {4: calibration.samples([1.6])}}
     assert back.priors == {"cpu_contention": 0.8} and back.observations == 7
+    assert back.colocation == cal.colocation
     assert [p.name for p in tmp_path.iterdir()] == ["c.json"]
 
 
@@ -39,7 +41,11 @@ def test_round_trip_keeps_every_table(tmp_path):
         ('{"format": "sollol-locality-calibration", "batching": {"h:1": {"0": [1]}}}',
          "batching['h:1'] stream counts must be at least 1"),
         ('{"format": "sollol-locality-calibration", "colocation": []}',
-         "colocation must be a table of tables"),
+         "colocation is []: expected an object"),
+        ('{"format": "sollol-locality-calibration", "colocation": {"version": 1, "pairs": '
+         '[{"a": "b:1", "b": "a:1", "colocated": true, "strength": 2, "measured_at": 1, '
+         '"source": "calibrate", "runs": 1}]}}',
+         "colocation.pairs[0].b is 'a:1': expected a key sorting after a = 'b:1'"),
         ('{"format": "sollol-locality-calibration", "priors": {"gpu_speed_factor": 0}}',
          "prior gpu_speed_factor = 0 is out of range (expected more than 0)"),
     ],
@@ -89,3 +95,27 @@ def test_concurrent_writers_never_leave_a_torn_file(tmp_path):
     values = {v[0] for v in json.loads(path.read_text())["task_seconds"].values()}
     assert len(values) == 1  # one writer's file, whole
     assert [p.name for p in tmp_path.iterdir()] == ["c.json"]
+
+
+def test_a_file_without_colocation_reads_as_nothing_measured(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"format": "sollol-locality-calibration"}')
+    assert calibration.read(path).colocation == ColocationFacts()
+
+
+def test_saving_merges_the_colocation_another_process_saved_meanwhile(tmp_path):
+    path = tmp_path / "c.json"
+    old = PairFact("a:1", "b:1", True, 1.9, 1000.0, "calibrate")
+    mine, theirs = Calibration(), Calibration()
+    mine.colocation = ColocationFacts.of([old])
+    # the other process measured the same pair later (independent) and another pair
+    theirs.colocation = ColocationFacts.of([
+        PairFact("a:1", "b:1", False, 1.02, 2000.0, "recorded"),
+        PairFact("c:1", "d:1", True, 2.0, 1500.0, "calibrate")])
+    calibration.write(path, theirs)
+    calibration.write(path, mine)  # saved last, knowing less
+    saved = calibration.read(path).colocation
+    assert saved == theirs.colocation.merge(mine.colocation)
+    assert saved.fact("a:1", "b:1") == theirs.colocation.fact("a:1", "b:1")  # the newer wins
+    assert saved.groups() == (frozenset({"c:1", "d:1"}),)
+    assert mine.colocation == ColocationFacts.of([old])  # the object saved is not changed

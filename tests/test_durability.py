@@ -444,28 +444,25 @@ def test_a_corrupt_file_is_not_overwritten_by_recorded_runs(tmp_path: Path) -> N
     assert path.read_text() == CORRUPT["truncated"]
 
 
-def test_a_section_can_plug_in_its_own_merge(tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_section_merged_whole_keeps_both_processes_facts(tmp_path: Path) -> None:
+    """Measured co-location is a section merged whole (``SECTION_MERGE``): two processes that
+    measured the same pair and different pairs both keep theirs, the newer measurement winning
+    whoever saves last."""
     from sollol_locality import calibration
+    from sollol_locality.colocation import ColocationFacts, PairFact
 
-    def newer(on_file: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
-        merged = dict(on_file)
-        for key, record in ours.items():
-            if key not in merged or record["at"] > merged[key]["at"]:
-                merged[key] = record
-        return merged
-
+    assert "colocation" in calibration.SECTION_MERGE
     path = tmp_path / "calibration.json"
     first = ParallelismCostModel(offline_config(calibration_file=path))
     second = ParallelismCostModel(offline_config(calibration_file=path))
-    first.calibration.set_entry("colocation", "a|b", {"at": 2})
-    second.calibration.set_entry("colocation", "a|b", {"at": 1})
-    second.calibration.set_entry("colocation", "c|d", {"at": 1})
+    first.update_colocation(ColocationFacts.of(
+        [PairFact("a:1", "b:1", True, 1.9, 2000.0, "calibrate")]))
+    second.update_colocation(ColocationFacts.of(
+        [PairFact("a:1", "b:1", False, None, 1000.0, "calibrate"),
+         PairFact("c:1", "d:1", True, 1.8, 1000.0, "recorded")]))
     first.save()
-    second.save()  # per key, ours replaces the file's record
-    assert json.loads(path.read_text())["colocation"] == {"a|b": {"at": 1}, "c|d": {"at": 1}}
-    monkeypatch.setitem(calibration.SECTION_MERGE, "colocation", newer)
-    first.calibration.set_entry("colocation", "a|b", {"at": 2})
-    first.save()
-    second.save()  # merged whole: the newer record wins whoever saves last
-    assert json.loads(path.read_text())["colocation"] == {"a|b": {"at": 2}, "c|d": {"at": 1}}
+    second.save()
+    saved = ColocationFacts.from_dict(json.loads(path.read_text())["colocation"])
+    newer = saved.fact("a:1", "b:1")
+    assert newer is not None and (newer.colocated, newer.measured_at) == (True, 2000.0)
+    assert saved.fact("c:1", "d:1") is not None
