@@ -13,6 +13,7 @@ topology_file      ``SOLLOL_LOCALITY_TOPOLOGY``     none
 dns_timeout        ``SOLLOL_LOCALITY_DNS_TIMEOUT``  ``1.0`` second for one whole decision
 nameservers        ``SOLLOL_LOCALITY_NAMESERVERS``  the system's (``ip[:port],...``)
 calibration_file   ``SOLLOL_LOCALITY_CALIBRATION``  the user state directory (platformdirs)
+read_processes     ``SOLLOL_LOCALITY_PROCESSES``    ``true`` (or ``false``, ``1``/``0``, ...)
 =================  ===============================  =========================================
 
 A bad value raises :class:`~sollol_locality.ConfigError` at construction, naming the variable (or
@@ -54,6 +55,7 @@ __all__ = [
     "ENV_MIN_SPEEDUP",
     "ENV_MODE",
     "ENV_NAMESERVERS",
+    "ENV_PROCESSES",
     "ENV_TOPOLOGY",
     "HostOverride",
     "LocalityConfig",
@@ -76,6 +78,7 @@ ENV_TOPOLOGY: Final = "SOLLOL_LOCALITY_TOPOLOGY"
 ENV_DNS_TIMEOUT: Final = "SOLLOL_LOCALITY_DNS_TIMEOUT"
 ENV_NAMESERVERS: Final = "SOLLOL_LOCALITY_NAMESERVERS"
 ENV_CALIBRATION: Final = "SOLLOL_LOCALITY_CALIBRATION"
+ENV_PROCESSES: Final = "SOLLOL_LOCALITY_PROCESSES"
 
 _MODES: Final = ("auto", "parallel", "sequential")
 _APP: Final = "sollol-locality"
@@ -127,6 +130,7 @@ _ENVIRONMENT: Final[tuple[tuple[str, str], ...]] = (
     ("dns_timeout", ENV_DNS_TIMEOUT),
     ("nameservers", ENV_NAMESERVERS),
     ("calibration_file", ENV_CALIBRATION),
+    ("read_processes", ENV_PROCESSES),
 )
 
 
@@ -151,6 +155,8 @@ class LocalityConfig:
         calibration_fallback: a file read instead of ``calibration_file`` while that one does
             not exist (:meth:`from_env` sets it to the first release's cache location); never
             written.
+        read_processes: whether the processes behind nodes of this machine are read (their CPU
+            set, CPU quota, GPUs and ``OLLAMA_NUM_PARALLEL``) to decide units and slots.
     """
 
     mode: Mode = "auto"
@@ -161,6 +167,7 @@ class LocalityConfig:
     calibration_file: Path | None = None
     hosts_file: Path | None = Path("/etc/hosts")
     calibration_fallback: Path | None = None
+    read_processes: bool = True
 
     def __post_init__(self) -> None:
         values = _normalise(
@@ -209,7 +216,7 @@ class LocalityConfig:
 
 
 _FIELDS: Final = ("mode", "min_speedup", "topology_file", "dns_timeout", "nameservers",
-                  "calibration_file", "hosts_file", "calibration_fallback")
+                  "calibration_file", "hosts_file", "calibration_fallback", "read_processes")
 
 
 def _normalise(values: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
@@ -224,6 +231,8 @@ def _normalise(values: Mapping[str, Any], names: Mapping[str, str]) -> dict[str,
             result[name] = _check_float(value, shown, low=0.0, allow_low=False)
         elif name == "dns_timeout":
             result[name] = _check_float(value, shown, low=0.0, allow_low=False, high=60.0)
+        elif name == "read_processes":
+            result[name] = _check_switch(value, shown)
         elif name == "nameservers":
             result[name] = None if value is None else _check_nameservers(value, shown)
         elif name == "calibration_file" and (
@@ -258,6 +267,20 @@ def _check_float(value: object, name: str, *, low: float, allow_low: bool,
         raise ConfigError(f"{name}={value!r} is out of range (expected a number {bound})",
                           variable=name, value=value)
     return number
+
+
+_SWITCH: Final = {"1": True, "true": True, "yes": True, "on": True,
+                  "0": False, "false": False, "no": False, "off": False}
+
+
+def _check_switch(value: object, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text is None or text not in _SWITCH:
+        raise ConfigError(f"{name}={value!r} is not a switch (expected true or false, 1 or 0, "
+                          "yes or no, on or off)", variable=name, value=value)
+    return _SWITCH[text]
 
 
 def _check_path(value: object, name: str) -> Path:

@@ -305,7 +305,9 @@ class ExecutionPlanner:
         node_list = nodes if isinstance(nodes, list) else list(nodes)
         key: tuple[Any, ...] | None
         try:
-            key = (num_tasks, *map(_nodefields.signature, node_list))
+            # process_version: a restarted local instance (new pid, new CPU set) is a new key.
+            key = (num_tasks, self.topology.process_version,
+                   *map(_nodefields.signature, node_list))
             hash(key)
         except TypeError:
             key = None

@@ -695,6 +695,8 @@ class LocalProcesses:
             :func:`scan_listening_sockets`); an ``ImportError`` it raises means psutil is
             missing, a ``PermissionError`` that listing was denied.
         proc_root: where ``/proc`` is (a test tree may stand in for it).
+        cpu_count: how many CPUs this machine has (``os.cpu_count()`` when omitted); what an
+            unpinned instance may use, against which a pinned one's share is measured.
 
     The constructor does no I/O. One scan serves every lookup until it is ``refresh_interval``
     old; the processes' facts are read on first lookup and kept until then. Thread-safe.
@@ -707,7 +709,12 @@ class LocalProcesses:
         refresh_interval: float = 30.0,
         scanner: Scanner | None = None,
         proc_root: str = "/proc",
+        cpu_count: int | None = None,
     ) -> None:
+        if cpu_count is not None and (isinstance(cpu_count, bool) or not isinstance(cpu_count, int)
+                                      or cpu_count < 1):
+            raise ConfigError(f"Invalid cpu_count {cpu_count!r}: expected a whole number >= 1",
+                              value=cpu_count)
         if (
             isinstance(refresh_interval, bool)
             or not isinstance(refresh_interval, (int, float))
@@ -727,6 +734,13 @@ class LocalProcesses:
         self._snapshot: _Snapshot | None = None
         self._scans = 0
         self._version = 0
+        self._cpu_count = cpu_count
+
+    @property
+    def cpu_count(self) -> int:
+        """How many CPUs this machine has (the constructor's ``cpu_count``, else
+        ``os.cpu_count()``, at least 1)."""
+        return self._cpu_count if self._cpu_count is not None else (os.cpu_count() or 1)
 
     @property
     def refresh_interval(self) -> float:

@@ -31,7 +31,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -39,6 +39,8 @@ from . import _nodefields
 from ._errors import InvalidNodeAddress, TopologyFileError
 from .addresses import NodeAddress, describe_input, parse_node_address
 from .config import LocalityConfig, TopologyOverrides, load_topology_file
+from .local import is_loopback_name
+from .processes import LocalProcesses, ProcessFacts, ProcessLookup
 
 __all__ = ["ExecutionUnit", "HostIdentity", "Instance", "NodeTopology", "LOCALHOST_ID"]
 
@@ -162,6 +164,16 @@ class HostIdentity:
         unit: the :class:`ExecutionUnit` its tasks run on (computed once).
         instance_host: the host of :attr:`instance` when it is not ``physical_host_id`` (a
             local container's address), else ``None``.
+        process: for a node of this machine (when ``LocalityConfig.read_processes``), the
+            process found behind its port and what it holds, or why none was found
+            (``process.status``, ``process.reason``); ``None`` for other nodes.
+        cpu_share: the share of this machine's CPUs the instance may use, when it is pinned or
+            limited (``min(len(cpus), cpu_quota) / os.cpu_count()``); ``None`` for the whole
+            machine or when unknown. The cost model takes the speed prior of a node without
+            measurements from it.
+        unit_override: the unit decided across the nodes of one call (local instances whose
+            CPU sets or GPU ids overlap share one unit), when it is not the one this node's
+            own facts give.
     """
 
     node: Any
@@ -178,6 +190,9 @@ class HostIdentity:
     slots: int = 1
     facts: Mapping[str, str] = field(default_factory=lambda: _NO_FACTS, hash=False)
     instance_host: str | None = None
+    process: ProcessLookup | None = field(default=None, repr=False)
+    cpu_share: float | None = None
+    unit_override: ExecutionUnit | None = field(default=None, repr=False, compare=False)
     instance: Instance = field(init=False, repr=False, compare=False)
     unit: ExecutionUnit = field(init=False, repr=False, compare=False)
 
@@ -185,6 +200,9 @@ class HostIdentity:
         host = self.physical_host_id
         object.__setattr__(self, "instance",
                            Instance(self.instance_host or host, self.address.port))
+        if self.unit_override is not None:
+            object.__setattr__(self, "unit", self.unit_override)
+            return
         gpu = self.has_gpu or self.device is not None
         object.__setattr__(self, "unit", ExecutionUnit(
             host, gpu, self.device, None if gpu else self.cpus))
@@ -195,6 +213,8 @@ class HostIdentity:
         parts += [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
                   if f.name != "node" and f.repr]
         parts += [f"instance={self.instance.label!r}", f"unit={self.unit.label!r}"]
+        if self.process is not None:
+            parts.append(f"process={self.process.reason!r}")
         return f"HostIdentity({', '.join(parts)})"
 
 
@@ -217,6 +237,7 @@ class _Base:
     instance_host: str | None = None
     cpus: frozenset[int] | None = None
     slots: int | None = None
+    process: ProcessLookup | None = None
 
 
 class NodeTopology:
@@ -229,6 +250,10 @@ class NodeTopology:
             :class:`sollol_locality.resolver.Resolver`); a dnspython resolver by default.
         local_machine: what "this machine" is (:class:`sollol_locality.local.LocalMachine`).
         clock: monotonic clock used to re-check the topology file.
+        processes: finds the process behind each node of this machine and reads its CPU set,
+            CPU quota, GPUs and slots (:class:`sollol_locality.processes.LocalProcesses`);
+            built on first need with ``clock`` and the local machine's refresh interval. Not
+            used when ``config.read_processes`` is false.
 
     The constructor reads the topology file (a malformed one raises
     :class:`~sollol_locality.TopologyFileError`) and does no network I/O. When the file changes
@@ -242,6 +267,7 @@ class NodeTopology:
         resolver: Any = None,
         local_machine: Any = None,
         clock: Callable[[], float] = time.monotonic,
+        processes: LocalProcesses | None = None,
     ) -> None:
         self.config = config if config is not None else LocalityConfig.from_env()
         self._clock = clock
@@ -273,6 +299,8 @@ class NodeTopology:
         self._memo: dict[tuple[str, int], tuple[object, object, _Base]] = {}
         self._siblings: dict[str, frozenset[str]] = {}
         self._lock = threading.Lock()
+        self._processes = processes
+        self._processes_used = False
 
     # -- public API ------------------------------------------------------------------------
 
@@ -280,6 +308,31 @@ class NodeTopology:
     def overrides(self) -> TopologyOverrides:
         """The topology file in force (empty when none is configured)."""
         return self._overrides
+
+    @property
+    def processes(self) -> LocalProcesses | None:
+        """What reads the processes behind local nodes (``None`` when
+        ``config.read_processes`` is false); built on first use, without I/O."""
+        if not self.config.read_processes:
+            return None
+        if self._processes is None:
+            with self._lock:
+                if self._processes is None:
+                    interval = getattr(self.local_machine, "refresh_interval", 30.0)
+                    self._processes = LocalProcesses(clock=self._clock,
+                                                     refresh_interval=interval)
+        return self._processes
+
+    @property
+    def process_version(self) -> int:
+        """Grows when a refresh of the local processes finds other listeners (a restarted
+        instance); 0 until a local node was looked up. Reading it rescans only when the last
+        scan is older than the refresh interval, so a cache keyed on it never costs a scan
+        per decision."""
+        processes = self._processes
+        if not self._processes_used or processes is None or not self.config.read_processes:
+            return 0
+        return processes.version
 
     def describe(self, node: object) -> HostIdentity:
         """The identity of one node. Raises :class:`InvalidNodeAddress` if it cannot be parsed."""
@@ -324,6 +377,7 @@ class NodeTopology:
         parsed, bases = self._bases(node_list, timeout)
         ids = self._merge(bases)
         overrides = self._overrides
+        cpu_count = self._processes.cpu_count if self._processes_used and self._processes else None
         results: list[HostIdentity | InvalidNodeAddress] = []
         for node, address, base, host_id in zip(node_list, parsed, bases, ids, strict=True):
             if base is None:
@@ -332,7 +386,10 @@ class NodeTopology:
             group = base.group
             if host_id != base.fallback_id and base.zone is None and not base.is_local:
                 group = overrides.zone_of(host_id) or group
-            results.append(_identity(node, address, host_id, group, base))  # type: ignore[arg-type]
+            results.append(_identity(node, address, host_id, group, base,  # type: ignore[arg-type]
+                                     cpu_count))
+        if cpu_count is not None:
+            results = _process_units(results)
         return results
 
     # -- internals --------------------------------------------------------------------------
@@ -358,7 +415,7 @@ class NodeTopology:
             local = pin()
         else:
             local.snapshot()
-        world = (getattr(local, "version", 0), id(overrides))
+        world = (getattr(local, "version", 0), id(overrides), self.process_version)
         memo = self._memo
         parsed: list[NodeAddress | InvalidNodeAddress] = []
         bases: list[_Base | None] = []
@@ -397,6 +454,8 @@ class NodeTopology:
                 bases[index] = entry[2]
                 continue
             base = self._base(address, resolution, overrides, local)
+            if base.is_local:
+                base = self._with_process(address, base)
             if len(memo) > _MEMO_MAX:
                 memo.clear()
             memo[key] = (world, resolution, base)
@@ -466,6 +525,26 @@ class NodeTopology:
                               cpus=cpus, slots=slots)
         return _make_base(False, addresses, resolved, source, None, zone, device, fallback,
                           cpus=cpus, slots=slots)
+
+    def _with_process(self, address: NodeAddress, base: _Base) -> _Base:
+        """``base`` with the process behind the local node, looked up in the cache of
+        :attr:`processes` (the listeners are scanned at its refresh, not per call)."""
+        processes = self.processes
+        if processes is None:
+            return base
+        self._processes_used = True
+        try:
+            if base.instance_host is not None:  # a container's own address
+                found = processes.lookup(base.instance_host, address.port, other_namespaces=True)
+            elif address.ip is not None:
+                found = processes.lookup(address.ip, address.port)
+            elif is_loopback_name(address.host):
+                found = processes.lookup(address.host, address.port)
+            else:  # this machine's own name: any address of it
+                found = processes.lookup(None, address.port)
+        except InvalidNodeAddress:
+            return base
+        return replace(base, process=found)
 
     def _remember_siblings(self, addresses: frozenset[str]) -> None:
         siblings = self._siblings
@@ -598,20 +677,34 @@ def _canonical(addresses: Iterable[str]) -> str:
 
 
 def _identity(node: Any, address: NodeAddress, host_id: str, group: str,
-              base: _Base) -> HostIdentity:
+              base: _Base, cpu_count: int | None = None) -> HostIdentity:
     """One node's identity, with each fact's source: the topology file where it speaks, else
-    the node object, else the address (unit) or the prior (slots)."""
+    the process behind a local node, else the node object, else the address (unit) or the
+    prior (slots)."""
     plain = type(node) is str
     device = base.device
-    unit_fact = "topology file" if device is not None or base.cpus is not None else "address"
-    if device is None and not plain:
+    cpus = base.cpus
+    unit_fact = "topology file" if device is not None or cpus is not None else "address"
+    says_gpu: bool | None = None  # what the process's environment says: GPUs, none, nothing
+    read = _found_facts(base)
+    if read is not None and unit_fact == "address":
+        cpus = _pinned(read.cpus, cpu_count)
+        if read.cpus is not None:
+            unit_fact = "process"
+        if read.gpus is not None:
+            says_gpu, unit_fact = bool(read.gpus), "process"
+            if read.gpus:
+                device = _gpu_text(read.gpus, _namespace_of(read, base))
+    if device is None and not plain and says_gpu is None:
         device = _nodefields.device(node)
         if device is not None:
             unit_fact = "node"
     has_gpu = device is not None
-    if not has_gpu and not plain and _nodefields.has_gpu(node):
+    if not has_gpu and not plain and says_gpu is None and _nodefields.has_gpu(node):
         has_gpu, unit_fact = True, "node"
     slots, slots_fact = base.slots, "topology file"
+    if slots is None and read is not None and read.slots is not None:
+        slots, slots_fact = read.slots, "process"
     if slots is None:
         slots = None if plain else _nodefields.slots(node)
         slots_fact = "prior" if slots is None else "node"
@@ -620,6 +713,134 @@ def _identity(node: Any, address: NodeAddress, host_id: str, group: str,
         "unit": unit_fact,
         "slots": slots_fact,
     })
+    share = None
+    if base.is_local and not has_gpu and cpu_count is not None:
+        share = _cpu_share(cpus, read.cpu_quota if read is not None else None, cpu_count)
     return HostIdentity(node, address, host_id, base.is_local, base.addresses, device, group,
-                        base.resolved, base.source, has_gpu, base.cpus, slots or 1, facts,
-                        base.instance_host)
+                        base.resolved, base.source, has_gpu, cpus, slots or 1, facts,
+                        base.instance_host, base.process, share)
+
+
+# -- local instances: units and speed from the facts their processes hold ----------------------
+
+
+def _found_facts(base: _Base) -> ProcessFacts | None:
+    process = base.process
+    return process.facts if process is not None and process.status == "found" else None
+
+
+def _pinned(cpus: frozenset[int] | None, cpu_count: int | None) -> frozenset[int] | None:
+    """The CPU set an instance is pinned to; ``None`` when it may use the whole machine."""
+    if cpus is None or not cpus or (cpu_count is not None and cpus >= frozenset(range(cpu_count))):
+        return None
+    return cpus
+
+
+def _cpu_share(cpus: frozenset[int] | None, quota: float | None, cpu_count: int) -> float | None:
+    """``min(len(cpus), quota) / cpu_count`` when below 1 (a pinned or limited instance)."""
+    capacity = float(len(cpus)) if cpus else float(cpu_count)
+    if quota is not None and quota > 0:
+        capacity = min(capacity, quota)
+    return capacity / cpu_count if capacity < cpu_count else None
+
+
+def _namespace_of(facts: ProcessFacts, base: _Base) -> str | None:
+    """Where the process's GPU indices are counted: its container, else ``None`` (this
+    machine's). Indices of two containers may name different GPUs; UUIDs never do."""
+    if facts.container is not None:
+        return facts.container
+    if facts.other_netns and base.instance_host is not None:
+        return base.instance_host
+    return None
+
+
+def _gpu_text(gpus: tuple[str, ...], namespace: str | None) -> str:
+    """The device id of the GPUs a process sees: ``"0"``, ``"0,1"``, ``"docker:ab12cd/0"``."""
+    return ",".join(gpu if namespace is None or gpu.upper().startswith(("GPU-", "MIG-"))
+                    else f"{namespace}/{gpu}" for gpu in gpus)
+
+
+def _process_units(results: list[HostIdentity | InvalidNodeAddress]
+                   ) -> list[HostIdentity | InvalidNodeAddress]:
+    """Units across the local nodes of one call, from their CPU sets and GPU ids.
+
+    * CPU units: instances whose CPU sets overlap share one unit (the union of their sets);
+      an instance with no known CPU set may run anywhere, so it overlaps every other one.
+      Instances on disjoint sets are separate units of this machine (they still pay the
+      cost model's same-host overhead).
+    * GPU units: instances whose GPU ids intersect share one unit (the union of their ids).
+      A GPU node that names no device keeps the machine's one ``gpu`` unit.
+
+    Remote hosts are left as their own facts make them.
+    """
+    cpu: list[int] = []
+    gpu: list[int] = []
+    for index, identity in enumerate(results):
+        if isinstance(identity, InvalidNodeAddress) or identity.physical_host_id != LOCALHOST_ID:
+            continue
+        if not identity.unit.is_gpu:
+            cpu.append(index)
+        elif identity.device is not None:
+            gpu.append(index)
+    units: dict[int, ExecutionUnit] = {}
+    if len(cpu) > 1:
+        sets = {i: _local(results[i]).cpus for i in cpu}
+        for group in _overlapping(cpu, lambda i: sets[i]):
+            members = [sets[i] for i in group]
+            union: frozenset[int] | None = None
+            if all(m is not None for m in members):
+                union = frozenset().union(*members)  # type: ignore[arg-type]
+            for i in group:
+                units[i] = ExecutionUnit(LOCALHOST_ID, cpus=union)
+    if len(gpu) > 1:
+        ids = {i: frozenset((_local(results[i]).device or "").split(",")) for i in gpu}
+        for group in _overlapping(gpu, lambda i: ids[i]):
+            if len(group) > 1:
+                text = ",".join(sorted(frozenset().union(*(ids[i] for i in group))))
+                for i in group:
+                    units[i] = ExecutionUnit(LOCALHOST_ID, True, text)
+    out = list(results)
+    for i, unit in units.items():
+        identity = _local(results[i])
+        if unit != identity.unit:
+            out[i] = replace(identity, unit_override=unit)
+    return out
+
+
+def _local(identity: HostIdentity | InvalidNodeAddress) -> HostIdentity:
+    assert isinstance(identity, HostIdentity)
+    return identity
+
+
+def _overlapping(items: list[int], members: Callable[[int], frozenset[Any] | None]
+                 ) -> list[list[int]]:
+    """Union-find: groups of ``items`` whose member sets intersect (``None``: overlaps all)."""
+    parent = {i: i for i in items}
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[Any, int] = {}
+    everything: int | None = None
+    for i in items:
+        found = members(i)
+        if found is None:
+            if everything is None:
+                everything = i
+            parent[find(i)] = find(everything)
+            continue
+        for member in found:
+            if member in owner:
+                parent[find(i)] = find(owner[member])
+            else:
+                owner[member] = i
+    if everything is not None:
+        for i in items:
+            parent[find(i)] = find(everything)
+    groups: dict[int, list[int]] = {}
+    for i in items:
+        groups.setdefault(find(i), []).append(i)
+    return list(groups.values())
