@@ -139,7 +139,9 @@ def _config(args: argparse.Namespace) -> Any:
 
 
 def describe_identity(identity: Any) -> dict[str, Any]:
-    """A JSON-friendly description of a :class:`HostIdentity` (no credentials)."""
+    """A JSON-friendly description of a :class:`HostIdentity` (no credentials): where it runs,
+    its unit and slots, where each fact came from (``facts``), and for a node of this machine
+    the process behind it (``process``: pid, CPU set, GPUs, slots, or why it was not read)."""
     return {
         "node": identity.address.url,
         "physical_host_id": identity.physical_host_id,
@@ -150,7 +152,63 @@ def describe_identity(identity: Any) -> dict[str, Any]:
         "locality_group": identity.locality_group,
         "resolved": identity.resolved,
         "source": identity.source,
+        "cpus": _cpu_list(identity.cpus),
+        "slots": identity.slots,
+        "facts": dict(identity.facts),
+        "process": _describe_process(identity.process),
     }
+
+
+def _cpu_list(cpus: Any) -> str | None:
+    if not cpus:
+        return None
+    from .topology import ExecutionUnit
+
+    return ExecutionUnit("", cpus=frozenset(cpus)).label.partition(":")[2]
+
+
+def _describe_process(found: Any) -> dict[str, Any] | None:
+    if found is None:
+        return None
+    facts = found.facts
+    return {
+        "status": found.status,
+        "reason": found.reason,
+        "listener": found.listener,
+        "proxy": found.proxy,
+        "pid": facts.pid if facts is not None else None,
+        "name": facts.name if facts is not None else None,
+        "cpus": _cpu_list(facts.cpus) if facts is not None else None,
+        "cpu_quota": facts.cpu_quota if facts is not None else None,
+        "gpus": list(facts.gpus) if facts is not None and facts.gpus is not None else None,
+        "gpu_variable": facts.gpu_variable if facts is not None else None,
+        "slots": facts.slots if facts is not None else None,
+        "container": facts.container if facts is not None else None,
+        "not_read": dict(facts.notes) if facts is not None else {},
+    }
+
+
+def _process_line(member: dict[str, Any]) -> str:
+    """``pid 812 (ollama) cpus 0-3 gpus 0 slots 4  [unit: process, slots: process]``, or why
+    the process was not read."""
+    process = member["process"]
+    facts = member["facts"]
+    sources = f"[unit: {facts.get('unit')}, slots: {facts.get('slots')}]"
+    if process is None:
+        return ""
+    if process["pid"] is None:
+        return f"  process not read: {process['reason']}  {sources}"
+    parts = [f"pid {process['pid']} ({process['name'] or 'unnamed'})"]
+    parts.append(f"cpus {process['cpus'] or '?'}")
+    if process["cpu_quota"] is not None:
+        parts.append(f"quota {process['cpu_quota']:g}")
+    gpus = process["gpus"]
+    if gpus is not None:  # None: no GPU variable set
+        parts.append("gpus " + (",".join(gpus) if gpus else "none"))
+    parts.append(f"slots {member['slots']}")
+    if process["container"] is not None:
+        parts.append(f"container {process['container']}")
+    return "  " + " ".join(parts) + f"  {sources}"
 
 
 def _cmd_hosts(args: argparse.Namespace, out: TextIO) -> int:
@@ -182,7 +240,8 @@ def _cmd_hosts(args: argparse.Namespace, out: TextIO) -> int:
         for member in members:
             extra = "" if member["resolved"] else "  (not resolved)"
             device = f"  gpu {member['device']}" if member["device"] is not None else ""
-            out.write(f"  {member['node']:<{width}}  {member['source']}{device}{extra}\n")
+            out.write(f"  {member['node']:<{width}}  {member['source']}{device}{extra}"
+                      f"{_process_line(member)}\n")
     if invalid:
         out.write("\ninvalid nodes (left out)\n")
         for item in invalid:

@@ -455,3 +455,54 @@ def test_an_unreadable_process_falls_back_to_the_address_with_its_reason(
         "reason": f"the listener on 127.0.0.1:{target.port} belongs to a process this user "
                   "may not inspect (access denied)",
     }
+
+
+# -- shown by `sollol-locality hosts` -----------------------------------------------------------
+
+OFFLINE = ("--nameserver", "127.0.0.1:9", "--no-hosts-file")
+
+
+def run_cli(*argv: str) -> str:
+    import io
+
+    from sollol_locality.cli import main
+
+    out = io.StringIO()
+    assert main(list(argv), out=out) == 0
+    return out.getvalue()
+
+
+@needs_taskset
+@needs_two_cpus
+def test_hosts_shows_each_local_instances_process(start_listener: StartListener) -> None:
+    first = start_listener(cpus="0", env={"OLLAMA_NUM_PARALLEL": "4", "CUDA_VISIBLE_DEVICES": "0"})
+    second = start_listener(cpus="1")
+    closed = test_processes.unused_port()
+    text = run_cli("hosts", *OFFLINE, url(first, "localhost"), url(second), f"localhost:{closed}")
+    lines = text.splitlines()
+    name = Path(f"/proc/{first.pid}/comm").read_text().strip()
+    assert lines[3].split(None, 1)[1] == (
+        f"loopback  gpu 0  pid {first.pid} ({name}) cpus 0 gpus 0 slots 4  "
+        "[unit: process, slots: process]")
+    assert lines[4].split(None, 1)[1] == (
+        f"loopback  pid {second.pid} ({name}) cpus 1 slots 1  [unit: process, slots: prior]")
+    assert lines[5].split(None, 1)[1] == (
+        f"loopback  process not read: nothing listens on port {closed} for localhost in this "
+        "network namespace (a port published only by a kernel NAT rule is not followed)  "
+        "[unit: address, slots: prior]")
+
+
+@needs_taskset
+@needs_two_cpus
+def test_hosts_json_has_the_process_and_the_facts(start_listener: StartListener) -> None:
+    listener = start_listener(cpus="1", env={"OLLAMA_NUM_PARALLEL": "2"})
+    data = json.loads(run_cli("hosts", "--json", *OFFLINE, url(listener), "10.0.0.5:11434"))
+    local, remote = data["hosts"]["localhost"][0], data["hosts"]["10.0.0.5"][0]
+    assert (local["unit"], local["cpus"], local["slots"]) == ("localhost/cpu:1", "1", 2)
+    assert local["facts"] == {"host": "loopback", "unit": "process", "slots": "process"}
+    process = local["process"]
+    assert process["pid"] == listener.pid and process["status"] == "found"
+    assert (process["cpus"], process["gpus"], process["slots"]) == ("1", None, 2)
+    assert process["listener"] == f"127.0.0.1:{listener.port}"
+    assert remote["process"] is None
+    assert remote["facts"] == {"host": "address", "unit": "address", "slots": "prior"}
