@@ -16,7 +16,13 @@
    in later calls, so each alias maps to the same id. The id of a remote host is the override's
    host name if one applies, otherwise its canonical address: the smallest of its addresses,
    IPv4 before IPv6, so the id does not depend on input order.
-6. A name that cannot be resolved never raises: it is its own host, ``resolved=False``, with the
+6. For a node of this machine, the process listening on its port is read
+   (:mod:`sollol_locality.processes`, once per refresh, never per decision): its CPU set and
+   GPU ids decide its unit (instances whose sets overlap share one; disjoint ones are separate
+   units of this machine), its ``OLLAMA_NUM_PARALLEL`` its slots, its CPU share its speed
+   prior. The topology file still wins; a process that cannot be read leaves the address to
+   decide, and ``HostIdentity.process`` says why.
+7. A name that cannot be resolved never raises: it is its own host, ``resolved=False``, with the
    name as its id and locality group ``"unknown"``.
 
 Host ids are stable within a call. Across calls they stay stable as long as what DNS says does not
@@ -152,10 +158,11 @@ class HostIdentity:
             ``"container"``, ``"dns"``, ``"hosts-file"``, ``"override"``, ``"address"`` (a remote
             IP literal: the address is the identity) or ``"unresolved"``.
         has_gpu: whether the node runs on a GPU (a device is declared, or the node reports one).
-        cpus: the CPU set the node's instance is pinned to (topology file ``cpus``), else
-            ``None``.
+        cpus: the CPU set the node's instance is pinned to (topology file ``cpus``, else the
+            CPU set its process may run on when that is not the whole machine), else ``None``.
         slots: how many requests the node's instance serves at once (topology file
-            ``num_parallel``, else the node object's ``num_parallel``, else 1).
+            ``num_parallel``, else its process's ``OLLAMA_NUM_PARALLEL``, else the node
+            object's ``num_parallel``, else 1).
         facts: for each fact (``"host"``, ``"unit"``, ``"slots"``), which source gave it:
             ``"topology file"``, ``"measured"``, ``"process"``, ``"node"`` (the node object),
             ``"address"`` or ``"prior"``; for ``"host"``, how the identity was decided
