@@ -385,6 +385,7 @@ class NodeTopology:
         ids = self._merge(bases)
         overrides = self._overrides
         cpu_count = self._processes.cpu_count if self._processes_used and self._processes else None
+        pinned_or_gpu = local_count = 0  # whether units across local instances need a look
         results: list[HostIdentity | InvalidNodeAddress] = []
         for node, address, base, host_id in zip(node_list, parsed, bases, ids, strict=True):
             if base is None:
@@ -393,9 +394,13 @@ class NodeTopology:
             group = base.group
             if host_id != base.fallback_id and base.zone is None and not base.is_local:
                 group = overrides.zone_of(host_id) or group
-            results.append(_identity(node, address, host_id, group, base,  # type: ignore[arg-type]
-                                     cpu_count))
-        if cpu_count is not None:
+            identity = _identity(node, address, host_id, group, base,  # type: ignore[arg-type]
+                                 cpu_count)
+            if base.is_local:
+                local_count += 1
+                pinned_or_gpu += identity.cpus is not None or identity.device is not None
+            results.append(identity)
+        if cpu_count is not None and pinned_or_gpu and local_count > 1:
             results = _process_units(results)
         return results
 
