@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import test_processes
+import test_topology
 from helpers import FakeClock, offline_config
 from hypothesis import given
 from hypothesis import strategies as st
@@ -41,6 +42,8 @@ from sollol_locality.topology import (
 # starts them: its fixtures, used here by name.
 start_listener = test_processes.start_listener
 real_cgroup = test_processes.real_cgroup
+netns = test_processes.netns
+container_bridge = test_topology.container_bridge
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_COUNT = os.cpu_count() or 1
@@ -412,6 +415,30 @@ def test_a_bad_processes_switch_names_the_variable() -> None:
                                "true or false, 1 or 0, yes or no, on or off)")
     with pytest.raises(ConfigError, match=r"^read_processes=2 is not a switch"):
         LocalityConfig(read_processes=2)  # type: ignore[arg-type]
+
+
+# -- a container on this machine ----------------------------------------------------------------
+
+
+@pytest.mark.netns
+@needs_taskset
+@needs_two_cpus
+def test_a_container_address_reads_the_process_in_its_namespace(
+    start_listener: StartListener, netns: str, container_bridge: str
+) -> None:
+    inside = start_listener("0.0.0.0", prefix=("ip", "netns", "exec", netns), cpus="1",
+                            env={"OLLAMA_NUM_PARALLEL": "3", "CUDA_VISIBLE_DEVICES": "0"})
+    host = start_listener(env={"CUDA_VISIBLE_DEVICES": "0"})
+    topology = NodeTopology(offline_config(hosts_file=None), local_machine=LocalMachine())
+    container, here = describe(topology, f"http://{container_bridge}.7:{inside.port}", url(host))
+    assert container.source == "container" and container.physical_host_id == LOCALHOST_ID
+    assert container.process is not None and container.process.facts is not None
+    assert container.process.facts.pid == inside.pid
+    assert container.process.facts.other_netns is True
+    assert (container.slots, container.facts["slots"]) == (3, "process")
+    # GPU 0 inside another namespace is counted there: not merged with this machine's GPU 0.
+    assert container.unit == ExecutionUnit(LOCALHOST_ID, True, f"{container_bridge}.7/0")
+    assert here.unit == ExecutionUnit(LOCALHOST_ID, True, "0") != container.unit
 
 
 # -- what cannot be read ------------------------------------------------------------------------
