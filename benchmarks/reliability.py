@@ -6,15 +6,17 @@ Run from the repository root. Everything talks only to this machine: DNS goes to
 started here (:mod:`sollol_locality.testing.dnsserver`), nothing else leaves the process but a
 child writer that is killed on purpose. Prints Markdown tables (``--json``: one JSON object);
 RELIABILITY.md quotes a full run. The workloads live in :mod:`sollol_locality.testing.reliability`,
-which the test suite runs in short versions (tests/test_concurrency.py, test_scale.py).
+which the test suite runs in short versions (the concurrency and scale tests).
 
 Sections:
 
-* **faults**: every case of tests/test_faults.py at the decision level (plan, count,
+* **faults**: every DNS fault case of :mod:`sollol_locality.testing.cases` (the fault tests run
+  them too) at the decision level (plan, count,
   should_parallelize), the worst decision latency against ``dns_timeout`` + 25%, and the query
   bursts a failing server sees over 40 simulated seconds of repeated decisions;
-* **hostile input**: the Hypothesis properties of tests/test_hostile_input.py with many more
-  examples, and the number of inputs each one tried;
+* **hostile input**: the Hypothesis properties of :mod:`sollol_locality.testing.properties`
+  (the hostile-input tests run them with 200 examples) with many more, and the number of inputs
+  each one tried;
 * **concurrency**: 16 threads deciding for 30 s while TTLs expire and refresh, interface addresses
   and DNS answers change and calibration observations arrive; every answer checked against the
   possible states of the world; threads, file descriptors and refresh threads counted;
@@ -23,8 +25,9 @@ Sections:
 * **crash safety**: a writer saving the calibration file in a loop is killed at random moments;
   the file must always load.
 
-The faults, hostile-input and crash-safety sections reuse the tables and the writer of those test
-modules, loaded by :func:`_test_module` (the one place a benchmark reads ``tests/``).
+The faults, hostile-input and crash-safety sections share their case tables, properties and the
+calibration writer with the tests through :mod:`sollol_locality.testing`; nothing here reads the
+test suite.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ from __future__ import annotations
 import argparse
 import collections
 import gc
-import importlib.util
 import json
 import logging
 import os
@@ -47,9 +49,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+from sollol_locality.testing import cases
 from sollol_locality.testing.dnsserver import DnsTestServer
 from sollol_locality.testing.reliability import (
     _rss_mb,
@@ -62,26 +64,6 @@ from sollol_locality.testing.reliability import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-TESTS = REPO / "tests"
-
-
-def _test_module(name: str) -> ModuleType:
-    """``tests/NAME.py`` as a module (it imports its siblings, ``helpers``, by plain name)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    for sibling in ("helpers",):
-        if sibling not in sys.modules:
-            _load(sibling)
-    return _load(name)
-
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, TESTS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # =============================================================================================
@@ -105,40 +87,38 @@ def _servers() -> Iterator[Callable[..., Any]]:
 
 
 def fault_matrix() -> list[dict[str, Any]]:
-    """Every tests/test_faults.py case: the worst decision latency over the three decision
+    """Every DNS fault case: the worst decision latency over the three decision
     entry points and the repeated decisions, and the bursts of queries in 40 simulated s."""
-    faults: Any = _test_module("test_faults")
-
     rows = []
-    for case in faults.CASES:
+    for case in cases.CASES:
         row: dict[str, Any] = {"fault": case.id, "worst_s": 0.0, "first_s": {}, "bursts": 0,
                                "queries": 0, "resolved_first": case.resolved}
-        for api in faults.APIS:
+        for api in cases.APIS:
             with _servers() as make:
-                world = faults.build(make, case, api)
-                result, elapsed = faults.timed(world.decide)
-                faults.check_outcome(world, case, api, result, case.resolved)
+                world = cases.build(make, case, api)
+                result, elapsed = cases.timed(world.decide)
+                cases.check_outcome(world, case, api, result, case.resolved)
                 row["first_s"][api] = elapsed
                 row["worst_s"] = max(row["worst_s"], elapsed)
                 if api != "count":
                     continue
                 for _ in range(20):
                     world.clock.tick(0.01)
-                    row["worst_s"] = max(row["worst_s"], faults.timed(world.decide)[1])
+                    row["worst_s"] = max(row["worst_s"], cases.timed(world.decide)[1])
                 after_first = world.queries
                 bursts = 0
-                for _ in range(faults.WINDOW):
+                for _ in range(cases.WINDOW):
                     world.clock.tick(1.0)
                     before = world.queries
-                    row["worst_s"] = max(row["worst_s"], faults.timed(world.decide)[1])
+                    row["worst_s"] = max(row["worst_s"], cases.timed(world.decide)[1])
                     world.resolver.wait_idle(10)
                     bursts += world.queries > before
                 row["bursts"] = bursts
                 row["queries_first"] = after_first
                 row["queries"] = world.queries
                 row["bursts_allowed"] = case.bursts
-        row["bound_s"] = faults.BOUND
-        row["within_bound"] = row["worst_s"] <= faults.BOUND
+        row["bound_s"] = cases.BOUND
+        row["within_bound"] = row["worst_s"] <= cases.BOUND
         rows.append(row)
     return rows
 
@@ -148,21 +128,17 @@ def fault_matrix() -> list[dict[str, Any]]:
 
 
 def hostile_input(examples: int) -> dict[str, Any]:
-    os.environ["SOLLOL_LOCALITY_HYPOTHESIS_EXAMPLES"] = str(examples)
-    hostile: Any = _test_module("test_hostile_input")
+    from sollol_locality.testing import properties
 
     failures = []
     start = time.perf_counter()
-    for test in (hostile.test_any_input_parses_or_raises_invalid_node_address,
-                 hostile.test_a_decision_never_raises_and_accounts_for_every_node,
-                 hostile.test_the_balancer_never_raises_for_bad_nodes,
-                 hostile.test_group_by_locality_is_a_partition_independent_of_order):
+    for name in properties.PROPERTIES:
         try:
-            test()
+            properties.property_test(name, examples)()
         except Exception as exc:  # reported, not hidden
-            failures.append(f"{test.__name__}: {type(exc).__name__}: {exc}")
-    return {"examples_per_property": examples, "tried": dict(hostile.TRIED),
-            "table_cases": len(hostile.VALID) + len(hostile.INVALID), "failures": failures,
+            failures.append(f"{name}: {type(exc).__name__}: {exc}")
+    return {"examples_per_property": examples, "tried": dict(properties.TRIED),
+            "table_cases": len(cases.VALID) + len(cases.INVALID), "failures": failures,
             "seconds": time.perf_counter() - start}
 
 
@@ -171,8 +147,6 @@ def hostile_input(examples: int) -> dict[str, Any]:
 
 
 def kill_loop(kills: int, *, workdir: Path) -> dict[str, Any]:
-    writer: str = _test_module("test_durability")._WRITER
-
     path = workdir / "calibration.json"
     rng = random.Random(7)
     torn, mid_save, versions = 0, 0, collections.Counter[int]()
@@ -180,8 +154,8 @@ def kill_loop(kills: int, *, workdir: Path) -> dict[str, Any]:
     for _ in range(kills):
         for leftover in workdir.glob(".calibration.json.*.tmp"):
             leftover.unlink()
-        child = subprocess.Popen([sys.executable, "-c", writer, str(path), "loop", str(TESTS)],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        child = subprocess.Popen([sys.executable, "-c", cases.CALIBRATION_WRITER, str(path),
+                                  "loop"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                  cwd=REPO, env=env)
         assert child.stdout is not None
         child.stdout.readline()

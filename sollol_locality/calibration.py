@@ -84,6 +84,11 @@ class Calibration:
             (plain JSON data: whether they share a unit, how strongly, when measured).
         priors: prior values the file carried (checked against :data:`PRIOR_BOUNDS`).
         observations: how many finished runs taught it.
+        model: the model the measurements ran (``calibrate`` records it), ``None`` when not
+            known (runs recorded through ``observe``): a decision for another model does not
+            use the measured figures.
+        instances: the instances (``"host:port"``) measured, sorted; for people and for
+            telling what a file covers (the figures themselves are keyed by unit and host).
     """
 
     task_seconds: dict[str, Samples] = field(default_factory=dict)
@@ -94,6 +99,8 @@ class Calibration:
     colocation: dict[str, dict[str, Any]] = field(default_factory=dict)
     priors: dict[str, float] = field(default_factory=dict)
     observations: int = 0
+    model: str | None = None
+    instances: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         """Whether any measured figure is held."""
@@ -127,6 +134,8 @@ def to_dict(cal: Calibration, priors: Mapping[str, float] | None = None) -> dict
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "observations": cal.observations,
+        "model": cal.model,
+        "instances": sorted(cal.instances),
         "priors": dict(cal.priors if priors is None else priors),
         "task_seconds": {k: list(v) for k, v in cal.task_seconds.items()},
         "contention": _nested_out(cal.contention),
@@ -259,6 +268,14 @@ def from_dict(data: object, shown: str = "<calibration>") -> Calibration:
         cal.priors = _priors(data.get("priors"), shown)
         observations = data.get("observations", 0)
         cal.observations = int(observations) if is_number(observations) else 0
+        model = data.get("model")
+        if model is not None and (not isinstance(model, str) or not model.strip()):
+            raise CalibrationError(f"{shown}: model must be a non-empty string or null")
+        cal.model = model
+        instances = data.get("instances") or []
+        if not isinstance(instances, list) or not all(isinstance(i, str) for i in instances):
+            raise CalibrationError(f"{shown}: instances must be a list of strings")
+        cal.instances = sorted(set(instances))
     except (AttributeError, TypeError, ValueError) as exc:
         raise CalibrationError(f"{shown} is malformed: {exc}") from exc
     return cal

@@ -40,7 +40,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -155,6 +155,9 @@ class LocalityConfig:
         calibration_fallback: a file read instead of ``calibration_file`` while that one does
             not exist (:meth:`from_env` sets it to the first release's cache location); never
             written.
+        mode_source: where a forced ``mode`` came from, as reasons quote it (``"--mode
+            parallel"`` when a command-line flag gave it); ``None``: ``"configuration
+            (SOLLOL_LOCALITY_MODE=parallel)"``.
         read_processes: whether the processes behind nodes of this machine are read (their CPU
             set, CPU quota, GPUs and ``OLLAMA_NUM_PARALLEL``) to decide units and slots.
     """
@@ -167,6 +170,7 @@ class LocalityConfig:
     calibration_file: Path | None = None
     hosts_file: Path | None = Path("/etc/hosts")
     calibration_fallback: Path | None = None
+    mode_source: str | None = field(default=None, compare=False)
     read_processes: bool = True
 
     def __post_init__(self) -> None:
@@ -176,10 +180,14 @@ class LocalityConfig:
             object.__setattr__(self, name, value)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None,
-                 **overrides: Any) -> LocalityConfig:
+    def from_env(cls, environ: Mapping[str, str] | None = None, *,
+                 only: Collection[str] | None = None, **overrides: Any) -> LocalityConfig:
         """A config from the environment: each field in ``overrides`` as given, each other one
         from its ``SOLLOL_LOCALITY_*`` variable when that is set, else its default.
+
+        ``only`` names the fields whose variables are read (a command reads only the settings
+        it uses, so a bad value of another variable does not break it); the others take their
+        plain defaults (``calibration_file``: off). ``None`` reads every variable.
 
         ``calibration_file`` defaults to :func:`default_calibration_file`, with the first
         release's location (:func:`legacy_calibration_file`) as ``calibration_fallback``; a
@@ -190,21 +198,21 @@ class LocalityConfig:
                 value), or an override is (naming the field).
         """
         env = os.environ if environ is None else environ
-        unknown = set(overrides) - set(_FIELDS)
+        unknown = (set(overrides) | set(only or ())) - set(_FIELDS) - {"mode_source"}
         if unknown:
             raise TypeError(f"LocalityConfig.from_env() got unknown field(s) "
                             f"{', '.join(sorted(unknown))}")
         raw: dict[str, Any] = {}
         names: dict[str, str] = {}
         for name, variable in _ENVIRONMENT:
-            if name in overrides:
+            if name in overrides or only is not None and name not in only:
                 continue
             value = env.get(variable)
             if value is None or (value.strip() == "" and name != "calibration_file"):
                 continue
             raw[name], names[name] = value, variable
         fields_ = {**_normalise(raw, names), **overrides}
-        if "calibration_file" not in fields_:
+        if "calibration_file" not in fields_ and (only is None or "calibration_file" in only):
             fields_["calibration_file"] = default_calibration_file(environ)
             fields_.setdefault("calibration_fallback", legacy_calibration_file(environ))
         return cls(**fields_)
@@ -213,6 +221,11 @@ class LocalityConfig:
     def forced(self) -> bool:
         """Whether ``mode`` forces a decision instead of letting the cost model choose."""
         return self.mode != "auto"
+
+    @property
+    def forced_by(self) -> str:
+        """What forced ``mode``, as a reason quotes it (``"--mode parallel"``)."""
+        return self.mode_source or f"configuration ({ENV_MODE}={self.mode})"
 
 
 _FIELDS: Final = ("mode", "min_speedup", "topology_file", "dns_timeout", "nameservers",

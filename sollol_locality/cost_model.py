@@ -44,7 +44,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any, Final, TypeGuard
 
 from . import _nodefields, calibration
 from ._errors import CalibrationError, InvalidNodeAddress
@@ -251,11 +251,15 @@ class ParallelismCostModel:
     Args:
         config: settings (only the calibration file is used).
         priors: the assumptions before calibration (:class:`CostPriors`).
+        model: the model the decisions are for; measured figures of a calibration that
+            recorded another model are not used (the priors decide). ``None``: any calibration
+            applies.
     """
 
     def __init__(self, config: LocalityConfig | None = None, *,
-                 priors: CostPriors | None = None) -> None:
+                 priors: CostPriors | None = None, model: str | None = None) -> None:
         self.config = config if config is not None else LocalityConfig.from_env()
+        self.model = model
         self.priors = priors if priors is not None else CostPriors()
         self._cal = Calibration()
         self._lock = threading.RLock()
@@ -293,6 +297,17 @@ class ParallelismCostModel:
         return self._cal
 
     @property
+    def applies(self) -> bool:
+        """Whether the calibration's measured figures apply to :attr:`model` (always when
+        either is unknown)."""
+        recorded = self.calibration.model
+        return self.model is None or recorded is None or recorded == self.model
+
+    def _learned(self) -> Calibration:
+        """The calibration the predictions use: empty when it measured another model."""
+        return self.calibration if self.applies else _NOTHING_LEARNED
+
+    @property
     def version(self) -> int:
         """Changes whenever calibration changes (used to invalidate cached decisions)."""
         self._ensure_loaded()
@@ -306,14 +321,14 @@ class ParallelismCostModel:
     @property
     def calibrated(self) -> bool:
         """Whether any measured figure is in use."""
-        return bool(self.calibration)
+        return bool(self._learned())
 
     def contention(self, unit: ExecutionUnit, k: int, *, trial: _Trial | None = None) -> float:
         """``c`` for ``k`` concurrent nodes on ``unit``: measured if known (nearest measured
         ``k``), else the CPU or GPU prior. ``trial`` (learning only) stands a candidate value in
         for one stream count of one unit, as if it had been measured."""
         # A copy: observe() may add a stream count from another thread while this one decides.
-        by_k: dict[int, Any] = dict(self.calibration.contention.get(unit.label) or {})
+        by_k: dict[int, Any] = dict(self._learned().contention.get(unit.label) or {})
         if trial is not None and trial.kind == "contention" and trial.key == unit.label:
             by_k[trial.k] = (trial.value,)
         if by_k:
@@ -326,7 +341,7 @@ class ParallelismCostModel:
     def gains_from_concurrency(self, unit: ExecutionUnit) -> int:
         """The largest measured number of concurrent nodes that made ``unit`` faster (1 if none)
         by more than noise: their contention must be at most ``-priors.min_concurrency_gain``."""
-        by_k = dict(self.calibration.contention.get(unit.label) or {})  # a copy, as above
+        by_k = dict(self._learned().contention.get(unit.label) or {})  # a copy, as above
         best = 1
         margin = self.priors.min_concurrency_gain
         for k, samples in by_k.items():
@@ -338,15 +353,15 @@ class ParallelismCostModel:
     def host_overhead(self, host: str, *, trial: _Trial | None = None) -> float:
         if trial is not None and trial.kind == "host" and trial.key == host:
             return trial.value
-        value = _median(self.calibration.host_overhead.get(host))
+        value = _median(self._learned().host_overhead.get(host))
         return self.priors.same_host_overhead if value is None else value
 
     def dispatch_overhead(self) -> float:
-        value = _median(self.calibration.dispatch)
+        value = _median(self._learned().dispatch)
         return self.priors.dispatch_overhead if value is None else value
 
     def measured_task_seconds(self, unit: ExecutionUnit) -> float | None:
-        return _median(self.calibration.task_seconds.get(unit.label))
+        return _median(self._learned().task_seconds.get(unit.label))
 
     # -- profiles ---------------------------------------------------------------------------
 
@@ -739,6 +754,9 @@ class ParallelismCostModel:
             self.priors = priors
             self._loaded_from = path
             self._version += 1
+
+
+_NOTHING_LEARNED: Final = Calibration()
 
 
 def _assign(num_tasks: int, workers: Sequence[tuple[int, float]]) -> dict[int, int]:

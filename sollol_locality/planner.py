@@ -22,7 +22,7 @@ from typing import Any, Final, Literal
 from . import _nodefields
 from ._errors import InvalidNodeAddress
 from .addresses import describe_input
-from .config import ENV_MODE, LocalityConfig
+from .config import LocalityConfig
 from .cost_model import NodeProfile, ParallelismCostModel
 from .topology import ExecutionUnit, HostIdentity, Instance, NodeTopology
 
@@ -345,7 +345,8 @@ class ExecutionPlanner:
             hosts.setdefault(identity.physical_host_id, []).append(index)
             if not identity.resolved and identity.physical_host_id not in unresolved:
                 unresolved.add(identity.physical_host_id)
-                warnings.append(f"host {identity.address.host!r} could not be resolved; "
+                why = f" ({identity.resolution_error})" if identity.resolution_error else ""
+                warnings.append(f"host {identity.address.host!r} could not be resolved{why}; "
                                 "it is treated as a separate machine")
         profiles, time_unit = model.profiles(identities)
         all_units = {p.unit for p in profiles}
@@ -390,7 +391,7 @@ class ExecutionPlanner:
 
         fastest_url = fastest.identity.address.url
         if self.config.mode == "sequential":
-            return seq(f"Sequential forced by configuration ({ENV_MODE}=sequential); "
+            return seq(f"Sequential forced by {self.config.forced_by}; "
                        f"{_tasks(num_tasks)} go to {fastest_url} (the model predicts "
                        f"{naive:.2f}x for running them in parallel).", "forced-sequential",
                        forced=True)
@@ -402,8 +403,8 @@ class ExecutionPlanner:
                                 f"({naive:.2f}x)")
             working = sum(1 for s in shares if s > 0)
             return par(streams, shares, makespan,
-                       f"Parallel forced by configuration ({ENV_MODE}=parallel): "
-                       f"{_tasks(num_tasks)} across {working} node(s), predicted "
+                       f"Parallel forced by {self.config.forced_by}: "
+                       f"{_tasks(num_tasks)} across {_count(working, 'node')}, predicted "
                        f"{(sequential / makespan if makespan else 1.0):.2f}x.",
                        "forced-parallel", forced=True)
         if num_tasks < 2:
@@ -458,7 +459,7 @@ class ExecutionPlanner:
             used_hosts = list(dict.fromkeys(p.unit.host for p in used))
             used_units = {p.unit for p in used}
             where = (f"{len(used_hosts)} machines ({_names(used_hosts)})" if len(used_hosts) > 1
-                     else f"{len(used_units)} units of {used_hosts[0]} "
+                     else f"{_count(len(used_units), 'unit')} of {used_hosts[0]} "
                           f"({_names(u.label for u in used_units)})")
             left = len(profiles) - len(used)
             tail = (f"; {left} other node(s) would add contention or no speed and are left out"
@@ -469,8 +470,10 @@ class ExecutionPlanner:
         if len(used) < 2 or speedup <= 1.0 and _dominates(fastest, profiles):
             others = [p for p in profiles if p.unit != fastest.unit]
             ratio = min(p.task_time for p in others) / fastest.task_time if others else 1.0
+            rivals = ("machine" if any(p.unit.host != fastest.unit.host for p in others)
+                      else f"unit of {fastest.unit.host}")
             return seq(f"Sequential on {fastest_url}: it is {ratio:.1f}x faster than any other "
-                       f"machine, so {_tasks(num_tasks)} one after another beat the best "
+                       f"{rivals}, so {_tasks(num_tasks)} one after another beat the best "
                        f"parallel plan ({speedup:.2f}x).", "fast-node")
         return seq(f"Sequential on {fastest_url}: the best parallel plan is predicted at "
                    f"{speedup:.2f}x, not above the required {self.config.min_speedup:.2f}x.",
@@ -502,7 +505,11 @@ def _dominates(fastest: NodeProfile, profiles: Sequence[NodeProfile]) -> bool:
 
 
 def _tasks(count: int) -> str:
-    return f"{count} task" if count == 1 else f"{count} tasks"
+    return _count(count, "task")
+
+
+def _count(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
 
 
 def _names(items: Iterable[str], limit: int = 3) -> str:

@@ -15,10 +15,14 @@
    interleaved this way, load that comes and goes during the run moves the solo and the
    concurrent measurements alike instead of biasing the ratio between them;
 
-then writes the calibration file (atomically) that later decisions load automatically. What the
-run measured replaces what the file knew about the same units and hosts (a cluster is calibrated
-as it is now); what it knew about others is kept. A file at the target that is not a calibration
-file is refused, never overwritten. Progress goes to stderr, one line per measurement.
+then writes the calibration file (atomically) that later decisions load automatically, with the
+model measured and the instances (``host:port``) it measured. By default the run merges into the
+file: what it measured replaces what the file knew about the same units and hosts (a cluster is
+calibrated as it is now); what it knew about others is kept. A file that measured another model
+is not merged into (the figures would mix two models): the run stops before measuring, and
+``replace=True`` (``--replace``) starts the file afresh. A file at the target that is not a
+calibration file is refused, never overwritten. Progress goes to ``progress``, one line per
+measurement; where the file was written is the caller's to say (:class:`CalibrationReport`).
 
 Requests go straight to the nodes (no HTTP proxy from the environment is used). What is learned
 is kept by :mod:`sollol_locality.calibration`, the store this module writes through the cost model.
@@ -57,6 +61,8 @@ class CalibrationReport:
     solo_seconds: dict[str, float] = field(default_factory=dict)  # node url -> median s/task
     together: list[dict[str, Any]] = field(default_factory=list)
     observations: int = 0
+    observations_before: int = 0  # what the file held before this run (0: no file)
+    merged: bool = False  # whether the run merged into an existing file (else a fresh one)
 
 
 # Nodes are reached directly: a proxy from the environment (http_proxy) would send a request
@@ -123,15 +129,20 @@ def calibrate(
     topology: NodeTopology | None = None,
     cost_model: ParallelismCostModel | None = None,
     progress: Callable[[str], None] | None = None,
+    replace: bool = False,
 ) -> CalibrationReport:
     """Measure ``nodes`` and write the calibration file; see the module docstring.
 
+    ``replace`` starts the file afresh instead of merging into what it holds.
+
     Raises:
-        CalibrationError: a node cannot be parsed, does not answer or lacks the model (nothing
-            is written), or a measurement fails.
+        CalibrationError: a node cannot be parsed, does not answer or lacks the model, or the
+            file measured another model and ``replace`` is false (nothing is written), or a
+            measurement fails.
     """
-    if rounds < 1 or num_predict < 1:
-        raise CalibrationError("rounds and num_predict must be at least 1")
+    for name, value in (("rounds", rounds), ("num_predict", num_predict)):
+        if value < 1:
+            raise CalibrationError(f"{name} must be at least 1, got {value!r}")
     config = config if config is not None else LocalityConfig.from_env()
     topology = topology if topology is not None else NodeTopology(config)
     target = Path(output) if output is not None else config.calibration_file
@@ -149,7 +160,10 @@ def calibrate(
             identities.append(result)
     if not identities:
         raise CalibrationError("no nodes to calibrate")
-    model_ = cost_model if cost_model is not None else _model_for(target, config)
+    if cost_model is not None:
+        model_, before, merged = cost_model, cost_model.observations, True
+    else:
+        model_, before, merged = _model_for(target, config, replace)
     # 1. every node answers and has the model, before anything is measured or written
     chosen_model = model
     for identity in identities:
@@ -169,7 +183,14 @@ def calibrate(
             raise CalibrationError(f"node {url} does not have model {chosen_model!r} "
                                    f"(it has {', '.join(map(str, names))})")
     assert chosen_model is not None
-    report = CalibrationReport(path=None, model=chosen_model)
+    recorded = model_.calibration.model
+    if merged and recorded is not None and recorded != chosen_model:
+        raise CalibrationError(
+            f"calibration file {target} measured model {recorded!r}, this run measures "
+            f"{chosen_model!r}: pass --replace to start it afresh, or another --calibration "
+            "file; nothing was measured")
+    report = CalibrationReport(path=None, model=chosen_model, observations_before=before,
+                               merged=merged)
     groups = _groups(identities)
     # What this run measures replaces what the model knew about the same units and hosts.
     model_._forget(units={i.unit.label for i in identities},
@@ -199,9 +220,11 @@ def calibrate(
     except _NODE_ERRORS as exc:
         raise CalibrationError(f"calibration failed, nothing written: {exc}") from exc
     report.solo_seconds = {url: sorted(times)[len(times) // 2] for url, times in solo.items()}
+    learned = model_.calibration
+    learned.model = chosen_model
+    learned.instances = sorted({*learned.instances, *(i.instance.label for i in identities)})
     report.path = model_.save(target)
     report.observations = model_.observations
-    say(f"wrote {report.path}")
     return report
 
 
@@ -238,18 +261,24 @@ def _groups(identities: Sequence[HostIdentity]) -> list[_Group]:
     return groups
 
 
-def _model_for(target: Path, config: LocalityConfig) -> ParallelismCostModel:
-    """A model holding what ``target`` already knows (nothing when it does not exist yet).
+def _model_for(target: Path, config: LocalityConfig,
+               replace: bool) -> tuple[ParallelismCostModel, int, bool]:
+    """A model holding what ``target`` already knows (nothing when it does not exist yet, or
+    when ``replace``), the observations the file held, and whether the run merges into it.
 
     Raises:
         CalibrationError: ``target`` exists but is not a readable calibration file (it is not
             overwritten).
     """
-    model = ParallelismCostModel(dataclasses.replace(config, calibration_file=None))
-    if target.exists():
-        try:
-            model.load(target)
-        except CalibrationError as exc:
-            raise CalibrationError(f"{exc}; not overwriting it (remove it or pass another "
-                                   "--output)") from exc
-    return model
+    bare = dataclasses.replace(config, calibration_file=None, calibration_fallback=None)
+    model = ParallelismCostModel(bare)
+    if not target.exists():
+        return model, 0, False
+    try:
+        model.load(target)
+    except CalibrationError as exc:
+        raise CalibrationError(f"{exc}; not overwriting it (remove it or pass another "
+                               "--output)") from exc
+    if replace:
+        return ParallelismCostModel(bare), model.observations, False
+    return model, model.observations, True

@@ -171,6 +171,8 @@ class HostIdentity:
         unit: the :class:`ExecutionUnit` its tasks run on (computed once).
         instance_host: the host of :attr:`instance` when it is not ``physical_host_id`` (a
             local container's address), else ``None``.
+        resolution_error: why the name was not resolved (``"NXDOMAIN"``, ``"timeout: ..."``,
+            ``"no address records"``, the resolver's error), ``None`` when it was.
         process: for a node of this machine (when ``LocalityConfig.read_processes``), the
             process found behind its port and what it holds, or why none was found
             (``process.status``, ``process.reason``); ``None`` for other nodes.
@@ -197,6 +199,7 @@ class HostIdentity:
     slots: int = 1
     facts: Mapping[str, str] = field(default_factory=lambda: _NO_FACTS, hash=False)
     instance_host: str | None = None
+    resolution_error: str | None = field(default=None, compare=False)
     process: ProcessLookup | None = field(default=None, repr=False)
     cpu_share: float | None = None
     unit_override: ExecutionUnit | None = field(default=None, repr=False, compare=False)
@@ -244,6 +247,7 @@ class _Base:
     instance_host: str | None = None
     cpus: frozenset[int] | None = None
     slots: int | None = None
+    resolution_error: str | None = None
     process: ProcessLookup | None = None
 
 
@@ -509,6 +513,7 @@ class NodeTopology:
             alias_host = overrides.alias_index.get(address.host)
             addresses = frozenset()
             resolved, source, fallback = False, "unresolved", address.host
+            why = "not looked up" if resolution is None else "no address"
             if resolution is not None and resolution.status == "ok" and resolution.addresses:
                 ips = resolution.addresses
                 addresses = frozenset(ip.compressed for ip in ips)
@@ -529,14 +534,18 @@ class NodeTopology:
             elif resolution is not None and resolution.status not in ("ok",):
                 logger.debug("host %r unresolved (%s): %s", address.host, resolution.status,
                              resolution.error or "no address")
+                why = _unresolved_reason(resolution.status, resolution.error)
         chosen = override_host or alias_host
         if chosen is not None:
             if zone is None:
                 zone = overrides.zone_of(chosen)
             return _make_base(False, addresses, True, "override", chosen, zone, device, chosen,
                               cpus=cpus, slots=slots)
-        return _make_base(False, addresses, resolved, source, None, zone, device, fallback,
+        base = _make_base(False, addresses, resolved, source, None, zone, device, fallback,
                           cpus=cpus, slots=slots)
+        if not resolved:
+            base = replace(base, resolution_error=why)
+        return base
 
     def _with_process(self, address: NodeAddress, base: _Base) -> _Base:
         """``base`` with the process behind the local node, looked up in the cache of
@@ -670,6 +679,16 @@ def _make_base(is_local: bool, addresses: frozenset[str], resolved: bool, source
                  fallback_id, group, instance_host, cpus, slots)
 
 
+_STATUS_WORDS: Final[Mapping[str, str]] = {"nxdomain": "NXDOMAIN", "nodata": "no address records",
+                                            "timeout": "timeout", "failure": "failure"}
+
+
+def _unresolved_reason(status: str, error: str | None) -> str:
+    """Why a name was not resolved, for people: the status and what the resolver said."""
+    word = _STATUS_WORDS.get(status, status)
+    return f"{word}: {error}" if error else word
+
+
 def _mtime(path: os.PathLike[str] | str) -> float | None:
     try:
         return os.stat(path).st_mtime_ns / 1e9
@@ -730,7 +749,7 @@ def _identity(node: Any, address: NodeAddress, host_id: str, group: str,
         share = _cpu_share(cpus, read.cpu_quota if read is not None else None, cpu_count)
     return HostIdentity(node, address, host_id, base.is_local, base.addresses, device, group,
                         base.resolved, base.source, has_gpu, cpus, slots or 1, facts,
-                        base.instance_host, base.process, share)
+                        base.instance_host, base.resolution_error, base.process, share)
 
 
 # -- local instances: units and speed from the facts their processes hold ----------------------

@@ -223,3 +223,32 @@ def test_missing_topology_file_is_a_clear_error(tmp_path):
 def test_topology_path_from_environment_is_a_path(tmp_path: Path):
     config = LocalityConfig.from_env({"SOLLOL_LOCALITY_TOPOLOGY": "~/x.toml"})
     assert config.topology_file == Path.home() / "x.toml"
+
+
+# -- reading only what a command uses; what forced the mode ------------------------------------
+
+
+def test_from_env_only_reads_the_fields_named(tmp_path):
+    env = {"HOME": str(tmp_path), "SOLLOL_LOCALITY_MODE": "bogus",
+           "SOLLOL_LOCALITY_MIN_SPEEDUP": "x", "SOLLOL_LOCALITY_DNS_TIMEOUT": "0.5",
+           "SOLLOL_LOCALITY_CALIBRATION": str(tmp_path / "c.json")}
+    config = LocalityConfig.from_env(env, only=("dns_timeout", "nameservers", "topology_file"))
+    assert (config.mode, config.min_speedup, config.dns_timeout) == ("auto", 1.0, 0.5)
+    assert config.calibration_file is None and config.calibration_fallback is None
+    with_file = LocalityConfig.from_env({"HOME": str(tmp_path)}, only=("calibration_file",))
+    assert with_file.calibration_file == (
+        tmp_path / ".local" / "state" / "sollol-locality" / "calibration.json")
+    with pytest.raises(ConfigError, match=r"^SOLLOL_LOCALITY_MODE='bogus' is not a valid mode"):
+        LocalityConfig.from_env(env, only=("mode",))
+    with pytest.raises(TypeError, match="unknown field"):
+        LocalityConfig.from_env(env, only=("colour",))
+
+
+@pytest.mark.parametrize(("fields", "forced_by"), [
+    ({"mode": "parallel"}, "configuration (SOLLOL_LOCALITY_MODE=parallel)"),
+    ({"mode": "sequential", "mode_source": "--mode sequential"}, "--mode sequential"),
+])
+def test_forced_by_says_where_the_mode_came_from(fields, forced_by):
+    config = LocalityConfig(**fields)
+    assert config.forced and config.forced_by == forced_by
+    assert config == LocalityConfig(mode=fields["mode"])  # the source is not part of the value

@@ -27,6 +27,7 @@ from sollol_locality import (
     NodeTopology,
     ParallelismCostModel,
 )
+from sollol_locality.testing.cases import CALIBRATION_WRITER
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -81,41 +82,9 @@ def test_a_failed_save_leaves_the_previous_file_intact(tmp_path: Path,
     assert fresh.observations == 2
 
 
-_WRITER = r"""
-import os, sys
-sys.path.insert(0, sys.argv[3])
-from sollol_locality import ParallelismCostModel
-from helpers import offline_config
-models = []
-for version in (1, 2):
-    model = ParallelismCostModel(offline_config())
-    for unit in range(1000):
-        for sample in range(25):
-            model._cal.push(model._cal.task_seconds, f"host-{unit}/cpu", version + sample / 100)
-    model._cal.observations = version
-    models.append(model)
-models[0].save(sys.argv[1])
-print("saved 1", flush=True)
-if sys.argv[2] == "stop-after-fsync":
-    real_fsync = os.fsync
-
-    def fsync(fd):  # the new version is written and synced, not yet renamed: stop here
-        real_fsync(fd)
-        print("synced", flush=True)
-        sys.stdin.read()
-
-    os.fsync = fsync
-count = 1
-while True:
-    models[count % 2].save(sys.argv[1])
-    count += 1
-    print("saved", count, flush=True)
-"""
-
-
 def _writer(path: Path, mode: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-c", _WRITER, str(path), mode, str(REPO / "tests")],
+        [sys.executable, "-c", CALIBRATION_WRITER, str(path), mode],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)})
 

@@ -18,12 +18,7 @@ import pytest
 
 pytest.importorskip("numpy", reason="the emulator needs numpy (the bench extra)")
 
-ROOT = Path(__file__).resolve().parents[1]
-
-from benchmarks.dispatch import (  # noqa: E402
-    Arm,
-    Settings,
-    measure,
+from sollol_locality.testing.baselines import (  # noqa: E402
     offline_config,
     sollol_pool,
     sollol_registry,
@@ -34,7 +29,14 @@ from sollol_locality.testing.machines import (  # noqa: E402
     scenario_skip_reason,
     start_scenario,
 )
-from sollol_locality.testing.workload import run_parallel, run_sequential, warm_up  # noqa: E402
+from sollol_locality.testing.workload import (  # noqa: E402
+    Arm,
+    Settings,
+    measure,
+    run_parallel,
+    run_sequential,
+    warm_up,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -12,6 +12,16 @@ nothing in the library imports them, and ``import sollol_locality`` does not loa
   addresses, network namespaces, instances under ``taskset`` with their own environment) and the
   scenarios built from them;
 * :mod:`sollol_locality.testing.workload`: a long-form job (K chunks) run sequentially on one
-  node or in parallel across several;
+  node or in parallel across several (per-node task counts and concurrency), and the arms a
+  benchmark measures side by side;
+* :mod:`sollol_locality.testing.baselines`: SOLLOL's registry and pool holding given nodes, and
+  a configuration of ours that reads nothing;
+* :mod:`sollol_locality.testing.fakes`: node objects, a registry, a minimal balancer, a clock;
+* :mod:`sollol_locality.testing.cases`: the DNS-fault and hostile-input case tables and the
+  calibration writer, shared by the tests and the reliability benchmark;
+* :mod:`sollol_locality.testing.properties`: the hostile-input Hypothesis properties (needs
+  Hypothesis and pytest);
 * :mod:`sollol_locality.testing.reliability`: the concurrency and scale workloads.
+
+Nothing in the tests is imported by a benchmark, and no test imports ``benchmarks``.
 """

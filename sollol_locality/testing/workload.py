@@ -4,7 +4,12 @@
 * :func:`run_parallel`: one worker per listed node; worker i starts with chunk i, then each takes
   the next chunk from a shared queue whenever its node is free (greedy, as a dispatcher with one
   in-flight request per node). With no more chunks than nodes the first nodes listed run them.
-  List a URL twice to keep two requests in flight on it.
+  List a URL twice to keep two requests in flight on it. With ``tasks_per_node`` each node runs
+  exactly its share of the chunks, and ``concurrency_per_node`` keeps that many in flight on it
+  (a plan's ``tasks_per_node`` / ``concurrency_per_node``; k at once on one batching node).
+* :class:`Arm`: one way of running a job (sequential on a node, or parallel with per-node task
+  counts and concurrency), :func:`run_arm` runs it, and :func:`measure` runs several arms in
+  interleaved rounds under one :class:`Settings`.
 * :func:`compare`: both, side by side and alternating, repeated; the figure to use is the ratio
   ``parallel wall / sequential wall`` measured in the same run (below 1.0: parallel wins).
 
@@ -30,20 +35,24 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from .emulator import DEFAULT_MODEL, DEFAULT_NUM_PREDICT, DEFAULT_WEIGHTS_MB
 
 __all__ = [
+    "Arm",
     "ChunkTiming",
     "Comparison",
     "GenerateError",
     "WorkloadResult",
     "compare",
     "generate",
+    "Settings",
     "main",
+    "measure",
+    "run_arm",
     "run_parallel",
     "run_sequential",
     "run_workload",
@@ -180,11 +189,24 @@ def run_sequential(
     return WorkloadResult("sequential", (node,), num_predict, tuple(timings), wall)
 
 
+def _split(chunks: int, count: int) -> list[int]:
+    """``chunks`` as evenly as possible over ``count`` nodes, the first nodes taking the rest."""
+    return [chunks // count + (i < chunks % count) for i in range(count)]
+
+
 def run_parallel(
     nodes: Sequence[str], chunks: int, *, num_predict: int = DEFAULT_NUM_PREDICT,
     model: str = DEFAULT_MODEL, timeout: float = 300.0,
+    tasks_per_node: Sequence[int] | None = None,
+    concurrency_per_node: Sequence[int] | None = None,
 ) -> WorkloadResult:  # fmt: skip
-    """One worker per entry of ``nodes``, each taking the next chunk when its request finishes.
+    """Run the chunks across ``nodes`` at once.
+
+    Without ``tasks_per_node``: ``concurrency_per_node[i]`` workers (default 1) per entry of
+    ``nodes``, each taking the next chunk from one shared queue when its request finishes
+    (worker i starts with chunk i). With ``tasks_per_node`` (one count per node, summing to
+    ``chunks``): node i runs exactly ``tasks_per_node[i]`` chunks (consecutive indexes, in node
+    order), at most ``concurrency_per_node[i]`` of them at once.
 
     The first failure stops every worker from taking more chunks and is raised after all joined.
     """
@@ -192,23 +214,48 @@ def run_parallel(
         raise ValueError(f"Invalid chunks {chunks!r}: expected at least 1")
     if not nodes:
         raise ValueError("Invalid nodes []: expected at least one node URL")
-    # Worker i starts with chunk i (so with no more chunks than nodes, the first nodes listed run
-    # them, the same every time); after that each worker takes the next chunk when it is free.
-    pending: queue.SimpleQueue[int] = queue.SimpleQueue()
-    for index in range(len(nodes), chunks):
-        pending.put(index)
+    concurrency = [1] * len(nodes) if concurrency_per_node is None else list(concurrency_per_node)
+    if len(concurrency) != len(nodes) or any(c < 1 for c in concurrency):
+        raise ValueError(f"Invalid concurrency_per_node {concurrency_per_node!r}: expected one "
+                         f"count >= 1 per node ({len(nodes)})")
+    if tasks_per_node is not None:
+        tasks = list(tasks_per_node)
+        if len(tasks) != len(nodes) or any(t < 0 for t in tasks) or sum(tasks) != chunks:
+            raise ValueError(f"Invalid tasks_per_node {tasks_per_node!r}: expected one count >= 0 "
+                             f"per node ({len(nodes)}) summing to {chunks}")
+    # One queue per node with its own chunks, or one shared queue; every worker of a node takes
+    # from its node's queue. Shared: worker i starts with chunk i (so with no more chunks than
+    # workers, the first listed run them, the same every time).
+    workers: list[tuple[str, int | None, queue.SimpleQueue[int]]] = []
+    if tasks_per_node is None:
+        shared: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for url, count in zip(nodes, concurrency, strict=True):
+            workers += [(url, None, shared)] * count
+        for position in range(len(workers)):
+            url, _, pool = workers[position]
+            workers[position] = (url, position if position < chunks else None, pool)
+        for index in range(len(workers), chunks):
+            shared.put(index)
+    else:
+        first = 0
+        for url, count, share in zip(nodes, concurrency, tasks, strict=True):
+            own: queue.SimpleQueue[int] = queue.SimpleQueue()
+            for index in range(first, first + share):
+                own.put(index)
+            first += share
+            workers += [(url, None, own)] * min(count, share)
     timings: list[ChunkTiming] = []
     errors: list[BaseException] = []
     failed = threading.Event()
     lock = threading.Lock()
-    start_gate = threading.Barrier(len(nodes) + 1)
+    start_gate = threading.Barrier(len(workers) + 1)
     origin = 0.0
 
-    def worker(url: str, first: int) -> None:
+    def worker(url: str, first: int | None, pending: queue.SimpleQueue[int]) -> None:
         start_gate.wait()
         index = first
         while not failed.is_set():
-            if index >= chunks:
+            if index is None:
                 try:
                     index = pending.get_nowait()
                 except queue.Empty:
@@ -225,11 +272,11 @@ def run_parallel(
                 return
             with lock:
                 timings.append(timing)
-            index = chunks
+            index = None
 
     threads = [
-        threading.Thread(target=worker, args=(url, i), name=f"chunk-worker-{i}", daemon=True)
-        for i, url in enumerate(nodes)
+        threading.Thread(target=worker, args=spec, name=f"chunk-worker-{i}", daemon=True)
+        for i, spec in enumerate(workers)
     ]
     for thread in threads:
         thread.start()
@@ -264,6 +311,149 @@ def warm_up(nodes: Sequence[str], *, model: str = DEFAULT_MODEL, tokens: int = 4
     """One short generate per node (first-request costs out of the measurement)."""
     for url in dict.fromkeys(nodes):
         generate(url, "warm up", model=model, num_predict=tokens)
+
+
+# ------------------------------------------------------------------------------------------
+# Arms: ways of running one job, measured side by side
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """One benchmark configuration.
+
+    Attributes:
+        chunks: K, the chunks of the long-form job.
+        tokens: ``num_predict`` of each chunk (and of each calibration generate).
+        repeats: interleaved rounds of every strategy.
+        calibration_rounds: ``calibrate(rounds=...)``.
+        weights_mb: emulator weight matrix (MiB).
+        online_jobs: real jobs the "online" policy runs through a fresh planner before deciding.
+    """
+
+    chunks: int = 4
+    tokens: int = 32
+    repeats: int = 7
+    calibration_rounds: int = 3
+    weights_mb: int = DEFAULT_WEIGHTS_MB
+    online_jobs: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Arm:
+    """One way of running the job: ``mode`` on ``urls`` (sequential: ``urls[0]`` only).
+
+    ``tasks`` (one count per URL, summing to the job's chunks) and ``concurrency`` (requests in
+    flight per URL) come from a plan's ``tasks_per_node`` / ``concurrency_per_node``; ``None``
+    means today's dispatch: a shared queue, one request at a time per node.
+    """
+
+    mode: str
+    urls: tuple[str, ...]
+    tasks: tuple[int, ...] | None = None
+    concurrency: tuple[int, ...] | None = None
+
+    @classmethod
+    def plain(cls, mode: str, urls: Sequence[str]) -> Arm:
+        return cls(mode, tuple(urls) if mode == "parallel" else tuple(urls[:1]))
+
+    @classmethod
+    def of_plan(cls, plan: Any) -> Arm:
+        """What ``plan`` (an ``ExecutionPlan``) says: its nodes, with its per-node task counts
+        and concurrency where it has them (a concurrency of 1 everywhere is left out)."""
+        urls = tuple(str(getattr(node, "url", node)) for node in plan.nodes)
+        if plan.mode != "parallel":
+            return cls("sequential", urls[:1])
+        tasks = getattr(plan, "tasks_per_node", None)
+        concurrency = getattr(plan, "concurrency_per_node", None)
+        counts = tuple(int(t) for t in tasks) if tasks is not None else None
+        at_once = tuple(int(c) for c in concurrency) if concurrency is not None else None
+        if at_once is not None and all(c == 1 for c in at_once):
+            at_once = None
+        if counts is not None and at_once is None and list(counts) == _split(sum(counts),
+                                                                              len(counts)):
+            counts = None  # today's even split: the shared queue does the same
+        if counts is not None and len(counts) != len(urls):
+            counts = None
+        if at_once is not None and len(at_once) != len(urls):
+            at_once = None
+        return cls("parallel", urls, counts, at_once)
+
+    def sorted_by(self, order: dict[str, int]) -> Arm:
+        """The same strategy with its URLs in ``order`` (url -> rank), counts kept with them."""
+        if self.mode != "parallel":
+            return self
+        ranks = sorted(range(len(self.urls)), key=lambda i: order[self.urls[i]])
+        return Arm(
+            self.mode, tuple(self.urls[i] for i in ranks),
+            None if self.tasks is None else tuple(self.tasks[i] for i in ranks),
+            None if self.concurrency is None else tuple(self.concurrency[i] for i in ranks),
+        )  # fmt: skip
+
+    def label(self, names: dict[str, str], total: int) -> str:
+        """``sequential n1``, ``all-parallel``, ``parallel n1+n3``; a node with its own task
+        count reads ``n1:5``, with several requests at once ``n1x4`` (``n1:5x4``: 5 tasks on n1,
+        4 at a time)."""
+        if self.mode == "sequential":
+            return f"sequential {names[self.urls[0]]}"
+        if self.tasks is None and self.concurrency is None and len(self.urls) == total:
+            return "all-parallel"
+        parts = []
+        for i, url in enumerate(self.urls):
+            text = names[url]
+            if self.tasks is not None:
+                text += f":{self.tasks[i]}"
+            if self.concurrency is not None and self.concurrency[i] > 1:
+                text += f"x{self.concurrency[i]}"
+            parts.append(text)
+        return "parallel " + "+".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"mode": self.mode, "urls": list(self.urls)}
+        if self.tasks is not None:
+            data["tasks"] = list(self.tasks)
+        if self.concurrency is not None:
+            data["concurrency"] = list(self.concurrency)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Arm:
+        tasks, concurrency = data.get("tasks"), data.get("concurrency")
+        return cls(data["mode"], tuple(data["urls"]),
+                   None if tasks is None else tuple(tasks),
+                   None if concurrency is None else tuple(concurrency))
+
+
+def run_arm(arm: Arm, settings: Settings, *, model: str = DEFAULT_MODEL) -> WorkloadResult:
+    """Run ``settings.chunks`` chunks as ``arm`` says."""
+    if arm.mode == "sequential":
+        return run_sequential(arm.urls[0], settings.chunks, num_predict=settings.tokens,
+                              model=model)
+    return run_parallel(arm.urls, settings.chunks, num_predict=settings.tokens, model=model,
+                        tasks_per_node=arm.tasks, concurrency_per_node=arm.concurrency)
+
+
+def _quiet(line: str) -> None:
+    del line
+
+
+def measure(arms: Sequence[Arm], settings: Settings, *, say: Callable[[str], None] = _quiet,
+            names: dict[str, str] | None = None) -> dict[Arm, list[float]]:
+    """``settings.repeats`` rounds of every arm; the order rotates each round (and reverses on
+    odd rounds), so no arm always runs first or after the same neighbour. ``names`` (url ->
+    "n1") labels the progress lines given to ``say``."""
+    walls: dict[Arm, list[float]] = {arm: [] for arm in arms}
+    count = len(arms)
+    total = len(names) if names else 0
+    for round_number in range(settings.repeats):
+        order = [arms[(i + round_number) % count] for i in range(count)]
+        if round_number % 2:
+            order.reverse()
+        for arm in order:
+            walls[arm].append(run_arm(arm, settings).wall_seconds)
+        shown = ", ".join(f"{arm.label(names, total) if names else arm.mode}="
+                          f"{walls[arm][-1]:.2f}s" for arm in arms)
+        say(f"round {round_number + 1}/{settings.repeats}: {shown}")
+    return walls
 
 
 @dataclass(frozen=True, slots=True)
