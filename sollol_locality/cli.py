@@ -63,9 +63,10 @@ exit status:
 """
 
 # What each command reads from the environment (LocalityConfig field names).
-_NETWORK: Final = ("topology_file", "dns_timeout", "nameservers")
+_NETWORK: Final = ("topology_file", "dns_timeout", "nameservers", "read_processes")
 _READS: Final[dict[str, tuple[str, ...]]] = {
-    "hosts": (*_NETWORK, "calibration_file", "colocation_max_age"),  # measured co-location
+    # hosts reads the calibration file (never writes it) to show measured co-location
+    "hosts": (*_NETWORK, "calibration_file", "colocation_max_age"),
     "plan": (*_NETWORK, "mode", "min_speedup", "calibration_file", "colocation_max_age",
              "use_unresolved"),
     "calibrate": (*_NETWORK, "calibration_file"),
@@ -317,7 +318,9 @@ def _shown(node: str) -> str:
 
 def describe_identity(identity: Any, colocation: Any = None, *,
                       max_age: float | None = None, now: float | None = None) -> dict[str, Any]:
-    """A JSON-friendly description of a :class:`HostIdentity` (no credentials).
+    """A JSON-friendly description of a :class:`HostIdentity` (no credentials): where it runs,
+    its unit and slots, where each fact came from (``facts``), and for a node of this machine
+    the process behind it (``process``: pid, CPU set, GPUs, slots, or why it was not read).
 
     With ``colocation`` (the :class:`~sollol_locality.colocation.ColocationFacts` in force),
     ``"colocation"`` lists the node's measured unit-mates: ``"shares a unit with X (measured
@@ -334,6 +337,10 @@ def describe_identity(identity: Any, colocation: Any = None, *,
         "resolved": identity.resolved,
         "source": identity.source,
         "resolution_error": identity.resolution_error,
+        "cpus": _cpu_list(identity.cpus),
+        "slots": identity.slots,
+        "facts": dict(identity.facts),
+        "process": _describe_process(identity.process),
     }
     if colocation is not None and identity.unit.measured is not None:
         from .colocation import DEFAULT_MAX_AGE, describe_colocation
@@ -342,6 +349,58 @@ def describe_identity(identity: Any, colocation: Any = None, *,
             colocation, identity.instance.label, now=time.time() if now is None else now,
             max_age=DEFAULT_MAX_AGE if max_age is None else max_age))
     return data
+
+
+def _cpu_list(cpus: Any) -> str | None:
+    if not cpus:
+        return None
+    from .topology import ExecutionUnit
+
+    return ExecutionUnit("", cpus=frozenset(cpus)).label.partition(":")[2]
+
+
+def _describe_process(found: Any) -> dict[str, Any] | None:
+    if found is None:
+        return None
+    facts = found.facts
+    return {
+        "status": found.status,
+        "reason": found.reason,
+        "listener": found.listener,
+        "proxy": found.proxy,
+        "pid": facts.pid if facts is not None else None,
+        "name": facts.name if facts is not None else None,
+        "cpus": _cpu_list(facts.cpus) if facts is not None else None,
+        "cpu_quota": facts.cpu_quota if facts is not None else None,
+        "gpus": list(facts.gpus) if facts is not None and facts.gpus is not None else None,
+        "gpu_variable": facts.gpu_variable if facts is not None else None,
+        "slots": facts.slots if facts is not None else None,
+        "container": facts.container if facts is not None else None,
+        "not_read": dict(facts.notes) if facts is not None else {},
+    }
+
+
+def _process_line(member: dict[str, Any]) -> str:
+    """``pid 812 (ollama) cpus 0-3 gpus 0 slots 4  [unit: process, slots: process]``, or why
+    the process was not read."""
+    process = member["process"]
+    facts = member["facts"]
+    sources = f"[unit: {facts.get('unit')}, slots: {facts.get('slots')}]"
+    if process is None:
+        return ""
+    if process["pid"] is None:
+        return f"  process not read: {process['reason']}  {sources}"
+    parts = [f"pid {process['pid']} ({process['name'] or 'unnamed'})"]
+    parts.append(f"cpus {process['cpus'] or '?'}")
+    if process["cpu_quota"] is not None:
+        parts.append(f"quota {process['cpu_quota']:g}")
+    gpus = process["gpus"]
+    if gpus is not None:  # None: no GPU variable set
+        parts.append("gpus " + (",".join(gpus) if gpus else "none"))
+    parts.append(f"slots {member['slots']}")
+    if process["container"] is not None:
+        parts.append(f"container {process['container']}")
+    return "  " + " ".join(parts) + f"  {sources}"
 
 
 def _cmd_hosts(args: argparse.Namespace, out: TextIO) -> int:
@@ -391,7 +450,8 @@ def _print_hosts(groups: dict[str, list[dict[str, Any]]], invalid: list[dict[str
             if not member["resolved"]:
                 how = f"unresolved ({member['resolution_error'] or 'no reason given'})"
             device = f"  gpu {member['device']}" if member["device"] is not None else ""
-            out.write(f"  {member['node']:<{width}}  {how}{device}\n")
+            out.write(f"  {member['node']:<{width}}  {how}{device}"
+                      f"{_process_line(member)}\n")
             for line in member.get("colocation", ()):
                 out.write(f"  {'':<{width}}  {line}\n")
     if invalid:

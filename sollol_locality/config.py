@@ -17,6 +17,7 @@ save_interval      ``SOLLOL_LOCALITY_SAVE_INTERVAL``  ``30.0`` seconds between s
 use_unresolved     ``SOLLOL_LOCALITY_USE_UNRESOLVED`` ``false``: unresolved names get no work
 colocation_max_age ``SOLLOL_LOCALITY_COLOCATION_``  ``7d``: a co-location measurement older
                    ``MAX_AGE``                      than this is shown as stale (still used)
+read_processes     ``SOLLOL_LOCALITY_PROCESSES``    ``true`` (or ``false``, ``1``/``0``, ...)
 =================  ===============================  =========================================
 
 A bad value raises :class:`~sollol_locality.ConfigError` at construction, naming the variable (or
@@ -60,6 +61,7 @@ __all__ = [
     "ENV_MODE",
     "ENV_NAMESERVERS",
     "ENV_SAVE_INTERVAL",
+    "ENV_PROCESSES",
     "ENV_TOPOLOGY",
     "ENV_USE_UNRESOLVED",
     "HostOverride",
@@ -86,6 +88,7 @@ ENV_CALIBRATION: Final = "SOLLOL_LOCALITY_CALIBRATION"
 ENV_SAVE_INTERVAL: Final = "SOLLOL_LOCALITY_SAVE_INTERVAL"
 ENV_USE_UNRESOLVED: Final = "SOLLOL_LOCALITY_USE_UNRESOLVED"
 ENV_COLOCATION_MAX_AGE: Final = "SOLLOL_LOCALITY_COLOCATION_MAX_AGE"
+ENV_PROCESSES: Final = "SOLLOL_LOCALITY_PROCESSES"
 
 _MODES: Final = ("auto", "parallel", "sequential")
 _APP: Final = "sollol-locality"
@@ -140,6 +143,7 @@ _ENVIRONMENT: Final[tuple[tuple[str, str], ...]] = (
     ("save_interval", ENV_SAVE_INTERVAL),
     ("use_unresolved", ENV_USE_UNRESOLVED),
     ("colocation_max_age", ENV_COLOCATION_MAX_AGE),
+    ("read_processes", ENV_PROCESSES),
 )
 
 
@@ -175,6 +179,8 @@ class LocalityConfig:
         colocation_max_age: seconds after which a measured co-location (or independence) is
             shown as stale; it is still used. A number of seconds, or with a unit: ``"90m"``,
             ``"12h"``, ``"7d"``. Default 7 days.
+        read_processes: whether the processes behind nodes of this machine are read (their CPU
+            set, CPU quota, GPUs and ``OLLAMA_NUM_PARALLEL``) to decide units and slots.
     """
 
     mode: Mode = "auto"
@@ -189,6 +195,7 @@ class LocalityConfig:
     save_interval: float = 30.0
     use_unresolved: bool = False
     colocation_max_age: float = 7 * 24 * 3600.0
+    read_processes: bool = True
 
     def __post_init__(self) -> None:
         values = _normalise(
@@ -247,7 +254,7 @@ class LocalityConfig:
 
 _FIELDS: Final = ("mode", "min_speedup", "topology_file", "dns_timeout", "nameservers",
                   "calibration_file", "hosts_file", "calibration_fallback", "save_interval",
-                  "use_unresolved", "colocation_max_age")
+                  "use_unresolved", "colocation_max_age", "read_processes")
 _TRUE: Final = ("1", "true", "yes", "on")
 _FALSE: Final = ("0", "false", "no", "off")
 
@@ -266,6 +273,8 @@ def _normalise(values: Mapping[str, Any], names: Mapping[str, str]) -> dict[str,
             result[name] = _check_float(value, shown, low=0.0, allow_low=False, high=60.0)
         elif name == "colocation_max_age":
             result[name] = _check_age(value, shown)
+        elif name == "read_processes":
+            result[name] = _check_switch(value, shown)
         elif name == "nameservers":
             result[name] = None if value is None else _check_nameservers(value, shown)
         elif name == "save_interval":
@@ -337,6 +346,18 @@ def _check_age(value: object, name: str) -> float:
                               "than 0)", variable=name, value=value)
         return number
     return _check_float(value, name, low=0.0, allow_low=False)
+_SWITCH: Final = {"1": True, "true": True, "yes": True, "on": True,
+                  "0": False, "false": False, "no": False, "off": False}
+
+
+def _check_switch(value: object, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text is None or text not in _SWITCH:
+        raise ConfigError(f"{name}={value!r} is not a switch (expected true or false, 1 or 0, "
+                          "yes or no, on or off)", variable=name, value=value)
+    return _SWITCH[text]
 
 
 def _check_path(value: object, name: str) -> Path:

@@ -23,8 +23,12 @@ across two or more machines costs ``dispatch_overhead`` of its makespan.
 latency the node already carries (SynapticLlamas ``metrics.avg_response_time`` seconds with
 ``metrics.total_requests``, SOLLOL ``metrics.avg_latency`` milliseconds, a mapping's
 ``latency_ms``) once it has ``min_samples`` requests, or from a prior: a CPU node is the reference
-task time and a GPU node is ``gpu_speed_factor`` times faster. When no node has data, times are in
-units of one task on a reference CPU node (``time_unit == "tasks"``), else in seconds.
+task time and a GPU node is ``gpu_speed_factor`` times faster. An instance of this machine that
+its process shows pinned or limited to part of it (``HostIdentity.cpu_share``: ``min(len(cpus),
+cpu_quota) / os.cpu_count()``) takes that share of the speed of an unpinned instance of this
+machine, which is the reference: pinned to 2 of 8 cores, its prior task time is 4 references.
+When no node has data, times are in units of one task on a reference CPU node
+(``time_unit == "tasks"``), else in seconds.
 
 All the numbers live in :class:`CostPriors`; :meth:`ParallelismCostModel.observe` moves them toward
 what finished runs measured.
@@ -88,7 +92,13 @@ class CostPriors:
         gpu_contention: ``c`` for nodes sharing one GPU (0.25: two nodes run at 0.8x). Not
             measured (no GPU here).
         same_host_overhead: slowdown of each busy unit per other busy unit of the same host
-            (0.075, the middle of "5 to 10%"). Not measured (no GPU here).
+            (0.075, the middle of "5 to 10%"). GPUs: not measured (no GPU here). CPU sets: two
+            instances of one machine pinned to disjoint cores (separate units from their
+            processes' CPU sets, sharing memory bandwidth) were measured 1.5x faster in
+            parallel than sequential on a real machine (an overhead of 0.33); the prior
+            predicts 2 / 1.075 = 1.86x. Kept: both decide parallel, and what a machine's
+            memory bandwidth costs is what ``calibrate`` measures per host (``host_overhead``)
+            and puts in place of this figure.
         dispatch_overhead: fraction of a parallel makespan lost to dispatching to and collecting
             from several machines (0.05: two tasks on two hosts give 1.90x). Emulator: 0.001 to
             0.020 between namespaces on separate cores (two machines: 1.95x measured, 1.98x
@@ -476,6 +486,9 @@ class ParallelismCostModel:
             task_time = known_seconds
             if task_time is None:
                 task_time = reference / priors.gpu_speed_factor if unit.is_gpu else reference
+                share = identity.cpu_share
+                if share is not None and share > 0 and not unit.is_gpu:
+                    task_time /= share  # pinned to part of this machine: that share of its speed
             result.append(NodeProfile(index, identity, instance, unit, task_time, source))
         return result, time_unit
 

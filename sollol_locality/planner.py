@@ -383,7 +383,9 @@ class ExecutionPlanner:
         failed = self.health.failed_keys()
         key: tuple[Any, ...] | None
         try:
-            key = (num_tasks, failed, *map(_nodefields.signature, node_list))
+            # process_version: a restarted local instance (new pid, new CPU set) is a new key.
+            key = (num_tasks, failed, self.topology.process_version,
+                   *map(_nodefields.signature, node_list))
             hash(key)
         except TypeError:
             key = None

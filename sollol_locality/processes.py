@@ -7,7 +7,10 @@ A node of this machine (a loopback, unspecified or own-interface address and a p
 by one process. :class:`LocalProcesses` finds it and reads what decides what it contends for:
 
 * **From the port to the process.** One scan of this network namespace's listening TCP sockets
-  (``psutil.net_connections(kind="inet")``, status ``LISTEN``) per refresh serves every lookup.
+  (``/proc/self/net/tcp`` and ``tcp6``, state ``LISTEN``; ``psutil.net_connections`` where
+  those tables are missing) per refresh serves every lookup. A socket's owner is found through
+  ``/proc/PID/fd`` the first time a lookup needs it and kept while the socket (its inode)
+  lives, so a refresh costs one read of the tables, not a walk over every process.
   A socket serves a node when it is bound to the node's address, or to the wildcard of its family
   (``0.0.0.0``; ``::`` also takes IPv4, as Linux binds dual-stack by default); IPv4-mapped
   addresses count as IPv4, and a node on ``0.0.0.0`` / ``::`` is reached on the loopback.
@@ -64,7 +67,9 @@ __all__ = [
     "parse_cpu_max",
     "parse_gpu_list",
     "read_process_facts",
+    "scan_diag_listeners",
     "scan_listening_sockets",
+    "scan_proc_listeners",
 ]
 
 logger = logging.getLogger(__name__)
@@ -108,12 +113,16 @@ class ListeningSocket:
     Attributes:
         ip: the address it is bound to (``0.0.0.0`` / ``::`` for the wildcard).
         port: its port.
-        pid: the process holding it, or ``None`` when this user may not see it.
+        pid: the process holding it, or ``None`` when this user may not see it (or it is
+            found from ``inode`` when needed).
+        inode: the socket's inode (from ``/proc/net/tcp``), which names its owner through
+            ``/proc/PID/fd``; ``None`` when unknown.
     """
 
     ip: IPAddress
     port: int
     pid: int | None
+    inode: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +276,87 @@ def scan_listening_sockets() -> list[ListeningSocket]:
         except ValueError:
             continue
         found.append(ListeningSocket(ip, int(conn.laddr.port), conn.pid))
+    return found
+
+
+_NETLINK_SOCK_DIAG: Final = 4
+_SOCK_DIAG_BY_FAMILY: Final = 20
+_NLMSG_ERROR: Final = 2
+_NLMSG_DONE: Final = 3
+_TCP_LISTEN: Final = 10
+
+
+def scan_diag_listeners() -> list[ListeningSocket]:
+    """Every listening TCP socket of this network namespace, asked of the kernel's socket
+    diagnostics over netlink (as ``ss -lt`` does): only the listening table is walked, so it
+    costs well under a millisecond however many connections the machine holds.
+
+    Raises:
+        OSError: netlink socket diagnostics are not available here.
+    """
+    import socket
+    import struct
+
+    found: list[ListeningSocket] = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG) as sock:
+        sock.settimeout(2.0)
+        for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), start=1):
+            # inet_diag_req_v2: family, protocol, ext, pad, states, then an empty socket id.
+            request = struct.pack("=BBBxI48x", family, socket.IPPROTO_TCP, 0,
+                                  1 << _TCP_LISTEN)
+            header = struct.pack("=IHHII", 16 + len(request), _SOCK_DIAG_BY_FAMILY,
+                                 0x1 | 0x300, seq, 0)  # NLM_F_REQUEST | NLM_F_DUMP
+            sock.sendto(header + request, (0, 0))
+            done = False
+            while not done:
+                data = sock.recv(1 << 16)
+                offset = 0
+                while offset + 16 <= len(data):
+                    length, kind, _, _, _ = struct.unpack_from("=IHHII", data, offset)
+                    if length < 16:
+                        raise OSError("a malformed netlink answer")
+                    if kind == _NLMSG_DONE:
+                        done = True
+                        break
+                    if kind == _NLMSG_ERROR:
+                        (code,) = struct.unpack_from("=i", data, offset + 16)
+                        raise OSError(-code, "socket diagnostics refused the request")
+                    body = offset + 16
+                    if kind == _SOCK_DIAG_BY_FAMILY and length >= 16 + 72:
+                        msg_family, state = data[body], data[body + 1]
+                        (port,) = struct.unpack_from(">H", data, body + 4)
+                        raw = data[body + 8:body + 8 + (4 if msg_family == socket.AF_INET
+                                                        else 16)]
+                        (inode,) = struct.unpack_from("=I", data, body + 68)
+                        if state == _TCP_LISTEN:
+                            found.append(ListeningSocket(ipaddress.ip_address(raw), port,
+                                                         None, inode))
+                    offset += (length + 3) & ~3
+    return found
+
+
+def scan_proc_listeners(proc_root: str = "/proc") -> list[ListeningSocket]:
+    """Every listening TCP socket of this network namespace, with its inode and no pid (found
+    later, when needed): from the kernel's socket diagnostics (:func:`scan_diag_listeners`),
+    else ``/proc/self/net/tcp{,6}``, else :func:`scan_listening_sockets` (psutil)."""
+    try:
+        return scan_diag_listeners()
+    except OSError as exc:
+        logger.debug("socket diagnostics unavailable (%s); reading /proc/net/tcp", exc,
+                     extra={"event": "processes_diag_unavailable"})
+    found: list[ListeningSocket] = []
+    tables = 0
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(os.path.join(proc_root, "self", "net", table), "rb") as fh:
+                text = fh.read().decode("ascii", "replace")
+        except FileNotFoundError:
+            continue  # no IPv6, or no /proc
+        tables += 1
+        found.extend(ListeningSocket(ip, port, None, inode)
+                     for ip, port, inode in _parse_net_tcp(text))
+    if not tables:
+        return scan_listening_sockets()
     return found
 
 
@@ -609,6 +699,34 @@ def _parse_net_tcp(text: str) -> list[tuple[IPAddress, int, int]]:
     return found
 
 
+def _inode_owners(proc: _Proc, inodes: set[int]) -> dict[int, int]:
+    """The pid holding each socket inode, found through ``/proc/PID/fd``; an inode whose owner
+    this user may not inspect is left out."""
+    wanted = {f"socket:[{inode}]": inode for inode in inodes}
+    found: dict[int, int] = {}
+    try:
+        entries = os.listdir(proc.root)
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            fds = os.listdir(proc.path(entry, "fd"))
+        except OSError:
+            continue  # another user's process, or it exited
+        for fd in fds:
+            try:
+                inode = wanted.get(os.readlink(proc.path(entry, "fd", fd)))
+            except OSError:
+                continue
+            if inode is not None and inode not in found:
+                found[inode] = int(entry)
+        if len(found) == len(wanted):
+            break
+    return found
+
+
 def _follow(proc: _Proc, proxy_pid: int | str,
             target: tuple[IPAddress, int]) -> tuple[int | None, str]:
     """The pid listening on ``target`` in a network namespace other than ``proxy_pid``'s
@@ -695,6 +813,8 @@ class LocalProcesses:
             :func:`scan_listening_sockets`); an ``ImportError`` it raises means psutil is
             missing, a ``PermissionError`` that listing was denied.
         proc_root: where ``/proc`` is (a test tree may stand in for it).
+        cpu_count: how many CPUs this machine has (``os.cpu_count()`` when omitted); what an
+            unpinned instance may use, against which a pinned one's share is measured.
 
     The constructor does no I/O. One scan serves every lookup until it is ``refresh_interval``
     old; the processes' facts are read on first lookup and kept until then. Thread-safe.
@@ -707,7 +827,12 @@ class LocalProcesses:
         refresh_interval: float = 30.0,
         scanner: Scanner | None = None,
         proc_root: str = "/proc",
+        cpu_count: int | None = None,
     ) -> None:
+        if cpu_count is not None and (isinstance(cpu_count, bool) or not isinstance(cpu_count, int)
+                                      or cpu_count < 1):
+            raise ConfigError(f"Invalid cpu_count {cpu_count!r}: expected a whole number >= 1",
+                              value=cpu_count)
         if (
             isinstance(refresh_interval, bool)
             or not isinstance(refresh_interval, (int, float))
@@ -721,12 +846,22 @@ class LocalProcesses:
             )
         self._clock = clock
         self._refresh_interval = float(refresh_interval)
-        self._scanner: Scanner = scanner if scanner is not None else scan_listening_sockets
+        self._scanner: Scanner = scanner if scanner is not None else scan_proc_listeners
         self._proc_root = proc_root
         self._lock = threading.Lock()
         self._snapshot: _Snapshot | None = None
+        self._owners: dict[int, int] = {}  # socket inode -> pid, kept while the socket lives
         self._scans = 0
         self._version = 0
+        self._cpu_count = cpu_count
+
+    @property
+    def cpu_count(self) -> int:
+        """How many CPUs this machine has (the constructor's ``cpu_count``, else
+        ``os.cpu_count()``, at least 1)."""
+        if self._cpu_count is None:
+            self._cpu_count = os.cpu_count() or 1  # read once: it is a file read on Linux
+        return self._cpu_count
 
     @property
     def refresh_interval(self) -> float:
@@ -825,6 +960,8 @@ class LocalProcesses:
                          extra={"event": "processes_scan_failed", "reason": error[1]})
         previous = self._snapshot
         fresh = _Snapshot(now, by_port, error)
+        alive = {sock.inode for socks in by_port.values() for sock in socks}
+        self._owners = {inode: pid for inode, pid in self._owners.items() if inode in alive}
         if previous is None or _signature(previous) != _signature(fresh):
             self._version += 1
             logger.debug("local listeners: %d ports (version %d)", len(by_port), self._version,
@@ -856,14 +993,15 @@ class LocalProcesses:
                           "(a port published only by a kernel NAT rule is not followed)")
         best = min(rank for rank, _ in ranked)
         chosen = [sock for rank, sock in ranked if rank == best]
-        known = sorted({sock.pid for sock in chosen if sock.pid is not None})
-        sock = next(s for s in chosen if not known or s.pid == known[0])
+        proc = _Proc(self._proc_root)
+        owners = self._owners_of(proc, chosen)
+        known = sorted(set(owners.values()))
+        sock = next(s for s in chosen if not known or owners.get(id(s)) == known[0])
         listener = _format(sock.ip, sock.port)
         if not known:
             return result("access-denied",
                           f"the listener on {listener} belongs to a process this user may not "
                           "inspect (access denied)", listener=listener)
-        proc = _Proc(self._proc_root)
         pid = known[0]
         facts = self._facts(snapshot, proc, pid)
         if facts is None:
@@ -874,6 +1012,26 @@ class LocalProcesses:
             status, reason, target_facts, proxy = proxied
             return result(status, reason, target_facts, listener, proxy)
         return result("found", _found_reason(facts, listener, None), facts, listener)
+
+    def _owners_of(self, proc: _Proc, socks: list[ListeningSocket]) -> dict[int, int]:
+        """``id(sock) -> pid`` for the sockets whose owner is known or can be found: the
+        scan's pid, else the owner of its inode (one walk of ``/proc/*/fd`` for all the
+        inodes not seen before; what this user may not inspect stays unknown)."""
+        owners: dict[int, int] = {}
+        wanted: set[int] = set()
+        for sock in socks:
+            if sock.pid is not None:
+                owners[id(sock)] = sock.pid
+            elif sock.inode is not None and sock.inode in self._owners:
+                owners[id(sock)] = self._owners[sock.inode]
+            elif sock.inode is not None:
+                wanted.add(sock.inode)
+        if wanted:
+            self._owners.update(_inode_owners(proc, wanted))
+            for sock in socks:
+                if id(sock) not in owners and sock.inode in self._owners:
+                    owners[id(sock)] = self._owners[sock.inode]
+        return owners
 
     def _in_other_namespace(self, snapshot: _Snapshot, ip: IPAddress, port: int,
                             result: Callable[..., ProcessLookup]) -> ProcessLookup:
@@ -947,7 +1105,7 @@ def _found_reason(facts: ProcessFacts, listener: str, proxy: str | None) -> str:
 
 def _signature(snapshot: _Snapshot) -> tuple[object, ...]:
     return (snapshot.error, sorted(
-        (port, str(sock.ip), sock.pid or 0)
+        (port, str(sock.ip), sock.pid or 0, sock.inode or 0)
         for port, socks in snapshot.by_port.items() for sock in socks
     ))
 

@@ -16,7 +16,13 @@
    in later calls, so each alias maps to the same id. The id of a remote host is the override's
    host name if one applies, otherwise its canonical address: the smallest of its addresses,
    IPv4 before IPv6, so the id does not depend on input order.
-6. A name that cannot be resolved never raises: it is its own host, ``resolved=False``, with the
+6. For a node of this machine, the process listening on its port is read
+   (:mod:`sollol_locality.processes`, once per refresh, never per decision): its CPU set and
+   GPU ids decide its unit (instances whose sets overlap share one; disjoint ones are separate
+   units of this machine), its ``OLLAMA_NUM_PARALLEL`` its slots, its CPU share its speed
+   prior. The topology file still wins; a process that cannot be read leaves the address to
+   decide, and ``HostIdentity.process`` says why.
+7. A name that cannot be resolved never raises: it is its own host, ``resolved=False``, with the
    name as its id and locality group ``"unknown"``.
 7. Measured co-location (the calibration's facts, :meth:`NodeTopology.use_colocation`): nodes on
    different addresses measured to slow each other as one unit's nodes do share one measured
@@ -44,6 +50,8 @@ from ._errors import InvalidNodeAddress, TopologyFileError
 from .addresses import NodeAddress, describe_input, parse_node_address
 from .colocation import ColocationFacts
 from .config import LocalityConfig, TopologyOverrides, load_topology_file
+from .local import is_loopback_name
+from .processes import LocalProcesses, ProcessFacts, ProcessLookup
 
 __all__ = ["ExecutionUnit", "HostIdentity", "Instance", "NodeTopology", "LOCALHOST_ID"]
 
@@ -163,10 +171,11 @@ class HostIdentity:
             ``"container"``, ``"dns"``, ``"hosts-file"``, ``"override"``, ``"address"`` (a remote
             IP literal: the address is the identity) or ``"unresolved"``.
         has_gpu: whether the node runs on a GPU (a device is declared, or the node reports one).
-        cpus: the CPU set the node's instance is pinned to (topology file ``cpus``), else
-            ``None``.
+        cpus: the CPU set the node's instance is pinned to (topology file ``cpus``, else the
+            CPU set its process may run on when that is not the whole machine), else ``None``.
         slots: how many requests the node's instance serves at once (topology file
-            ``num_parallel``, else the node object's ``num_parallel``, else 1).
+            ``num_parallel``, else its process's ``OLLAMA_NUM_PARALLEL``, else the node
+            object's ``num_parallel``, else 1).
         facts: for each fact (``"host"``, ``"unit"``, ``"slots"``), which source gave it:
             ``"topology file"``, ``"measured"``, ``"process"``, ``"node"`` (the node object),
             ``"address"`` or ``"prior"``; for ``"host"``, how the identity was decided
@@ -179,6 +188,16 @@ class HostIdentity:
             ``"no address records"``, the resolver's error), ``None`` when it was.
         measured_unit: the measured unit the node shares with nodes on other addresses
             (calibration's co-location facts), which :attr:`unit` then is; else ``None``.
+        process: for a node of this machine (when ``LocalityConfig.read_processes``), the
+            process found behind its port and what it holds, or why none was found
+            (``process.status``, ``process.reason``); ``None`` for other nodes.
+        cpu_share: the share of this machine's CPUs the instance may use, when it is pinned or
+            limited (``min(len(cpus), cpu_quota) / os.cpu_count()``); ``None`` for the whole
+            machine or when unknown. The cost model takes the speed prior of a node without
+            measurements from it.
+        unit_override: the unit decided across the nodes of one call (local instances whose
+            CPU sets or GPU ids overlap share one unit), when it is not the one this node's
+            own facts give.
     """
 
     node: Any
@@ -197,6 +216,9 @@ class HostIdentity:
     instance_host: str | None = None
     resolution_error: str | None = field(default=None, compare=False)
     measured_unit: ExecutionUnit | None = None
+    process: ProcessLookup | None = field(default=None, repr=False)
+    cpu_share: float | None = None
+    unit_override: ExecutionUnit | None = field(default=None, repr=False, compare=False)
     instance: Instance = field(init=False, repr=False, compare=False)
     unit: ExecutionUnit = field(init=False, repr=False, compare=False)
 
@@ -212,6 +234,8 @@ class HostIdentity:
         measured co-location: where calibration keeps the node's own time per task."""
         if self.measured_unit is None and hasattr(self, "unit"):
             return self.unit
+        if self.unit_override is not None:  # decided across local instances (processes)
+            return self.unit_override
         gpu = self.has_gpu or self.device is not None
         return ExecutionUnit(self.physical_host_id, gpu, self.device, None if gpu else self.cpus)
 
@@ -221,6 +245,8 @@ class HostIdentity:
         parts += [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
                   if f.name != "node" and f.repr]
         parts += [f"instance={self.instance.label!r}", f"unit={self.unit.label!r}"]
+        if self.process is not None:
+            parts.append(f"process={self.process.reason!r}")
         return f"HostIdentity({', '.join(parts)})"
 
 
@@ -245,6 +271,7 @@ class _Base:
     cpus: frozenset[int] | None = None
     slots: int | None = None
     resolution_error: str | None = None
+    process: ProcessLookup | None = None
 
 
 class NodeTopology:
@@ -261,6 +288,10 @@ class NodeTopology:
             or a callable returning the current facts (the planner passes its cost model's
             :meth:`~sollol_locality.ParallelismCostModel.colocation_facts`, so topology and
             cost model share one calibration); see :meth:`use_colocation`.
+        processes: finds the process behind each node of this machine and reads its CPU set,
+            CPU quota, GPUs and slots (:class:`sollol_locality.processes.LocalProcesses`);
+            built on first need with ``clock`` and the local machine's refresh interval. Not
+            used when ``config.read_processes`` is false.
 
     The constructor reads the topology file (a malformed one raises
     :class:`~sollol_locality.TopologyFileError`) and does no network I/O. When the file changes
@@ -275,6 +306,7 @@ class NodeTopology:
         local_machine: Any = None,
         clock: Callable[[], float] = time.monotonic,
         colocation: ColocationFacts | Callable[[], ColocationFacts] | None = None,
+        processes: LocalProcesses | None = None,
     ) -> None:
         self.config = config if config is not None else LocalityConfig.from_env()
         self._colocation: Callable[[], ColocationFacts] | None = None
@@ -311,6 +343,8 @@ class NodeTopology:
         self._memo: dict[tuple[str, int], tuple[object, object, _Base]] = {}
         self._siblings: dict[str, frozenset[str]] = {}
         self._lock = threading.Lock()
+        self._processes = processes
+        self._processes_used = False
 
     # -- public API ------------------------------------------------------------------------
 
@@ -351,6 +385,31 @@ class NodeTopology:
     def overrides(self) -> TopologyOverrides:
         """The topology file in force (empty when none is configured)."""
         return self._overrides
+
+    @property
+    def processes(self) -> LocalProcesses | None:
+        """What reads the processes behind local nodes (``None`` when
+        ``config.read_processes`` is false); built on first use, without I/O."""
+        if not self.config.read_processes:
+            return None
+        if self._processes is None:
+            with self._lock:
+                if self._processes is None:
+                    interval = getattr(self.local_machine, "refresh_interval", 30.0)
+                    self._processes = LocalProcesses(clock=self._clock,
+                                                     refresh_interval=interval)
+        return self._processes
+
+    @property
+    def process_version(self) -> int:
+        """Grows when a refresh of the local processes finds other listeners (a restarted
+        instance); 0 until a local node was looked up. Reading it rescans only when the last
+        scan is older than the refresh interval, so a cache keyed on it never costs a scan
+        per decision."""
+        processes = self._processes
+        if not self._processes_used or processes is None or not self.config.read_processes:
+            return 0
+        return processes.version
 
     def describe(self, node: object) -> HostIdentity:
         """The identity of one node. Raises :class:`InvalidNodeAddress` if it cannot be parsed."""
@@ -395,6 +454,8 @@ class NodeTopology:
         parsed, bases = self._bases(node_list, timeout)
         ids = self._merge(bases)
         overrides = self._overrides
+        cpu_count = self._processes.cpu_count if self._processes_used and self._processes else None
+        pinned_or_gpu = local_count = 0  # whether units across local instances need a look
         results: list[HostIdentity | InvalidNodeAddress] = []
         for node, address, base, host_id in zip(node_list, parsed, bases, ids, strict=True):
             if base is None:
@@ -403,7 +464,14 @@ class NodeTopology:
             group = base.group
             if host_id != base.fallback_id and base.zone is None and not base.is_local:
                 group = overrides.zone_of(host_id) or group
-            results.append(_identity(node, address, host_id, group, base))  # type: ignore[arg-type]
+            identity = _identity(node, address, host_id, group, base,  # type: ignore[arg-type]
+                                 cpu_count)
+            if base.is_local:
+                local_count += 1
+                pinned_or_gpu += identity.cpus is not None or identity.device is not None
+            results.append(identity)
+        if cpu_count is not None and pinned_or_gpu and local_count > 1:
+            results = _process_units(results)
         return self._apply_measured_units(results)
 
     # -- measured co-location ----------------------------------------------------------------
@@ -474,7 +542,7 @@ class NodeTopology:
             local = pin()
         else:
             local.snapshot()
-        world = (getattr(local, "version", 0), id(overrides))
+        world = (getattr(local, "version", 0), id(overrides), self.process_version)
         memo = self._memo
         parsed: list[NodeAddress | InvalidNodeAddress] = []
         bases: list[_Base | None] = []
@@ -513,6 +581,8 @@ class NodeTopology:
                 bases[index] = entry[2]
                 continue
             base = self._base(address, resolution, overrides, local)
+            if base.is_local:
+                base = self._with_process(address, base)
             if len(memo) > _MEMO_MAX:
                 memo.clear()
             memo[key] = (world, resolution, base)
@@ -587,6 +657,26 @@ class NodeTopology:
         if not resolved:
             base = replace(base, resolution_error=why)
         return base
+
+    def _with_process(self, address: NodeAddress, base: _Base) -> _Base:
+        """``base`` with the process behind the local node, looked up in the cache of
+        :attr:`processes` (the listeners are scanned at its refresh, not per call)."""
+        processes = self.processes
+        if processes is None:
+            return base
+        self._processes_used = True
+        try:
+            if base.instance_host is not None:  # a container's own address
+                found = processes.lookup(base.instance_host, address.port, other_namespaces=True)
+            elif address.ip is not None:
+                found = processes.lookup(address.ip, address.port)
+            elif is_loopback_name(address.host):
+                found = processes.lookup(address.host, address.port)
+            else:  # this machine's own name: any address of it
+                found = processes.lookup(None, address.port)
+        except InvalidNodeAddress:
+            return base
+        return replace(base, process=found)
 
     def _remember_siblings(self, addresses: frozenset[str]) -> None:
         siblings = self._siblings
@@ -729,20 +819,34 @@ def _canonical(addresses: Iterable[str]) -> str:
 
 
 def _identity(node: Any, address: NodeAddress, host_id: str, group: str,
-              base: _Base) -> HostIdentity:
+              base: _Base, cpu_count: int | None = None) -> HostIdentity:
     """One node's identity, with each fact's source: the topology file where it speaks, else
-    the node object, else the address (unit) or the prior (slots)."""
+    the process behind a local node, else the node object, else the address (unit) or the
+    prior (slots)."""
     plain = type(node) is str
     device = base.device
-    unit_fact = "topology file" if device is not None or base.cpus is not None else "address"
-    if device is None and not plain:
+    cpus = base.cpus
+    unit_fact = "topology file" if device is not None or cpus is not None else "address"
+    says_gpu: bool | None = None  # what the process's environment says: GPUs, none, nothing
+    read = _found_facts(base)
+    if read is not None and unit_fact == "address":
+        cpus = _pinned(read.cpus, cpu_count)
+        if read.cpus is not None:
+            unit_fact = "process"
+        if read.gpus is not None:
+            says_gpu, unit_fact = bool(read.gpus), "process"
+            if read.gpus:
+                device = _gpu_text(read.gpus, _namespace_of(read, base))
+    if device is None and not plain and says_gpu is None:
         device = _nodefields.device(node)
         if device is not None:
             unit_fact = "node"
     has_gpu = device is not None
-    if not has_gpu and not plain and _nodefields.has_gpu(node):
+    if not has_gpu and not plain and says_gpu is None and _nodefields.has_gpu(node):
         has_gpu, unit_fact = True, "node"
     slots, slots_fact = base.slots, "topology file"
+    if slots is None and read is not None and read.slots is not None:
+        slots, slots_fact = read.slots, "process"
     if slots is None:
         slots = None if plain else _nodefields.slots(node)
         slots_fact = "prior" if slots is None else "node"
@@ -751,6 +855,134 @@ def _identity(node: Any, address: NodeAddress, host_id: str, group: str,
         "unit": unit_fact,
         "slots": slots_fact,
     })
+    share = None
+    if base.is_local and not has_gpu and cpu_count is not None:
+        share = _cpu_share(cpus, read.cpu_quota if read is not None else None, cpu_count)
     return HostIdentity(node, address, host_id, base.is_local, base.addresses, device, group,
-                        base.resolved, base.source, has_gpu, base.cpus, slots or 1, facts,
-                        base.instance_host, base.resolution_error)
+                        base.resolved, base.source, has_gpu, cpus, slots or 1, facts,
+                        base.instance_host, base.resolution_error, base.process, share)
+
+
+# -- local instances: units and speed from the facts their processes hold ----------------------
+
+
+def _found_facts(base: _Base) -> ProcessFacts | None:
+    process = base.process
+    return process.facts if process is not None and process.status == "found" else None
+
+
+def _pinned(cpus: frozenset[int] | None, cpu_count: int | None) -> frozenset[int] | None:
+    """The CPU set an instance is pinned to; ``None`` when it may use the whole machine."""
+    if cpus is None or not cpus or (cpu_count is not None and cpus >= frozenset(range(cpu_count))):
+        return None
+    return cpus
+
+
+def _cpu_share(cpus: frozenset[int] | None, quota: float | None, cpu_count: int) -> float | None:
+    """``min(len(cpus), quota) / cpu_count`` when below 1 (a pinned or limited instance)."""
+    capacity = float(len(cpus)) if cpus else float(cpu_count)
+    if quota is not None and quota > 0:
+        capacity = min(capacity, quota)
+    return capacity / cpu_count if capacity < cpu_count else None
+
+
+def _namespace_of(facts: ProcessFacts, base: _Base) -> str | None:
+    """Where the process's GPU indices are counted: its container, else ``None`` (this
+    machine's). Indices of two containers may name different GPUs; UUIDs never do."""
+    if facts.container is not None:
+        return facts.container
+    if facts.other_netns and base.instance_host is not None:
+        return base.instance_host
+    return None
+
+
+def _gpu_text(gpus: tuple[str, ...], namespace: str | None) -> str:
+    """The device id of the GPUs a process sees: ``"0"``, ``"0,1"``, ``"docker:ab12cd/0"``."""
+    return ",".join(gpu if namespace is None or gpu.upper().startswith(("GPU-", "MIG-"))
+                    else f"{namespace}/{gpu}" for gpu in gpus)
+
+
+def _process_units(results: list[HostIdentity | InvalidNodeAddress]
+                   ) -> list[HostIdentity | InvalidNodeAddress]:
+    """Units across the local nodes of one call, from their CPU sets and GPU ids.
+
+    * CPU units: instances whose CPU sets overlap share one unit (the union of their sets);
+      an instance with no known CPU set may run anywhere, so it overlaps every other one.
+      Instances on disjoint sets are separate units of this machine (they still pay the
+      cost model's same-host overhead).
+    * GPU units: instances whose GPU ids intersect share one unit (the union of their ids).
+      A GPU node that names no device keeps the machine's one ``gpu`` unit.
+
+    Remote hosts are left as their own facts make them.
+    """
+    cpu: list[int] = []
+    gpu: list[int] = []
+    for index, identity in enumerate(results):
+        if isinstance(identity, InvalidNodeAddress) or identity.physical_host_id != LOCALHOST_ID:
+            continue
+        if not identity.unit.is_gpu:
+            cpu.append(index)
+        elif identity.device is not None:
+            gpu.append(index)
+    units: dict[int, ExecutionUnit] = {}
+    if len(cpu) > 1:
+        sets = {i: _local(results[i]).cpus for i in cpu}
+        for group in _overlapping(cpu, lambda i: sets[i]):
+            members = [sets[i] for i in group]
+            union: frozenset[int] | None = None
+            if all(m is not None for m in members):
+                union = frozenset().union(*members)  # type: ignore[arg-type]
+            for i in group:
+                units[i] = ExecutionUnit(LOCALHOST_ID, cpus=union)
+    if len(gpu) > 1:
+        ids = {i: frozenset((_local(results[i]).device or "").split(",")) for i in gpu}
+        for group in _overlapping(gpu, lambda i: ids[i]):
+            if len(group) > 1:
+                text = ",".join(sorted(frozenset().union(*(ids[i] for i in group))))
+                for i in group:
+                    units[i] = ExecutionUnit(LOCALHOST_ID, True, text)
+    out = list(results)
+    for i, unit in units.items():
+        identity = _local(results[i])
+        if unit != identity.unit:
+            out[i] = replace(identity, unit_override=unit)
+    return out
+
+
+def _local(identity: HostIdentity | InvalidNodeAddress) -> HostIdentity:
+    assert isinstance(identity, HostIdentity)
+    return identity
+
+
+def _overlapping(items: list[int], members: Callable[[int], frozenset[Any] | None]
+                 ) -> list[list[int]]:
+    """Union-find: groups of ``items`` whose member sets intersect (``None``: overlaps all)."""
+    parent = {i: i for i in items}
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[Any, int] = {}
+    everything: int | None = None
+    for i in items:
+        found = members(i)
+        if found is None:
+            if everything is None:
+                everything = i
+            parent[find(i)] = find(everything)
+            continue
+        for member in found:
+            if member in owner:
+                parent[find(i)] = find(owner[member])
+            else:
+                owner[member] = i
+    if everything is not None:
+        for i in items:
+            parent[find(i)] = find(everything)
+    groups: dict[int, list[int]] = {}
+    for i in items:
+        groups.setdefault(find(i), []).append(i)
+    return list(groups.values())

@@ -95,8 +95,10 @@ def test_calibrate_writes_the_file_the_next_decision_uses(
     assert not any("wrote" in line for line in progress)  # stdout says it, once
     assert sum("together" in line for line in progress) == 2  # the two nodes share one unit
     data = json.loads(target.read_text())
-    assert len(data["task_seconds"]["localhost/cpu"]) == 4  # 2 nodes x 2 rounds
-    assert len(data["contention"]["localhost/cpu"]["2"]) == 2
+    # Their unit: this machine's CPU the two pinned processes share ("localhost/cpu:N").
+    unit = offline_topology().describe(nodes[0]).unit.label
+    assert len(data["task_seconds"][unit]) == 4  # 2 nodes x 2 rounds
+    assert len(data["contention"][unit]["2"]) == 2
     assert [p.name for p in target.parent.iterdir()] == ["calibration.json"]
 
     # The next decision (default file from the environment, or --calibration) uses it.
@@ -114,7 +116,8 @@ def test_calibrate_writes_the_file_the_next_decision_uses(
         assert (plan["mode"], plan["cause"]) == (expected.mode, expected.cause)
         assert plan["speedup"] == pytest.approx(expected.speedup, abs=1e-4)
         assert plan["sequential_seconds"] == pytest.approx(
-            4 * learned.measured_task_seconds(LOCAL), rel=1e-4)
+            4 * learned.measured_task_seconds(offline_topology().describe(nodes[0]).unit),
+            rel=1e-4)
         assert plan["naive_speedup"] == pytest.approx(expected.naive_speedup, abs=1e-4)
         # what was measured, not the prior's 0.50x (c = 1.0): one core time-shared costs
         # far less than the proposal's figure here
@@ -190,16 +193,17 @@ def test_recalibration_replaces_what_it_measures_and_keeps_the_rest(nodes: list[
 
     topology = offline_topology()
     old = ParallelismCostModel(offline_config())
+    unit = topology.describe(nodes[0]).unit.label  # the pinned processes' CPU of this machine
     for _ in range(5):
-        old.observe("sequential", ["http://localhost:1"], 1, 99.0, topology=topology)
+        old.observe("sequential", [nodes[0]], 1, 99.0, topology=topology)
     old.observe("sequential", ["http://10.9.9.9:11434"], 1, 2.0, topology=topology)
     target = old.save(tmp_path / "cal.json")
     report = calibrate(nodes, num_predict=TOKENS, rounds=1, output=target,
                        config=offline_config(), topology=topology)
     data = json.loads(target.read_text())
     assert report.path == target
-    assert len(data["task_seconds"]["localhost/cpu"]) == 2  # this run's two solo runs only
-    assert max(data["task_seconds"]["localhost/cpu"]) < 99.0
+    assert len(data["task_seconds"][unit]) == 2  # this run's two solo runs only
+    assert max(data["task_seconds"][unit]) < 99.0
     assert data["task_seconds"]["10.9.9.9/cpu"] == [2.0]  # another machine: kept
     assert set(report.solo_seconds) == set(nodes)
 

@@ -773,3 +773,44 @@ def test_bad_lookup_arguments(address: str, port: int, message: str) -> None:
         processes.lookup(address, port)
     assert str(caught.value) == message
     assert processes.scans == 0
+
+
+# -- the scan: socket diagnostics, and owners found once per socket ------------------------------
+
+
+def test_socket_diagnostics_list_a_listener_with_its_inode(start_listener: StartListener) -> None:
+    from sollol_locality.processes import scan_diag_listeners, scan_proc_listeners
+
+    listener = start_listener("::")
+    ours = [s for s in scan_diag_listeners() if s.port == listener.port]
+    assert [(str(s.ip), s.pid) for s in ours] == [("::", None)]
+    links = {os.readlink(f"/proc/{listener.pid}/fd/{fd}")
+             for fd in os.listdir(f"/proc/{listener.pid}/fd")}
+    assert f"socket:[{ours[0].inode}]" in links
+    assert [s for s in scan_proc_listeners() if s.port == listener.port] == ours
+
+
+def test_a_sockets_owner_is_found_once_while_the_socket_lives(
+    start_listener: StartListener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sollol_locality.processes as module
+
+    walks: list[set[int]] = []
+    real = module._inode_owners
+
+    def counting(proc: object, inodes: set[int]) -> dict[int, int]:
+        walks.append(set(inodes))
+        return real(proc, inodes)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(module, "_inode_owners", counting)
+    first = start_listener()
+    clock = FakeClock()
+    processes = LocalProcesses(clock=clock)
+    for _ in range(3):  # three refreshes, one walk over /proc/*/fd
+        assert facts_of(processes, first).pid == first.pid
+        clock.tick(30.0)
+    assert processes.scans == 3 and len(walks) == 1
+    first.stop()
+    second = start_listener(port=first.port)  # a new socket: its owner is looked for again
+    assert facts_of(processes, second).pid == second.pid
+    assert len(walks) == 2 and walks[0] != walks[1]
