@@ -860,7 +860,8 @@ def _identity(node: Any, address: NodeAddress, host_id: str, group: str,
         share = _cpu_share(cpus, read.cpu_quota if read is not None else None, cpu_count)
     return HostIdentity(node, address, host_id, base.is_local, base.addresses, device, group,
                         base.resolved, base.source, has_gpu, cpus, slots or 1, facts,
-                        base.instance_host, base.resolution_error, base.process, share)
+                        base.instance_host, base.resolution_error, process=base.process,
+                        cpu_share=share)
 
 
 # -- local instances: units and speed from the facts their processes hold ----------------------

@@ -321,7 +321,7 @@ def test_calibrate_reaches_nodes_named_only_in_the_given_nameserver(
     code, text = run("calibrate", "--tokens", "4", "--rounds", "1", "--output", str(target),
                      "--nameserver", dns_server.nameserver, "--no-hosts-file", *named)
     assert code == 0
-    assert text == f"calibrated 2 node(s) with llama3.2:latest; wrote {target}\n"
+    assert text == f"calibrated 2 nodes with llama3.2:latest; wrote {target}\n"
     # warm-up, alone, together: every request reached its node
     assert [generates(url) for url in nodes] == [b + 3 for b in before]
     assert dns_server.count("node-a.lab.test", "A") >= 1
