@@ -428,6 +428,15 @@ class ParallelismCostModel:
         by_k = dict(self._learned().contention.get(unit.label) or {})  # a copy, as above
         best = 1
         margin = self.priors.min_concurrency_gain
+        if not by_k and unit.measured is not None:
+            # A measured co-located unit whose nodes slow each other by less than two nodes of
+            # one CPU would (two VMs that share memory bandwidth, not cores): running them
+            # together still gains, by as much as their measured slowdown says.
+            strength = self.colocation_strength(unit)
+            if strength is not None and strength / 2.0 - 1.0 <= -margin:
+                group = next((g for g in self.calibration.colocation.groups()
+                              if unit.measured in g), ())
+                return max(2, len(group))
         for k, samples in by_k.items():
             value = _median(samples)
             if value is not None and value < 0 and value <= -margin and k > best:
@@ -588,6 +597,9 @@ class ParallelismCostModel:
             strength = self.colocation_strength(unit)
             if strength is not None and not cal.contention.get(unit.label):
                 measured[unit.label] = {2: max(_MIN_CONTENTION, strength / 2.0 - 1.0)}
+                gains = self.gains_from_concurrency(unit)
+                if gains > 1:
+                    streams[unit.label] = gains
         for unit in units if cal.contention or trial is not None else ():
             by_k = dict(cal.contention.get(unit.label) or {})
             table = {k: v for k, v in ((k, _median(w)) for k, w in by_k.items())

@@ -257,3 +257,16 @@ def test_measured_units_are_the_groups_among_the_nodes_given(
                                           else by_label[a].own_unit.label)
         for b in present:
             assert (by_label[a].unit == by_label[b].unit) == (a == b or shared and b in group)
+
+
+def test_a_pair_that_slows_each_other_only_partly_still_runs_together() -> None:
+    """Two "machines" measured 1.5x slower together (shared memory bandwidth, not one core):
+    one measured unit, yet running both beats one alone (2 / 1.5 = 1.33x); a pair that slows
+    each other 1.95x (one core) is planned on one of the two."""
+    partial = calibrated_model(ColocationFacts.of([pair(KA, KB, strength=1.5)]))
+    plan = ExecutionPlanner(cost_model=partial, config=partial.config).plan(4, [A, B])
+    assert (plan.mode, plan.tasks_per_node, plan.units) == ("parallel", [2, 2], 1)
+    assert plan.speedup == pytest.approx(2 / 1.5)
+    full = calibrated_model(ColocationFacts.of([pair(KA, KB, strength=1.95)]))
+    assert ExecutionPlanner(cost_model=full, config=full.config).plan(4, [A, B]).mode == (
+        "sequential")
