@@ -43,6 +43,7 @@ from typing import Any, Generic, Literal, TypeVar
 from ._errors import CalibrationError, ConfigError
 
 __all__ = [
+    "UNIT_STRENGTH",
     "DEFAULT_MAX_AGE",
     "DEFAULT_TOLERANCE",
     "ColocationFacts",
@@ -74,6 +75,14 @@ K = TypeVar("K", bound=Hashable)
 DEFAULT_TOLERANCE = 1.15
 
 #: A measurement older than this (seconds) is shown as stale; it is still used.
+UNIT_STRENGTH = 1.6
+"""The slowdown together from which a co-located pair is one execution unit. Two nodes that
+time-share one CPU core each take about 2x as long (measured 1.75x-1.97x by the dispatch
+benchmark's shared-core scenarios on a loaded 2-core VM); two emulators on separate cores of one
+VM slowed each other 1.43x-1.51x there (memory bandwidth), which is interference between units
+of one host, not one unit. Sharing one GPU (1.3x-1.5x) falls below this figure too: a shared GPU
+is found from the processes' visible devices or declared, not inferred from a slowdown."""
+
 DEFAULT_MAX_AGE = 7 * 24 * 3600.0
 
 Source = Literal["calibrate", "recorded"]
@@ -605,6 +614,17 @@ class ColocationFacts:
         for key in keys:
             members.setdefault(units.find(key), set()).add(key)
         return tuple(sorted((frozenset(m) for m in members.values()), key=min))
+
+    def units(self, min_strength: float | None = None) -> tuple[frozenset[str], ...]:
+        """The measured units the cost model and the topology use: the connected components of
+        the co-located pairs that slowed each other at least ``min_strength`` (default
+        :data:`UNIT_STRENGTH`; a pair with no strength recorded counts). A weaker slowdown is
+        interference between separate units (two VMs that share a host's memory bandwidth),
+        which must not chain a third node into a unit with a pair that shares a core."""
+        floor = UNIT_STRENGTH if min_strength is None else min_strength
+        strong = [f for f in self.pairs.values()
+                  if f.colocated and (f.strength is None or f.strength >= floor)]
+        return ColocationFacts.of(strong).groups() if strong else ()
 
     def partners(self, key: str) -> tuple[PairFact, ...]:
         """The co-located facts that name ``key``, newest first."""

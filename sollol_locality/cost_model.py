@@ -27,6 +27,8 @@ task time and a GPU node is ``gpu_speed_factor`` times faster. An instance of th
 its process shows pinned or limited to part of it (``HostIdentity.cpu_share``: ``min(len(cpus),
 cpu_quota) / os.cpu_count()``) takes that share of the speed of an unpinned instance of this
 machine, which is the reference: pinned to 2 of 8 cores, its prior task time is 4 references.
+Shares count relative to the largest local instance of the decision (a remote machine's size is
+unknown): two instances pinned to half the machine each are each a reference.
 When no node has data, times are in units of one task on a reference CPU node
 (``time_unit == "tasks"``), else in seconds.
 
@@ -50,7 +52,7 @@ from ._allocation import Allocation, BatchingCurve, Contention, SlotInstance
 from ._errors import CalibrationError, InvalidNodeAddress
 from .calibration import MIN_CONTENTION as _MIN_CONTENTION
 from .calibration import Calibration
-from .colocation import ColocationFacts
+from .colocation import UNIT_STRENGTH, ColocationFacts
 from .config import LocalityConfig
 
 if TYPE_CHECKING:
@@ -395,11 +397,12 @@ class ParallelismCostModel:
         if unit.measured is None:
             return None
         facts = self.calibration.colocation
-        group = next((g for g in facts.groups() if unit.measured in g), None)
+        group = next((g for g in facts.units() if unit.measured in g), None)
         if group is None:
             return None
         strengths = [f.strength for f in facts.pairs.values()
-                     if f.colocated and f.a in group and f.strength is not None]
+                     if f.colocated and f.a in group and f.b in group and f.strength is not None
+                     and f.strength >= UNIT_STRENGTH]
         return statistics.median(strengths) if strengths else None
 
     def contention(self, unit: ExecutionUnit, k: int, *, trial: _Trial | None = None) -> float:
@@ -434,7 +437,7 @@ class ParallelismCostModel:
             # together still gains, by as much as their measured slowdown says.
             strength = self.colocation_strength(unit)
             if strength is not None and strength / 2.0 - 1.0 <= -margin:
-                group = next((g for g in self.calibration.colocation.groups()
+                group = next((g for g in self.calibration.colocation.units()
                               if unit.measured in g), ())
                 return max(2, len(group))
         for k, samples in by_k.items():
@@ -491,13 +494,20 @@ class ParallelismCostModel:
         else:
             time_unit, reference = "tasks", 1.0
         result = []
+        # Shares are relative to the largest local instance given (an unpinned one is the whole
+        # machine): how big a remote machine is, nothing here says, so two instances pinned to
+        # half of this machine each are as fast as a remote node without data, and a quarter
+        # beside a half is half as fast.
+        shares = [i.cpu_share or 1.0 for _, i, _, u, s, _ in raw
+                  if i.is_local and s is None and not u.is_gpu]
+        top = max(shares) if shares else 1.0
         for index, identity, instance, unit, known_seconds, source in raw:
             task_time = known_seconds
             if task_time is None:
                 task_time = reference / priors.gpu_speed_factor if unit.is_gpu else reference
                 share = identity.cpu_share
                 if share is not None and share > 0 and not unit.is_gpu:
-                    task_time /= share  # pinned to part of this machine: that share of its speed
+                    task_time /= share / top  # pinned to part of this machine: its share
             result.append(NodeProfile(index, identity, instance, unit, task_time, source))
         return result, time_unit
 

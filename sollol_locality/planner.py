@@ -60,7 +60,7 @@ from ._allocation import (
 from ._dispatch import DEFAULT_MAX_ATTEMPTS, CancelToken, DispatchEvent, NodeHealth, dispatch
 from ._errors import CalibrationError, DispatchError, InvalidNodeAddress
 from .addresses import describe_input, parse_node_address
-from .colocation import PairFact, RecordedEvidence
+from .colocation import UNIT_STRENGTH, PairFact, RecordedEvidence
 from .config import ENV_USE_UNRESOLVED, LocalityConfig
 from .cost_model import Batching, NodeProfile, ParallelismCostModel
 from .topology import ExecutionUnit, HostIdentity, Instance, NodeTopology
@@ -819,7 +819,8 @@ class ExecutionPlanner:
                 continue
             ordered = sorted(labels)
             direct = [f for i, a in enumerate(ordered) for b in ordered[i + 1:]
-                      if (f := facts.fact(a, b)) is not None and f.colocated]
+                      if (f := facts.fact(a, b)) is not None and f.colocated
+                      and (f.strength is None or f.strength >= UNIT_STRENGTH)]
             parts += [f"{f.a} and {f.b} share one unit ({f.describe(now, max_age)})"
                       for f in direct]
             if not direct:

@@ -484,7 +484,7 @@ class NodeTopology:
         if seen is not None and seen[0] is facts:
             return seen[1]
         index: dict[str, tuple[str, frozenset[str]]] = {}
-        for group in facts.groups():
+        for group in facts.units():
             key = min(group)
             for label in group:
                 index[label] = (key, group)

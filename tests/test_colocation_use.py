@@ -260,13 +260,16 @@ def test_measured_units_are_the_groups_among_the_nodes_given(
 
 
 def test_a_pair_that_slows_each_other_only_partly_still_runs_together() -> None:
-    """Two "machines" measured 1.5x slower together (shared memory bandwidth, not one core):
-    one measured unit, yet running both beats one alone (2 / 1.5 = 1.33x); a pair that slows
-    each other 1.95x (one core) is planned on one of the two."""
+    """Two "machines" measured 1.5x slower together (shared memory bandwidth, not one core)
+    stay two units and run together; a pair that slows each other 1.95x (one core) is one
+    unit, planned on one of the two, and a third node is not chained into it by a weak pair."""
     partial = calibrated_model(ColocationFacts.of([pair(KA, KB, strength=1.5)]))
     plan = ExecutionPlanner(cost_model=partial, config=partial.config).plan(4, [A, B])
-    assert (plan.mode, plan.tasks_per_node, plan.units) == ("parallel", [2, 2], 1)
-    assert plan.speedup == pytest.approx(2 / 1.5)
+    assert (plan.mode, plan.tasks_per_node, plan.units) == ("parallel", [2, 2], 2)
+    chained = calibrated_model(ColocationFacts.of([pair(KA, KB, strength=1.95),
+                                                   pair(KA, KC, strength=1.45)]))
+    three = ExecutionPlanner(cost_model=chained, config=chained.config).plan(4, [A, B, C])
+    assert three.units == 2 and len(three.nodes) == 2 and C in three.nodes
     full = calibrated_model(ColocationFacts.of([pair(KA, KB, strength=1.95)]))
     assert ExecutionPlanner(cost_model=full, config=full.config).plan(4, [A, B]).mode == (
         "sequential")

@@ -21,7 +21,7 @@ def model():
     return ParallelismCostModel(offline_config())
 
 
-# The proposal's measured figures (shared/PROPOSAL.md, "Resource Contention Model"):
+# The proposal's measured figures (its "Resource Contention Model"):
 # same host, CPU: ~50% slower in parallel; one GPU shared: ~20% slower (0.8x);
 # different GPUs of one host: 5-10% overhead; different hosts: near-ideal, minus dispatch.
 @pytest.mark.parametrize(

@@ -1,12 +1,12 @@
-"""DNS faults at the *decision* level: the answer comes back in time, is what DESIGN.md says, and
+"""DNS faults at the *decision* level: the answer comes back in time, is what the contract says, and
 a failing server is not hammered.
 
 Every case runs against loopback DNS servers the test starts (sollol_locality.testing.dnsserver).
 The decision is taken three ways, each on a fresh topology: ``ExecutionPlanner.plan``,
 ``NodeTopology.count_unique_hosts`` and a ``LocalityAwareMixin`` balancer's
 ``should_parallelize``. Its wall time must stay within ``dns_timeout`` + 25% (a correctness
-bound: the deadline is the contract). The outcome is checked against DESIGN.md: a name that cannot
-be resolved is its own host (``resolved=False``), never an exception.
+bound: the deadline is the contract). The outcome is checked against the contract: a name
+that cannot be resolved is its own host (``resolved=False``), never an exception.
 
 Then, on the count topology, the same decision is repeated while a fake clock (the resolver's
 cache clock) runs 40 seconds, one decision per simulated second: the number of decisions that sent

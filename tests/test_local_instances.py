@@ -277,6 +277,19 @@ def test_a_pinned_instance_takes_its_share_of_the_machines_speed(
     assert [p.speed_source for p in profiles] == ["prior"] * 3
 
 
+def test_shares_count_relative_to_the_largest_local_instance() -> None:
+    """Two instances pinned to half of this machine each are as fast as a remote node without
+    data (nothing says how big that machine is); a quarter beside a half is half as fast."""
+    topology = make_topology(read_processes=False)
+    a, b, remote = describe(topology, "http://127.0.0.1:1", "http://127.0.0.1:2",
+                            "http://10.0.0.5:11434")
+    model = ParallelismCostModel(offline_config())
+    halves, _ = model.profiles([replace(a, cpu_share=0.5), replace(b, cpu_share=0.5), remote])
+    assert [p.task_time for p in halves] == [1.0, 1.0, 1.0]
+    mixed, _ = model.profiles([replace(a, cpu_share=0.25), replace(b, cpu_share=0.5), remote])
+    assert [p.task_time for p in mixed] == [2.0, 1.0, 1.0]
+
+
 def test_the_share_counts_only_for_nodes_without_measurements() -> None:
     topology = make_topology(read_processes=False)
     [identity] = describe(topology, {"url": "http://127.0.0.1:1", "latency_ms": 500.0,
