@@ -66,7 +66,13 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import CalibrationError, InvalidNodeAddress
-from .colocation import ColocationReport, detect_colocation, facts_from_report
+from .colocation import (
+    UNIT_STRENGTH,
+    ColocationFacts,
+    ColocationReport,
+    detect_colocation,
+    facts_from_report,
+)
 from .config import LocalityConfig
 from .cost_model import ParallelismCostModel
 from .topology import ExecutionUnit, HostIdentity, Instance, NodeTopology
@@ -259,13 +265,17 @@ def colocation_summary(report: ColocationReport[str]) -> dict[str, Any]:
     }
 
 
-def _per_unit(machines: Sequence[HostIdentity], report: ColocationReport[str]
+def _per_unit(machines: Sequence[HostIdentity], facts: ColocationFacts
               ) -> list[HostIdentity]:
-    """One node per measured unit among ``machines`` (the first of each, in order)."""
+    """One node per measured unit among ``machines`` (the first of each, in order): the units
+    decisions use (:meth:`ColocationFacts.units`), so that what separate units lose together
+    is measured as the dispatch overhead."""
+    units = facts.units()
     seen: set[frozenset[str]] = set()
     kept = []
     for identity in machines:
-        unit = report.unit_of(identity.instance.label)
+        label = identity.instance.label
+        unit = next((u for u in units if label in u), frozenset((label,)))
         if unit not in seen:
             seen.add(unit)
             kept.append(identity)
@@ -461,14 +471,17 @@ def _machines_step(report: CalibrationReport, machines: Sequence[HostIdentity],
     measure = colocation_measure(machines, chosen_model, num_predict=num_predict,
                                  timeout=timeout, rounds=rounds, solo=solo, progress=say)
     found = search_colocation(machines, solo, measure, budget=budget)
-    model.update_colocation(facts_from_report(found, time.time()))
+    facts = facts_from_report(found, time.time())
+    model.update_colocation(facts)
     report.colocation = colocation_summary(found)
     for group in found.groups:
-        say(f"co-located: {', '.join(sorted(group.members))} share one unit "
+        how = ("share one unit" if group.strength >= UNIT_STRENGTH else
+               "slow each other but stay separate units (less than a shared core's slowdown)")
+        say(f"co-located: {', '.join(sorted(group.members))} {how} "
             f"(each {group.strength:.2f}x slower with the other)")
     if found.untested_pairs or found.untested_nodes:
         say(f"co-location budget spent: {len(found.untested_pairs)} pair(s) left untested")
-    separate = _per_unit(machines, found)
+    separate = _per_unit(machines, facts)
     if len(separate) < 2:
         return
     label = f"one node on each of {len(separate)} measured units"

@@ -322,11 +322,13 @@ def test_calibrate_reaches_nodes_named_only_in_the_given_nameserver(
                      "--nameserver", dns_server.nameserver, "--no-hosts-file", *named)
     assert code == 0
     assert text == f"calibrated 2 nodes with llama3.2:latest; wrote {target}\n"
-    # warm-up, alone, together: every request reached its node
-    assert [generates(url) for url in nodes] == [b + 3 for b in before]
+    # warm-up, alone, together (and the batching curve's k at once): every request reached
+    # its node through the address the nameserver gave
+    assert all(after >= b + 3 for after, b in zip([generates(url) for url in nodes], before,
+                                                   strict=True))
     assert dns_server.count("node-a.lab.test", "A") >= 1
     assert dns_server.count("node-b.lab.test", "A") >= 1
-    assert json.loads(target.read_text())["task_seconds"]["localhost/cpu"]
+    assert json.loads(target.read_text())["task_seconds"]  # what it measured was kept
 
 
 @pytest.mark.parametrize("family", ["name", "ipv6"])
