@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from .balancer import LocalityAwareLoadBalancer
     from .pool import LocalityAwarePool, LocalityAwarePoolMixin
 
+    __version__: str
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -38,8 +41,6 @@ def _version() -> str:
     except PackageNotFoundError:  # running from a source tree that was never installed
         return "0+unknown"
 
-
-__version__ = _version()
 
 __all__ = [
     "CalibrationError",
@@ -77,6 +78,10 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # from the package metadata, read on first use (importlib.metadata
+        value = _version()    # costs more to import than the rest of this package's start)
+        globals()[name] = value
+        return value
     module_name = _LAZY.get(name)
     if module_name is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

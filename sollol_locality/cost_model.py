@@ -633,7 +633,7 @@ class ParallelismCostModel:
                           ) -> Allocation:
         """The engine's allocation of ``num_tasks`` across exactly the distinct instances of
         ``profiles`` (every one may get tasks), against sequential on the fastest."""
-        distinct = _distinct(profiles)
+        distinct = distinct_instances(profiles)
         return _allocation.allocate_across(num_tasks, [self.slot_instance(p) for p in distinct],
                                            self.contention_table(distinct))
 
@@ -669,7 +669,7 @@ class ParallelismCostModel:
         it is. Contention is modelled as in :meth:`parallel_makespan`; unlike it, no node is
         spared, so a node many times slower than the rest still holds up the batch. Computed in
         closed form (:func:`~sollol_locality._allocation.dispatch_all`)."""
-        distinct = _distinct(profiles)
+        distinct = distinct_instances(profiles)
         if not distinct or num_tasks <= 0:
             return 0.0
         instances = [self.slot_instance(p) for p in distinct]
@@ -1081,7 +1081,7 @@ _ONE_SLOT: Final = {source: Batching(1, source, BatchingCurve.none(), "none")
                     for source in ("prior", "node", "process", "topology file", "measured")}
 
 
-def _distinct(profiles: Iterable[NodeProfile]) -> list[NodeProfile]:
+def distinct_instances(profiles: Iterable[NodeProfile]) -> list[NodeProfile]:
     """The first profile of each instance (aliases of one instance are one server)."""
     seen: set[Instance] = set()
     result = []

@@ -140,6 +140,22 @@ class LocalSnapshot:
     taken_at: float = field(default=0.0, compare=False)
 
 
+def check_refresh_interval(refresh_interval: object) -> None:
+    """Raise :class:`ConfigError` unless ``refresh_interval`` is a finite number of seconds >= 0
+    (how often this machine's facts are re-read; shared by the process reader)."""
+    if (
+        isinstance(refresh_interval, bool)
+        or not isinstance(refresh_interval, (int, float))
+        or not math.isfinite(refresh_interval)
+        or refresh_interval < 0
+    ):
+        raise ConfigError(
+            f"Invalid refresh_interval {refresh_interval!r}: expected a finite number of "
+            "seconds >= 0",
+            value=refresh_interval,
+        )
+
+
 def is_loopback_ip(ip: IPAddress) -> bool:
     """Whether ``ip`` is loopback or unspecified, IPv4-mapped forms included."""
     ip = _unwrap(ip)
@@ -178,17 +194,7 @@ class LocalMachine:
         sysfs_root: str | None = "/sys/class/net",
         exclude_interfaces: Collection[str] = (),
     ) -> None:
-        if (
-            isinstance(refresh_interval, bool)
-            or not isinstance(refresh_interval, (int, float))
-            or not math.isfinite(refresh_interval)
-            or refresh_interval < 0
-        ):
-            raise ConfigError(
-                f"Invalid refresh_interval {refresh_interval!r}: expected a finite number of "
-                "seconds >= 0",
-                value=refresh_interval,
-            )
+        check_refresh_interval(refresh_interval)
         self._clock = clock
         self._refresh_interval = float(refresh_interval)
         if probe is None:

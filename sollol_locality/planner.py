@@ -62,7 +62,7 @@ from ._errors import CalibrationError, DispatchError, InvalidNodeAddress
 from .addresses import describe_input, parse_node_address
 from .colocation import UNIT_STRENGTH, PairFact, RecordedEvidence
 from .config import ENV_USE_UNRESOLVED, LocalityConfig
-from .cost_model import Batching, NodeProfile, ParallelismCostModel
+from .cost_model import Batching, NodeProfile, ParallelismCostModel, distinct_instances
 from .topology import ExecutionUnit, HostIdentity, Instance, NodeTopology
 
 T = TypeVar("T")
@@ -669,14 +669,14 @@ class ExecutionPlanner:
         sequential = model.sequential_makespan(num_tasks, profiles)
         # The distinct instances, best first, as the allocation engine sees them (each built
         # once per decision: a decision over many nodes costs what building them costs).
-        ranked = _distinct_instances(by_rank)
+        ranked = distinct_instances(by_rank)
         slot = {p.instance: model.slot_instance(p) for p in ranked}
         instances = [slot[p.instance] for p in ranked]
         contention = model.contention_table(ranked)
         # What "parallel whenever two nodes are healthy" does: every node gets tasks, one at a
         # time, in the order given (the closed form of ``model.dispatch_all_makespan``).
         naive_time = (dispatch_all(num_tasks, [slot[p.instance] for p in
-                                               _distinct_instances(profiles)], contention)
+                                               distinct_instances(profiles)], contention)
                       if num_tasks > 0 else 0.0)
         naive = sequential / naive_time if naive_time > 0 else 1.0
 
@@ -738,7 +738,7 @@ class ExecutionPlanner:
             per_unit.setdefault(profile.unit, []).append(profile)
         ordered: list[list[NodeProfile]] = []
         for unit, members in per_unit.items():
-            streams = _distinct_instances(members)
+            streams = distinct_instances(members)
             ordered.append(streams[:max(1, model.gains_from_concurrency(unit))])
         if (len(ordered) == 1 and len(ordered[0]) == 1
                 and not any(_batches(inst) for inst in instances)):
@@ -749,7 +749,7 @@ class ExecutionPlanner:
             if len(profiles) == 1:
                 return seq(f"Sequential: only one node ({fastest_url}) is available.",
                            "one-unit")
-            distinct = len(_distinct_instances(members))
+            distinct = len(distinct_instances(members))
             return seq(
                 f"Sequential: all {len(profiles)} nodes run on one machine "
                 f"({unit.host}) and share {kind}; {_tasks(num_tasks)} in parallel there are "
@@ -903,14 +903,6 @@ def _rank(profile: NodeProfile) -> tuple[float, bool, bool, str, int, int]:
             profile.instance.host, profile.instance.port, profile.index)
 
 
-def _distinct_instances(profiles: Iterable[NodeProfile]) -> list[NodeProfile]:
-    seen: set[Instance] = set()
-    result = []
-    for profile in profiles:
-        if profile.instance not in seen:
-            seen.add(profile.instance)
-            result.append(profile)
-    return result
 
 
 def _batches(instance: SlotInstance) -> bool:

@@ -43,7 +43,6 @@ from __future__ import annotations
 import importlib
 import ipaddress
 import logging
-import math
 import os
 import re
 import threading
@@ -54,7 +53,7 @@ from typing import Final, Literal
 
 from ._errors import ConfigError, InvalidNodeAddress
 from .addresses import IPAddress
-from .local import is_loopback_name
+from .local import check_refresh_interval, is_loopback_name
 
 __all__ = [
     "GPU_VARIABLES",
@@ -833,17 +832,7 @@ class LocalProcesses:
                                       or cpu_count < 1):
             raise ConfigError(f"Invalid cpu_count {cpu_count!r}: expected a whole number >= 1",
                               value=cpu_count)
-        if (
-            isinstance(refresh_interval, bool)
-            or not isinstance(refresh_interval, (int, float))
-            or not math.isfinite(refresh_interval)
-            or refresh_interval < 0
-        ):
-            raise ConfigError(
-                f"Invalid refresh_interval {refresh_interval!r}: expected a finite number of "
-                "seconds >= 0",
-                value=refresh_interval,
-            )
+        check_refresh_interval(refresh_interval)
         self._clock = clock
         self._refresh_interval = float(refresh_interval)
         self._scanner: Scanner = scanner if scanner is not None else scan_proc_listeners
