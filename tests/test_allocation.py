@@ -31,7 +31,8 @@ from sollol_locality._allocation import (
     prior_curve,
 )
 from sollol_locality.cost_model import NodeProfile
-from sollol_locality.planner import _distinct_instances, _rank
+from sollol_locality.cost_model import distinct_instances as _distinct_instances
+from sollol_locality.planner import _rank
 from sollol_locality.topology import ExecutionUnit, Instance
 
 # -- the batching curve -------------------------------------------------------------------------
