@@ -595,6 +595,7 @@ def checks(results: Sequence[ScenarioResult]) -> dict[str, dict[str, Any]]:
         if gid == "issue12":
             named = {r.letter: _names_its_units(r) for r in ran}
             figures["units_named"] = [x for x, ok in named.items() if ok]
+            figures["units_unnamed"] = [x for x, ok in named.items() if not ok]
             figures["units_named_ok"] = all(named.values())
         summary[gid] = figures
     return summary
@@ -643,8 +644,8 @@ def _summary_line(gid: str, title: str, figures: dict[str, Any]) -> str:
     if "units_named_ok" in figures:
         parts.append("the calibrated reason names the co-located nodes: "
                      f"{_ok(figures['units_named_ok'])}"
-                     + (f" ({', '.join(f'({x})' for x in figures['units_named'])})"
-                        if figures["units_named"] else ""))
+                     + (f" (not in {', '.join(f'({x})' for x in figures['units_unnamed'])})"
+                        if figures.get("units_unnamed") else ""))
     return f"* **{title}**, {letters}: " + "; ".join(parts) + "."
 
 

@@ -19,8 +19,9 @@ finishes together and the next ``c`` waiting requests take its slots.
 **Contention between instances.** Batching happens inside one instance. Instances that share an
 execution unit still share it as today's model says: while ``k >= 2`` instances of one unit are
 busy, each runs ``k * max(0.05, 1 + c)`` times slower (``c`` from :meth:`Contention.unit`); busy
-units of one host slow each other by :meth:`Contention.host` per other busy unit; a plan over
-two or more hosts loses ``Contention.dispatch`` of its makespan. How many tasks an instance is
+units of one host slow each other by :meth:`Contention.host` per other busy unit, and two units
+whose interference was measured (``Contention.between``, on one host or not) by that figure
+instead; a plan over two or more hosts loses ``Contention.dispatch`` of its makespan. How many tasks an instance is
 batching does not change what it costs the other instances of its unit.
 
 **The search.** Sequential is every task one after another on the fastest instance. Against it
@@ -270,6 +271,11 @@ class Contention:
         host_measured: host -> measured same-host overhead.
         streams: unit -> how many of its instances may run at once (1 when absent): more only
             where calibration measured a gain.
+        between: ``frozenset((unit_a, unit_b))`` -> measured interference of two separate
+            units: while both are busy, each runs ``1 + value`` times slower (two VMs on
+            separate cores of one host sharing its memory bandwidth). Per other busy unit, a
+            measured pair's value replaces the same-host overhead (units of one host) or adds
+            to nothing (units of separate hosts, where only the dispatch overhead applies).
     """
 
     cpu: float = 1.0
@@ -279,6 +285,7 @@ class Contention:
     measured: Mapping[str, Mapping[int, float]] = field(default_factory=dict)
     host_measured: Mapping[str, float] = field(default_factory=dict)
     streams: Mapping[str, int] = field(default_factory=dict)
+    between: Mapping[frozenset[str], float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("cpu", "gpu", "same_host", "dispatch"):
@@ -291,6 +298,13 @@ class Contention:
         for unit, count in self.streams.items():
             _check_count(count, f"streams of unit {unit!r}", low=1)
         object.__setattr__(self, "streams", _frozen_table(self.streams))
+        between: dict[frozenset[str], float] = {}
+        for pair, value in self.between.items():
+            if not isinstance(pair, frozenset) or len(pair) != 2:
+                raise ValueError(f"between needs pairs of two unit names, got {pair!r}")
+            between[pair] = _check_number(value, f"interference of {sorted(pair)!r}", low=0.0,
+                                          strict=False)
+        object.__setattr__(self, "between", MappingProxyType(between))
 
     def unit(self, unit: str, k: int, is_gpu: bool) -> float:
         """``c`` for ``k`` busy instances of ``unit``."""
@@ -433,7 +447,7 @@ class _Inst:
         return best, best_c
 
 
-_Memo = dict[tuple[str, int, int], float]
+_Memo = dict[tuple[object, ...], float]
 
 
 def _factors(members: Sequence[_Inst], active: set[int], targets: Iterable[int],
@@ -448,6 +462,8 @@ def _factors(members: Sequence[_Inst], active: set[int], targets: Iterable[int],
         streams[member.unit] = streams.get(member.unit, 0) + 1
         host_units.setdefault(member.host, set()).add(member.unit)
     times: dict[int, float] = {}
+    if contention.between:
+        return _factors_between(members, active, targets, contention, memo, streams)
     for i in targets:
         member = members[i]
         unit = member.unit
@@ -462,6 +478,38 @@ def _factors(members: Sequence[_Inst], active: set[int], targets: Iterable[int],
             if busy > 1:
                 factor *= 1.0 + contention.host(member.host) * (busy - 1)
             memo[(unit, k, busy)] = factor
+        times[i] = member.seconds * factor
+    return times
+
+
+def _factors_between(members: Sequence[_Inst], active: set[int], targets: Iterable[int],
+                     contention: Contention, memo: dict[tuple[object, ...], float],
+                     streams: Mapping[str, int]) -> dict[int, float]:
+    """:func:`_factors` where measured interference between units is known: each other busy
+    unit slows a target's unit by its measured pair value, else (on the target's host) by the
+    host's overhead."""
+    host_of = {members[i].unit: members[i].host for i in active}
+    times: dict[int, float] = {}
+    for i in targets:
+        member = members[i]
+        unit = member.unit
+        k = streams.get(unit, 0) + (0 if i in active else 1)
+        others = frozenset(u for u in host_of if u != unit)
+        key = (unit, k, others)
+        factor = memo.get(key)
+        if factor is None:
+            factor = 1.0
+            if k > 1:
+                factor = k * max(_MIN_FACTOR, 1.0 + contention.unit(unit, k, member.is_gpu))
+            extra = 0.0
+            for other in others:
+                value = contention.between.get(frozenset((unit, other)))
+                if value is not None:
+                    extra += value
+                elif host_of[other] == member.host:
+                    extra += contention.host(member.host)
+            factor *= 1.0 + extra
+            memo[key] = factor
         times[i] = member.seconds * factor
     return times
 

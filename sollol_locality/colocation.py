@@ -191,6 +191,9 @@ class ColocationReport(Generic[K]):
         runs: every run made, in order (for logs).
         tolerance: the slowdown threshold used.
         budget_exhausted: whether the run or time budget stopped the search early.
+        interference: pairs of separate units measured together that slowed each other beyond
+            the tolerance but less than one unit's nodes do, each with its strength (their mean
+            slowdown together), ordered by the nodes' input order.
     """
 
     nodes: tuple[K, ...]
@@ -201,6 +204,7 @@ class ColocationReport(Generic[K]):
     runs: tuple[ColocationRun[K], ...]
     tolerance: float
     budget_exhausted: bool
+    interference: tuple[tuple[frozenset[K], float], ...] = ()
 
     @property
     def run_count(self) -> int:
@@ -271,6 +275,7 @@ def detect_colocation(
     max_seconds: float | None = None,
     clock: Callable[[], float] = time.monotonic,
     max_confirmations_per_node: int = 2,
+    unit_strength: float = UNIT_STRENGTH,
 ) -> ColocationReport[K]:
     """Find which of ``nodes`` share an execution unit, with few concurrent runs.
 
@@ -295,6 +300,13 @@ def detect_colocation(
        ``max_confirmations_per_node`` suspects (the most slowed) are confirmed per node. A unit
        therefore always rests on two runs in which both nodes slowed (the all-nodes run and the
        pair run), never on one.
+    4. **Unit or interference.** A confirmed pair whose strength reaches ``unit_strength``
+       (default :data:`UNIT_STRENGTH`) shares one unit. A weaker slowdown, beyond the tolerance
+       but below that, is interference between separate units (two VMs on separate cores of one
+       host share its memory bandwidth): the pair is reported in
+       :attr:`ColocationReport.interference` with its strength, the node starts a unit of its
+       own, and it is tested against the others like any node, so a weak link never chains two
+       units into one and a unit-mate further down the list is still found.
 
     **Bound.** With ``s`` slowed nodes in the first run (``s <= N``) and ``u`` units found among
     them, the search takes at most ``1 + (s - 1) + (s - u) <= 2 * N - 1`` runs when sharing is
@@ -327,6 +339,10 @@ def detect_colocation(
     if max_seconds is not None and not (_positive(max_seconds) or max_seconds == 0):
         raise ConfigError(f"Invalid max_seconds {max_seconds!r}: expected seconds >= 0",
                           value=max_seconds)
+    if not (isinstance(unit_strength, int | float) and math.isfinite(unit_strength)
+            and unit_strength >= tolerance):
+        raise ConfigError(f"Invalid unit_strength {unit_strength!r}: expected a number not "
+                          f"below the tolerance {tolerance!r}", value=unit_strength)
     if not isinstance(max_confirmations_per_node, int) or max_confirmations_per_node < 1:
         raise ConfigError(f"Invalid max_confirmations_per_node {max_confirmations_per_node!r}: "
                           "expected a whole number >= 1", value=max_confirmations_per_node)
@@ -341,6 +357,7 @@ def detect_colocation(
     runs: list[ColocationRun[K]] = []
     independent: set[frozenset[K]] = set()
     confirmed: dict[frozenset[K], float] = {}
+    interfering: dict[frozenset[K], float] = {}
     worst: dict[K, float] = {k: solo[k] for k in order}  # longest time seen, for estimates
 
     def run(purpose: str, members: Sequence[K],
@@ -395,9 +412,16 @@ def detect_colocation(
             hits = sorted((r for r in representatives if r in test.slowed and node in test.slowed),
                           key=lambda r: -factors[r])[:max_confirmations_per_node]
             joined: list[K] = []
+
+            def settle(rep: K, strength: float) -> None:
+                if strength >= unit_strength:
+                    confirmed[_pair(node, rep)] = strength
+                    joined.append(rep)
+                else:  # slowed, but less than one unit's nodes do: separate units
+                    interfering[_pair(node, rep)] = strength
+
             if len(representatives) == 1 and hits:  # the test run was the pair run
-                confirmed[_pair(node, hits[0])] = (factors[node] + factors[hits[0]]) / 2
-                joined.append(hits[0])
+                settle(hits[0], (factors[node] + factors[hits[0]]) / 2)
             else:
                 for rep in hits:
                     if not budget.allows(estimate((node, rep))):
@@ -406,8 +430,7 @@ def detect_colocation(
                     check = run("confirm", (node, rep))
                     if check.slowed == frozenset((node, rep)):
                         pair_factors = dict(check.slowdowns)
-                        confirmed[_pair(node, rep)] = (pair_factors[node] + pair_factors[rep]) / 2
-                        joined.append(rep)
+                        settle(rep, (pair_factors[node] + pair_factors[rep]) / 2)
             for rep in joined:
                 units.union(rep, node)
             if not joined:
@@ -418,13 +441,15 @@ def detect_colocation(
             if exhausted:  # this node's suspects were not all confirmed: it is left too
                 untested = suspects[index:]
                 break
-    return _report(order, units, confirmed, independent, untested, runs, tolerance, exhausted)
+    return _report(order, units, confirmed, independent, untested, runs, tolerance, exhausted,
+                   interfering)
 
 
 def _report(order: tuple[K, ...], units: _UnionFind[K],
             confirmed: Mapping[frozenset[K], float], independent: set[frozenset[K]],
             untested: Sequence[K], runs: Sequence[ColocationRun[K]], tolerance: float,
-            exhausted: bool) -> ColocationReport[K]:
+            exhausted: bool, interfering: Mapping[frozenset[K], float]
+            ) -> ColocationReport[K]:
     for pair in confirmed:
         a, b = tuple(pair)
         units.union(a, b)
@@ -434,7 +459,7 @@ def _report(order: tuple[K, ...], units: _UnionFind[K],
     component = {k: units.find(k) for k in order}
     # Units measured apart: one independent cross pair makes all their cross pairs independent.
     apart: set[frozenset[K]] = set()
-    for pair in independent:
+    for pair in [*independent, *interfering]:
         a, b = tuple(pair)
         if component[a] != component[b]:
             apart.add(_pair(component[a], component[b]))
@@ -444,6 +469,8 @@ def _report(order: tuple[K, ...], units: _UnionFind[K],
         for b in order[i + 1:]:
             ca, cb = component[a], component[b]
             if ca == cb:
+                continue
+            if _pair(a, b) in interfering:
                 continue
             if _pair(ca, cb) in apart:
                 all_independent.add(_pair(a, b))
@@ -456,9 +483,13 @@ def _report(order: tuple[K, ...], units: _UnionFind[K],
         pairs = tuple((p, s) for p, s in confirmed.items() if component[next(iter(p))] == root)
         groups.append(ColocationGroup(frozenset(keys), statistics.median(s for _, s in pairs),
                                       pairs))
+    position = {k: i for i, k in enumerate(order)}
+    weak = tuple(sorted(((p, s) for p, s in interfering.items()
+                         if len({component[k] for k in p}) == 2),  # not joined since
+                        key=lambda item: sorted(position[k] for k in item[0])))
     return ColocationReport(order, tuple(groups), frozenset(all_independent),
                             frozenset(untested_pairs), tuple(untested), tuple(runs), tolerance,
-                            exhausted)
+                            exhausted, weak)
 
 
 # -- 3. remembered as measured facts -------------------------------------------------------------
@@ -469,9 +500,11 @@ class PairFact:
 
     Attributes:
         a, b: the two instance keys, ``a < b``.
-        colocated: ``True`` when they share a unit, ``False`` when measured independent.
+        colocated: ``True`` when they share a unit, ``False`` when they are separate units.
         strength: the slowdown when the two ran together (their mean time together / alone), or
-            ``None`` when independence was inferred without a pair measurement.
+            ``None`` when independence was inferred without a pair measurement. On separate
+            units it is their interference (1.0: none; 1.4: each took 1.4x as long while the
+            other was busy), which the cost model applies while both are busy.
         measured_at: when, in wall-clock seconds since the epoch.
         source: ``"calibrate"`` (the detector's runs) or ``"recorded"`` (production runs).
         runs: how many runs support it.
@@ -689,7 +722,8 @@ def _short(value: object) -> str:
 
 def facts_from_report(report: ColocationReport[str], measured_at: float, *,
                       source: Source = "calibrate") -> ColocationFacts:
-    """The facts a detector run established: its confirmed pairs (with their strength) and every
+    """The facts a detector run established: its confirmed pairs (with their strength), the
+    interfering pairs of separate units (``colocated=False`` with their strength) and every
     pair it measured independent. Pairs inside a unit that were not measured as a pair are left
     out: :meth:`ColocationFacts.groups` rebuilds the unit from the confirmed ones.
 
@@ -704,6 +738,9 @@ def facts_from_report(report: ColocationReport[str], measured_at: float, *,
     for pair in report.independent:
         a, b = sorted(pair)
         facts.append(PairFact(a, b, False, None, measured_at, source))
+    for pair, strength in report.interference:
+        a, b = sorted(pair)
+        facts.append(PairFact(a, b, False, strength, measured_at, source))
     return ColocationFacts.of(facts)
 
 
@@ -790,8 +827,12 @@ class RecordedEvidence:
       ``clean_overlap`` of the shorter busy time. A clean run is also contradicting.
 
     **The rule.** A pair becomes one unit after at least ``min_runs`` (3) slowed runs, with
-    contradicting runs at most ``max_contradicting`` (a quarter) of its runs with evidence: a
-    single noisy run never merges. A merge is undone by **one** clean run: noise slows nodes
+    contradicting runs at most ``max_contradicting`` (a quarter) of its runs with evidence, and
+    a median slowdown of at least ``unit_strength`` (:data:`UNIT_STRENGTH`): a single noisy run
+    never merges. A pair with that evidence but a weaker median slowdown is recorded as
+    interference between separate units (``colocated=False`` with its strength), which the cost
+    model applies while both are busy; it is reported again only when its strength moves by
+    more than 5%. A merge is undone by **one** clean run: noise slows nodes
     (another process, a pause, a cold cache) but never makes two nodes sharing one unit both
     keep their solo speed while overlapping for most of their time, so one clean run is stronger
     evidence than any number of slowed ones. An undone merge needs ``min_runs`` new slowed runs
@@ -807,8 +848,14 @@ class RecordedEvidence:
 
     def __init__(self, *, tolerance: float = DEFAULT_TOLERANCE, min_runs: int = 3,
                  max_contradicting: float = 0.25, min_overlap: float = 0.5,
-                 clean_overlap: float = 0.8, known: ColocationFacts | None = None) -> None:
+                 clean_overlap: float = 0.8, known: ColocationFacts | None = None,
+                 unit_strength: float = UNIT_STRENGTH) -> None:
         _check_tolerance(tolerance)
+        if not (isinstance(unit_strength, int | float) and math.isfinite(unit_strength)
+                and unit_strength >= tolerance):
+            raise ConfigError(f"Invalid unit_strength {unit_strength!r}: expected a number not "
+                              f"below the tolerance {tolerance!r}", value=unit_strength)
+        self.unit_strength = unit_strength
         if not isinstance(min_runs, int) or min_runs < 1:
             raise ConfigError(f"Invalid min_runs {min_runs!r}: expected a whole number >= 1",
                               value=min_runs)
@@ -945,13 +992,19 @@ class RecordedEvidence:
             elif (not merged and evidence.slowed >= self.min_runs
                   and evidence.contradicting
                   <= self.max_contradicting * (evidence.slowed + evidence.contradicting)):
-                fact = PairFact(a, b, True, statistics.median(evidence.strengths), measured_at,
+                strength = statistics.median(evidence.strengths)
+                fact = PairFact(a, b, strength >= self.unit_strength, strength, measured_at,
                                 "recorded", runs=evidence.slowed)
             self._evidence[(a, b)] = evidence
             if fact is not None:
+                before = current.fact(a, b)
                 self._decided[(a, b)] = fact
                 if fact.colocated or merged:
                     changed.append(fact)
+                elif fact.strength is not None and fact.strength >= self.tolerance and (
+                        before is None or before.strength is None
+                        or abs(before.strength - fact.strength) > 0.05 * before.strength):
+                    changed.append(fact)  # interference between separate units, new or moved
         return tuple(changed)
 
 
@@ -959,14 +1012,15 @@ class RecordedEvidence:
 
 def simulated_measure(units: Mapping[K, Hashable], solo: Mapping[K, float], *,
                       contention: float = 0.0, jitter: float = 0.0,
-                      rng: random.Random | None = None
+                      interference: float = 0.0, rng: random.Random | None = None
                       ) -> Callable[[Sequence[K]], Mapping[K, float]]:
     """A ``measure`` for :func:`detect_colocation` over simulated nodes.
 
     ``units`` maps each node to its (hidden) unit; in a run, a node sharing its unit with
     ``k - 1`` other members takes ``solo * k * (1 + contention)`` when ``k >= 2``, else its solo
-    time; each time is then multiplied by a random factor in ``[1, 1 + jitter]`` from ``rng``
-    (noise only ever slows).
+    time; that is multiplied by ``1 + interference`` per other unit busy in the run (separate
+    units of one host sharing its memory bandwidth), then by a random factor in
+    ``[1, 1 + jitter]`` from ``rng`` (noise only ever slows).
     """
     draw = rng if rng is not None else random.Random(0)
 
@@ -978,6 +1032,7 @@ def simulated_measure(units: Mapping[K, Hashable], solo: Mapping[K, float], *,
         for key in group:
             k = counts[units[key]]
             factor = k * (1.0 + contention) if k >= 2 else 1.0
+            factor *= 1.0 + interference * (len(counts) - 1)
             times[key] = solo[key] * factor * (1.0 + draw.uniform(0.0, jitter))
         return times
 

@@ -627,7 +627,27 @@ class ParallelismCostModel:
                 host_measured[host] = value
         return Contention(priors.cpu_contention, priors.gpu_contention,
                           priors.same_host_overhead, self.dispatch_overhead(), measured,
-                          host_measured, streams)
+                          host_measured, streams, self.interference(profiles))
+
+    def interference(self, profiles: Iterable[NodeProfile]) -> dict[frozenset[str], float]:
+        """Measured interference between the separate units of ``profiles``: per pair of unit
+        labels, ``s - 1`` for the median slowdown ``s`` of their instances' measured pairs that
+        are not one unit (weaker than :data:`~sollol_locality.colocation.UNIT_STRENGTH`);
+        pairs with no measured slowdown are left to the same-host and dispatch overheads."""
+        facts = self.calibration.colocation
+        if not facts.pairs:
+            return {}
+        unit_of = {p.instance.label: p.unit.label for p in profiles}
+        samples: dict[frozenset[str], list[float]] = {}
+        for fact in facts.pairs.values():
+            if fact.strength is None or (fact.colocated and fact.strength >= UNIT_STRENGTH):
+                continue
+            a, b = unit_of.get(fact.a), unit_of.get(fact.b)
+            if a is None or b is None or a == b:
+                continue
+            samples.setdefault(frozenset((a, b)), []).append(fact.strength)
+        return {pair: max(0.0, statistics.median(values) - 1.0)
+                for pair, values in samples.items()}
 
     def allocation_across(self, num_tasks: int, profiles: Sequence[NodeProfile]
                           ) -> Allocation:

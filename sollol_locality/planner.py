@@ -750,9 +750,12 @@ class ExecutionPlanner:
                 return seq(f"Sequential: only one node ({fastest_url}) is available.",
                            "one-unit")
             distinct = len(distinct_instances(members))
+            where = (f"run on one machine ({unit.host}) and share {kind}"
+                     if unit.measured is None else
+                     "share one measured execution unit")
             return seq(
-                f"Sequential: all {len(profiles)} nodes run on one machine "
-                f"({unit.host}) and share {kind}; {_tasks(num_tasks)} in parallel there are "
+                f"Sequential: all {len(profiles)} nodes {where}; "
+                f"{_tasks(num_tasks)} in parallel there are "
                 f"predicted to run at {naive:.2f}x the speed of running them one after "
                 f"another on {fastest_url}"
                 + (f", a gain under the {model.priors.min_concurrency_gain:.0%} that "
@@ -888,7 +891,10 @@ class ExecutionPlanner:
             model.update_colocation(evidence.facts())
             for fact in changed:
                 logger.info("%s and %s %s (%s)", fact.a, fact.b,
-                            "share one unit" if fact.colocated else "are separate units again",
+                            "share one unit" if fact.colocated else
+                            "slow each other as separate units" if fact.strength is not None
+                            and fact.strength >= evidence.tolerance else
+                            "are separate units again",
                             fact.describe(time.time(), self.config.colocation_max_age),
                             extra={"event": "colocation_learned", "colocated": fact.colocated})
         return changed

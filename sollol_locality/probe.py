@@ -63,7 +63,7 @@ import urllib.error
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from ._errors import CalibrationError, InvalidNodeAddress
 from .colocation import (
@@ -247,7 +247,8 @@ def search_colocation(identities: Sequence[HostIdentity], solo: dict[str, float]
 
 def colocation_summary(report: ColocationReport[str]) -> dict[str, Any]:
     """What the search found, for the report and ``calibrate --json``: ``groups`` (members and
-    strength), ``independent`` (pairs), ``untested_pairs``, ``untested_nodes``,
+    strength), ``interference`` (pairs of separate units that slow each other a little, and
+    how much), ``independent`` (pairs), ``untested_pairs``, ``untested_nodes``,
     ``budget_exhausted`` and ``runs`` (purpose, members, per-node slowdowns, slowed)."""
     def pairs(items: Any) -> list[list[str]]:
         return sorted(sorted(p) for p in items)
@@ -255,6 +256,8 @@ def colocation_summary(report: ColocationReport[str]) -> dict[str, Any]:
     return {
         "groups": [{"members": sorted(g.members), "strength": round(g.strength, 4)}
                    for g in report.groups],
+        "interference": [{"members": sorted(p), "strength": round(v, 4)}
+                         for p, v in report.interference],
         "independent": pairs(report.independent),
         "untested_pairs": pairs(report.untested_pairs),
         "untested_nodes": list(report.untested_nodes),
@@ -451,16 +454,35 @@ def _measure_batching(identity: HostIdentity, ks: list[int], solo: float,
     measured: list[int] = []
     url = identity.address.url
     for k in ks:
-        wall = _together([identity] * k, model, num_predict, timeout)
+        wall, times = _together_timed([identity] * k, model, num_predict, timeout)
+        queued = _served_in_turn(times)
+        if queued:
+            # The requests were answered one after another, as a server with fewer than k
+            # slots answers them: sending k at once gains nothing, whatever the overlap of
+            # their network and prompt phases made the wall look like.
+            wall = max(wall, k * solo)
         cost_model.observe_batching(identity, k, wall)
         measured.append(k)
         rate = k * solo / wall if wall > 0 else 0.0
-        say(f"{url} {k} at once, {where}: {wall:.3f}s ({rate:.2f}x the throughput of one)")
-        if first_round:
-            if rate <= best * (1.0 + margin):
+        say(f"{url} {k} at once, {where}: {wall:.3f}s ({rate:.2f}x the throughput of one"
+            + (", served in turn: fewer slots than that)" if queued else ")"))
+        if first_round or queued:
+            if rate <= best * (1.0 + margin) or queued:
                 break
             best = rate
     return measured
+_IN_TURN: Final = 0.75
+"""Requests sent together were served in turn (queued, not batched) when the first to finish
+took less than this fraction of the last one's time: a batch finishes together (within arrival
+jitter), a queue one request after another (the first at about half the last's time for two)."""
+
+
+def _served_in_turn(times: Sequence[float]) -> bool:
+    """Whether requests sent at once (each one's own time) were answered one after another."""
+    done = [t for t in times if t > 0]
+    return len(done) >= 2 and min(done) < _IN_TURN * max(done)
+
+
 def _machines_step(report: CalibrationReport, machines: Sequence[HostIdentity],
                    model: ParallelismCostModel, chosen_model: str, *, num_predict: int,
                    timeout: float, rounds: int, budget: float | None,
@@ -475,10 +497,11 @@ def _machines_step(report: CalibrationReport, machines: Sequence[HostIdentity],
     model.update_colocation(facts)
     report.colocation = colocation_summary(found)
     for group in found.groups:
-        how = ("share one unit" if group.strength >= UNIT_STRENGTH else
-               "slow each other but stay separate units (less than a shared core's slowdown)")
-        say(f"co-located: {', '.join(sorted(group.members))} {how} "
+        say(f"co-located: {', '.join(sorted(group.members))} share one unit "
             f"(each {group.strength:.2f}x slower with the other)")
+    for pair, strength in found.interference:
+        say(f"interference: {' and '.join(sorted(pair))} slow each other {strength:.2f}x but "
+            f"stay separate units (less than the {UNIT_STRENGTH:.2f}x of a shared unit)")
     if found.untested_pairs or found.untested_nodes:
         say(f"co-location budget spent: {len(found.untested_pairs)} pair(s) left untested")
     separate = _per_unit(machines, facts)

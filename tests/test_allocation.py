@@ -670,3 +670,20 @@ def test_predict_checks_the_plan_it_is_given():
     with pytest.raises(ValueError, match="^concurrency on 'b' must be an integer from 1 to 1, "
                                          "got 2$"):
         predict(nodes, {"b": (2, 2)})
+
+
+def test_measured_interference_between_units_replaces_the_host_overhead() -> None:
+    """``Contention.between``: while both units of a measured pair are busy each runs that much
+    slower, on one host (instead of the same-host overhead) or across hosts."""
+    one_host = [SlotInstance("a", "h/cpu:0", "h", 1.0), SlotInstance("b", "h/cpu:1", "h", 1.0)]
+    plan = {"a": (2, 1), "b": (2, 1)}
+    assert predict(one_host, plan, Contention(same_host=0.1)) == pytest.approx(2.2)
+    measured = Contention(same_host=0.1, between={frozenset(("h/cpu:0", "h/cpu:1")): 0.4})
+    assert predict(one_host, plan, measured) == pytest.approx(2.8)
+    apart = [SlotInstance("a", "x/cpu", "x", 1.0), SlotInstance("b", "y/cpu", "y", 1.0)]
+    crossed = Contention(dispatch=0.0, between={frozenset(("x/cpu", "y/cpu")): 0.4})
+    assert predict(apart, plan, crossed) == pytest.approx(2.8)
+    assert predict(apart, {"a": (3, 1), "b": (1, 1)}, crossed) == pytest.approx(1.4 + 2.0)
+    assert allocate(4, apart, crossed).makespan == pytest.approx(2.8)
+    with pytest.raises(ValueError, match="pairs of two unit names"):
+        Contention(between={frozenset(("x/cpu",)): 0.4})

@@ -84,12 +84,12 @@ def test_tolerance_must_be_above_one(tolerance):
 
 # -- the detector --------------------------------------------------------------------------------
 
-def cluster(layout, *, jitter=0.05, contention=0.0, seed=1):
+def cluster(layout, *, jitter=0.05, contention=0.0, interference=0.0, seed=1):
     """Nodes named after the layout, each solo 1.0 s, and a simulated measure over it."""
     nodes = list(layout)
     solo = dict.fromkeys(nodes, 1.0)
     measure = simulated_measure(layout, solo, jitter=jitter, contention=contention,
-                                rng=random.Random(seed))
+                                interference=interference, rng=random.Random(seed))
     return nodes, solo, measure
 
 
@@ -131,6 +131,37 @@ def test_a_suspect_among_several_units_is_confirmed_by_a_pair_run():
                                                   frozenset({"b1", "b2"})}
     assert all(g.strength == pytest.approx(2.4) for g in report.groups)
     assert frozenset({"a1", "b2"}) in report.independent  # through the units measured apart
+
+
+def test_units_that_slow_each_other_a_little_are_not_chained_into_one():
+    """Two cores of one VM, two nodes on each: a pair on one core slows 2x, nodes on the two
+    cores slow each other 1.45x (memory bandwidth). The weak link a1-b1 is interference, not a
+    unit, so b1 is tested on its own and both real pairs are found."""
+    layout = {"a1": "A", "b1": "B", "a2": "A", "b2": "B"}
+    nodes, solo, measure = cluster(layout, jitter=0.0, interference=0.45)
+    report = detect_colocation(nodes, solo, measure)
+    assert {g.members for g in report.groups} == {frozenset({"a1", "a2"}),
+                                                  frozenset({"b1", "b2"})}
+    assert all(g.strength == pytest.approx(2.0) for g in report.groups)
+    assert report.interference == ((frozenset({"a1", "b1"}), pytest.approx(1.45)),)
+    assert frozenset({"a1", "b1"}) not in report.independent
+    assert report.untested_pairs == frozenset()
+    assert report.run_count == 6  # all, b1 (its pair run), a2 and b2 each tested and confirmed
+    facts = facts_from_report(report, 1.0)
+    weak = facts.fact("a1", "b1")
+    assert weak is not None and (weak.colocated, weak.source) == (False, "calibrate")
+    assert weak.strength == pytest.approx(1.45)
+    assert {frozenset(u) for u in facts.units()} == {frozenset({"a1", "a2"}),
+                                                     frozenset({"b1", "b2"})}
+
+
+def test_the_unit_strength_is_a_setting():
+    nodes, solo, measure = cluster({"a": "A", "b": "B"}, jitter=0.0, interference=0.45)
+    assert detect_colocation(nodes, solo, measure).groups == ()
+    merged = detect_colocation(nodes, solo, measure, unit_strength=1.3)
+    assert [g.members for g in merged.groups] == [frozenset({"a", "b"})]
+    with pytest.raises(ConfigError, match="unit_strength 1.1"):
+        detect_colocation(nodes, solo, measure, unit_strength=1.1)
 
 
 def test_a_node_slowed_only_by_noise_is_not_merged():
@@ -508,6 +539,20 @@ def test_three_consistent_runs_merge_and_the_reason_counts_them():
     assert evidence.colocated("a", "b") and not evidence.colocated("a", "c")
     assert evidence.facts().groups() == (frozenset({"a", "b"}),)
     assert evidence.evidence("b", "a").slowed == 3
+
+
+def test_consistent_weak_slowdowns_are_interference_between_separate_units():
+    """Three runs at 1.4x each: not one unit (a shared core costs about 2x), but a measured
+    interference the cost model applies; reported once, and again only when it moves."""
+    evidence = RecordedEvidence()
+    for day in range(2):
+        assert evidence.add_run(*run_of(1.4, 1.42), measured_at=T0 + day) == ()
+    changed = evidence.add_run(*run_of(1.38, 1.4), measured_at=T0 + 2)
+    assert [(f.pair, f.colocated, f.runs) for f in changed] == [(("a", "b"), False, 3)]
+    assert changed[0].strength == pytest.approx(1.41)
+    assert not evidence.colocated("a", "b") and evidence.facts().units() == ()
+    assert evidence.add_run(*run_of(1.41, 1.4), measured_at=T0 + 3) == ()  # the same figure
+    assert evidence.add_run(*run_of(1.9, 1.9), measured_at=T0 + 4) == ()  # median 1.41 still
 
 
 def test_one_noisy_run_does_not_merge():

@@ -441,17 +441,41 @@ def test_the_curve_search_stops_when_throughput_stops_rising(
     assert probe._batching_ks(topology.describe({"url": "http://10.0.0.5:11434",
                                                  "num_parallel": 1})) == []
     walls = {2: 1.2, 4: 1.6, 8: 3.1, 16: 6.0}  # 4 slots: 8 at once is two rounds of 4
-    monkeypatch.setattr(probe, "_together", lambda members, *a: walls[len(members)])
+
+    def together(members: list[Any], *args: Any) -> tuple[float, list[float]]:
+        k = len(members)  # each request's own time: a batch of up to 4 finishes together
+        return walls[k], [walls[min(k, 4)] * (1 + i // 4) for i in range(k)]
+
+    monkeypatch.setattr(probe, "_together_timed", together)
     said: list[str] = []
     kept = probe._measure_batching(identity, [2, 4, 8, 16], 1.0, model, first_round=True,
                                    model="m", num_predict=1, timeout=1.0, say=said.append,
                                    where="round 1/1")
     assert kept == [2, 4, 8]
-    assert said[-1] == ("http://10.0.0.5:11434 8 at once, round 1/1: 3.100s (2.58x the "
-                        "throughput of one)")
+    assert said[-1] == ("http://10.0.0.5:11434 8 at once, round 1/1: 8.000s (1.00x the "
+                        "throughput of one, served in turn: fewer slots than that)")
     model.observe_batching(identity, 1, 1.0)
     assert model.measured_slots(identity) == 4
     assert model.batching(identity).slots == 4  # measured, over the node's own 16
+
+
+def test_requests_served_in_turn_are_no_batching_whatever_their_overlap(
+        monkeypatch: pytest.MonkeyPatch, model: ParallelismCostModel, topology: Any) -> None:
+    """A one-slot server sent 2 at once answers them one after another. Their network and
+    prompt phases overlap, so the wall is under twice one alone (here 1.8x, a 10% "gain"),
+    but the per-request times show the queue: the instance stays at one slot."""
+    from sollol_locality import probe
+
+    identity = topology.describe("http://10.0.0.5:11434")  # slots undeclared: 2, 4, 8 tried
+    monkeypatch.setattr(probe, "_together_timed", lambda members, *a: (1.8, [0.95, 1.8]))
+    said: list[str] = []
+    kept = probe._measure_batching(identity, probe._batching_ks(identity), 1.0, model,
+                                   first_round=True, model="m", num_predict=1, timeout=1.0,
+                                   say=said.append, where="round 1/1")
+    assert kept == [2] and said[-1].endswith("served in turn: fewer slots than that)")
+    model.observe_batching(identity, 1, 1.0)
+    assert model.measured_slots(identity) == 1 and model.batching(identity).slots == 1
+    assert probe._served_in_turn([1.0, 1.02]) is False  # a batch finishes together
 
 def test_a_measured_curve_gives_slots_and_replaces_the_prior(model, topology):
     node = {"url": "http://10.0.0.5:11434", "num_parallel": 4}
