@@ -38,11 +38,13 @@ what finished runs measured.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import statistics
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeGuard
@@ -312,6 +314,8 @@ class ParallelismCostModel:
         self._pending_load = self.config.calibration_file is not None
         # The file the calibration is in step with (saves to it merge), else None.
         self._synced: Path | None = None
+        self._kept: deque[_Pending] = deque(maxlen=_KEPT_RUNS)
+        self._optimistic = threading.local()
 
     # -- calibration state ------------------------------------------------------------------
 
@@ -459,6 +463,38 @@ class ParallelismCostModel:
     def measured_task_seconds(self, unit: ExecutionUnit) -> float | None:
         return _median(self._learned().task_seconds.get(unit.label))
 
+    def known_task_seconds(self, identity: HostIdentity) -> float | None:
+        """The time of one task alone on ``identity`` as far as anything measured says: its own
+        unit's measured time per task (a node of a measured unit keeps its own speed), else its
+        measured unit's; else, for an instance seen only in batches (``k`` tasks at once, never
+        one alone), the batch's time over the prior curve's ratio at ``k`` (the largest ``k``
+        seen), so that what it does at that ``k`` is predicted as measured; else ``None``."""
+        seconds = self.measured_task_seconds(identity.own_unit)
+        if seconds is None and identity.unit.measured is not None:
+            seconds = self.measured_task_seconds(identity.unit)
+        if seconds is None:
+            seconds = self._seconds_from_batches(identity)
+        return seconds
+
+    def _seconds_from_batches(self, identity: HostIdentity) -> float | None:
+        windows = self._learned().batching.get(identity.instance.label)
+        if not windows:
+            return None
+        by_k = dict(windows)
+        alone = _median(by_k.get(1))
+        if alone is not None:
+            return alone
+        ks = [k for k in by_k if k >= 2 and _median(by_k[k]) is not None]
+        if not ks:
+            return None
+        k = max(ks)
+        prior = _allocation.prior_curve(identity.unit.is_gpu,
+                                        cpu_cost=max(0.0, self.priors.cpu_batch_cost),
+                                        gpu_cost=max(0.0, self.priors.gpu_batch_cost))
+        wall = _median(by_k[k])
+        assert wall is not None
+        return wall / prior.ratio(k)
+
     # -- profiles ---------------------------------------------------------------------------
 
     def profiles(self, identities: Sequence[HostIdentity | InvalidNodeAddress]
@@ -470,10 +506,7 @@ class ParallelismCostModel:
             if isinstance(identity, InvalidNodeAddress):
                 continue
             unit = identity.unit
-            # a node of a measured unit keeps its own measured speed
-            seconds: float | None = self.measured_task_seconds(identity.own_unit)
-            if seconds is None and unit.measured is not None:
-                seconds = self.measured_task_seconds(unit)
+            seconds: float | None = self.known_task_seconds(identity)
             source = "calibration"
             if seconds is None:
                 seconds = _nodefields.latency(identity.node, priors.min_samples)
@@ -532,6 +565,8 @@ class ParallelismCostModel:
         solo = _median(by_k.get(1))
         if solo is None:
             solo = self.measured_task_seconds(identity.unit)
+        if solo is None:  # seen only in batches: the prior curve's ratio at its largest k
+            solo = self._seconds_from_batches(identity)
         if solo is None or solo <= 0:
             return {}
         result = {}
@@ -558,6 +593,19 @@ class ParallelismCostModel:
                 best_k, best_rate = k, rate
         return best_k
 
+    @contextlib.contextmanager
+    def optimistic_batching(self) -> Iterator[None]:
+        """While inside (this thread only), an instance whose batching curve is not measured
+        is planned as if batching were free (``k`` tasks at once take one task's time): the
+        most it could gain. A run that plans so sends such an instance as many tasks at once
+        as it might serve well, and so measures its curve (see
+        :meth:`ExecutionPlanner.run`)."""
+        self._optimistic.on = True
+        try:
+            yield
+        finally:
+            self._optimistic.on = False
+
     def batching(self, identity: HostIdentity) -> Batching:
         """The slots and batching curve the model plans ``identity``'s instance with.
 
@@ -577,6 +625,8 @@ class ParallelismCostModel:
             return _ONE_SLOT.get(source) or Batching(1, source, BatchingCurve.none(), "none")
         if points:
             return Batching(slots, source, BatchingCurve.measured(points), "measured")
+        if getattr(self._optimistic, "on", False):
+            return Batching(slots, source, BatchingCurve.prior(0.0), "prior")
         curve = _allocation.prior_curve(identity.unit.is_gpu,
                                         cpu_cost=max(0.0, self.priors.cpu_batch_cost),
                                         gpu_cost=max(0.0, self.priors.gpu_batch_cost))
@@ -777,7 +827,11 @@ class ParallelismCostModel:
         the unit's contention: the model runs each of ``k`` busy instances at
         ``1 / (k * (1 + c))`` of its solo speed, so a task of solo time ``s`` that ran while
         ``k(t)`` instances were busy had ``integral(dt / k(t)) = s * (1 + c)``; the ``c`` this
-        gives is filed under the ``k`` that lasted longest. With
+        gives is filed under the ``k`` that lasted longest. Tasks sent to one instance together
+        and served together, while no other instance was busy, are a point of its batching
+        curve (:meth:`_learn_batches`); an instance seen only in batches gets its time per task
+        from them (:meth:`known_task_seconds`). A parallel run some of whose nodes have no time
+        per task yet teaches its overheads once they have one (the latest four are kept). With
         ``as_planned`` (the run went as its plan said: same nodes, same shares) the wall time
         then teaches what per-task times cannot (same-host and dispatch overheads); without it
         (a node failed, tasks were retried elsewhere) only the per-task times are used.
@@ -816,24 +870,42 @@ class ParallelismCostModel:
             if timings is not None:
                 self._learn_timings(timings)
                 if as_planned:
-                    ran: dict[Instance, int] = {}
-                    for identity, _, _ in timings:
-                        ran[identity.instance] = ran.get(identity.instance, 0) + 1
-                    self._learn(mode, list(identities), num_tasks, float(wall_seconds),
-                                overheads_only=True, ran=ran)
+                    ran = _ran(timings)
+                    run = _Pending(mode, tuple(identities), num_tasks, float(wall_seconds),
+                                   True, ran)
+                    self._learn_or_keep(run)
             else:
-                self._learn(mode, list(identities), num_tasks, float(wall_seconds))
+                self._learn_or_keep(_Pending(mode, tuple(identities), num_tasks,
+                                             float(wall_seconds), False, None))
+            self._replay()
             self._cal.observations += 1
             if self._synced is None:  # no file to merge into: nothing to keep a journal for
                 self._cal.synced()
             self._version += 1
 
+    def _learn_or_keep(self, run: _Pending) -> None:
+        """Learn from ``run``; a parallel run some of whose nodes have no time per task yet is
+        kept (the latest :data:`_KEPT_RUNS`) and learned from once they have one."""
+        if self._learn(run.mode, list(run.identities), run.num_tasks, run.wall,
+                       overheads_only=run.overheads_only, ran=run.ran) == "no solo time":
+            self._kept.append(run)
+
+    def _replay(self) -> None:
+        """Learn from the kept runs whose nodes all have a time per task now."""
+        for run in list(self._kept):
+            if all(self.known_task_seconds(i) is not None for i in run.identities):
+                self._kept.remove(run)
+                self._learn(run.mode, list(run.identities), run.num_tasks, run.wall,
+                            overheads_only=run.overheads_only, ran=run.ran)
+
     def _learn_timings(self, timings: Sequence[tuple[HostIdentity, float, float]]) -> None:
-        """Solo times and contention from per-task times (see :meth:`observe`)."""
+        """Solo times, batching points and contention from per-task times (see
+        :meth:`observe`)."""
         cal = self._cal
         by_unit: dict[ExecutionUnit, list[tuple[HostIdentity, float, float]]] = {}
         for identity, start, end in timings:
             by_unit.setdefault(identity.unit, []).append((identity, float(start), float(end)))
+        self._learn_batches(timings)
         solo: dict[str, list[float]] = {}
         for entries in by_unit.values():
             for position, (identity, start, end) in enumerate(entries):
@@ -847,8 +919,8 @@ class ParallelismCostModel:
                          label, statistics.median(durations), len(durations))
         contention: dict[tuple[str, int], list[float]] = {}
         for unit, entries in by_unit.items():
-            seconds = self.measured_task_seconds(unit)
             for identity, start, end in entries:
+                seconds = self.known_task_seconds(identity)
                 if seconds is None or end <= start:
                     continue
                 others = [(i, s, e) for i, s, e in entries
@@ -865,9 +937,41 @@ class ParallelismCostModel:
             logger.debug("calibration: %s with %d streams: contention %.3f (from task times)",
                          label, k, c)
 
+    def _learn_batches(self, timings: Sequence[tuple[HostIdentity, float, float]]) -> None:
+        """Points of batching curves from a run over several instances: ``k >= 2`` tasks sent
+        to one instance together (started within a tenth of their time of each other) and
+        served together (the first done took at least :data:`SERVED_TOGETHER` of the last
+        one's time) while no other instance was busy for more than a fifth of it (whatever
+        slowed the batch from outside is not its curve), took the batch's wall time. A run on
+        one instance is learned from its wall time (:meth:`_learn`)."""
+        by_instance: dict[Instance, list[tuple[HostIdentity, float, float]]] = {}
+        for identity, start, end in timings:
+            by_instance.setdefault(identity.instance, []).append((identity, start, end))
+        if len(by_instance) < 2:
+            return
+        for instance, entries in by_instance.items():
+            others = [(s, e) for i, s, e in timings if i.instance != instance and e > s]
+            for batch in _batches_of(entries):
+                k = len(batch)
+                first = min(s for _, s, _ in batch)
+                last = max(e for _, _, e in batch)
+                times = [e - s for _, s, e in batch]
+                wall = last - first
+                if wall <= 0 or min(times) < SERVED_TOGETHER * max(times):
+                    continue
+                outside = sum(max(0.0, min(e, last) - max(s, first)) for s, e in others)
+                if outside > 0.2 * wall:
+                    continue
+                identity = batch[0][0]
+                if k > self.batching(identity).slots and self.measured_batching(identity):
+                    continue  # more than its measured slots at once: not a point of the curve
+                self._cal.push_k(self._cal.batching, instance.label, k, wall)
+                logger.debug("calibration: %s ran %d at once in %.3fs (from task times)",
+                             instance.label, k, wall)
+
     def _learn(self, mode: str, identities: list[HostIdentity], num_tasks: int,
                wall: float, *, overheads_only: bool = False,
-               ran: Mapping[Instance, int] | None = None) -> None:
+               ran: Mapping[Instance, tuple[int, int]] | None = None) -> str | None:
         """Move the calibration toward one finished run.
 
         Every figure is learned the same way: it is the value at which the model, simulating
@@ -875,9 +979,15 @@ class ParallelismCostModel:
         are), predicts exactly the measured wall time. So a run of 3 tasks on 2 nodes of one
         unit, where the third task runs alone at full speed, teaches the same contention as a
         run of 2 tasks would, and the figures stay consistent with how the model predicts.
+        ``ran``: per instance, the tasks it ran and the most at once (from per-task times).
+
+        Returns ``"no solo time"`` when a parallel run's node has no time per task yet (then
+        nothing is learned; :meth:`_learn_or_keep` keeps the run for later), else ``None``.
         """
         cal = self._cal
         if mode == "parallel" and len({i.instance for i in identities}) == 1:
+            if ran is not None and max((c for _, c in ran.values()), default=1) < 2:
+                return None  # one instance, one task at a time: nothing ran concurrently
             identity = identities[0]
             slots = self.batching(identity).slots
             if slots > 1:  # the tasks were batched on one instance: a point of its curve
@@ -889,15 +999,15 @@ class ParallelismCostModel:
                 else:
                     logger.debug("calibration: %d tasks on %s (%d slots) ran in rounds; not "
                                  "used", num_tasks, label, slots)
-                return
+                return None
         if mode == "sequential" or len(identities) == 1:
             if overheads_only:  # the per-task times taught the unit's time per task
-                return
+                return None
             unit = identities[0].own_unit  # a node's own speed, also inside a measured unit
             cal.push(cal.task_seconds, unit.label, wall / num_tasks)
             logger.debug("calibration: %s takes %.3fs per task", unit.label,
                          wall / num_tasks)
-            return
+            return None
         distinct: dict[Instance, HostIdentity] = {}
         for identity in identities:
             distinct.setdefault(identity.instance, identity)
@@ -907,20 +1017,18 @@ class ParallelismCostModel:
         k = len(members)
         solo: list[float] = []
         for member in members:  # each node's own solo time (a measured unit's nodes too)
-            seconds = self.measured_task_seconds(member.own_unit)
+            seconds = self.known_task_seconds(member)
             if seconds is None:
-                seconds = self.measured_task_seconds(member.unit)
-            if seconds is None:
-                logger.debug("calibration: no solo time for %s yet; parallel run not used",
-                             member.own_unit.label)
-                return
+                logger.debug("calibration: no solo time for %s yet; parallel run kept until "
+                             "it has one", member.own_unit.label)
+                return "no solo time"
             solo.append(seconds)
         profiles = [NodeProfile(i, m, m.instance, m.unit, solo[i], "calibration")
                     for i, m in enumerate(members)]
         instances = [self.slot_instance(p) for p in profiles]
         plan: dict[str, tuple[int, int]]
-        if ran is not None:  # the tasks each instance really ran
-            plan = {inst.key: (ran.get(m.instance, 0), 1)
+        if ran is not None:  # the tasks each instance really ran, and how many at once
+            plan = {inst.key: _within(ran.get(m.instance, (0, 1)), inst.slots)
                     for inst, m in zip(instances, members, strict=True)}
         elif num_tasks <= k:  # one task each on the first nodes, as such a run is dispatched
             plan = {inst.key: (int(i < num_tasks), 1) for i, inst in enumerate(instances)}
@@ -929,7 +1037,7 @@ class ParallelismCostModel:
                                                self.contention_table(profiles)).by_instance
         streams = sum(1 for n, _ in plan.values() if n > 0)
         if streams < 2:  # one node did everything: nothing ran concurrently
-            return
+            return None
 
         def simulated(trial: _Trial | None = None) -> float:
             contention = replace(self.contention_table(profiles, trial=trial), dispatch=0.0)
@@ -937,7 +1045,7 @@ class ParallelismCostModel:
 
         if len(units) == 1:
             if overheads_only:  # the per-task times taught the unit's contention
-                return
+                return None
             label = next(iter(units)).label
             c = _fit(lambda x: simulated(_Trial("contention", label, streams, x)), wall,
                      low=_MIN_CONTENTION)
@@ -945,7 +1053,7 @@ class ParallelismCostModel:
                 cal.push_k(cal.contention, label, streams, c)
                 logger.debug("calibration: %s with %d streams: contention %.3f", label,
                              streams, c)
-            return
+            return None
         if len(hosts) == 1 and len(units) == k:
             host = next(iter(hosts))
             overhead = _fit(lambda x: simulated(_Trial("host", host, 0, x)), wall, low=0.0)
@@ -953,11 +1061,12 @@ class ParallelismCostModel:
                 cal.push(cal.host_overhead, host, overhead)
                 logger.debug("calibration: %d units of %s: same-host overhead %.3f", streams,
                              host, overhead)
-            return
+            return None
         if len(units) == k and len(hosts) == k:
             ideal = simulated()
             if ideal > 0:
                 cal.push_dispatch(max(0.0, wall / ideal - 1.0))
+        return None
 
     def observe_batching(self, identity: HostIdentity, k: int, wall_seconds: float) -> None:
         """Learn one point of an instance's batching curve: ``k`` requests sent to it together
@@ -1064,6 +1173,64 @@ class ParallelismCostModel:
 
 
 _NOTHING_LEARNED: Final = Calibration()
+SERVED_TOGETHER: Final = 0.75
+"""Requests sent to one instance together were served together (batched) when the first to
+finish took at least this fraction of the last one's time: a batch finishes together (within
+arrival jitter), a queue one request after another (the first at about half the last's time for
+two). Below it they were served in turn: the instance has fewer slots than were sent."""
+
+_KEPT_RUNS: Final = 4  # parallel runs kept until their nodes have a time per task
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """A finished run, as :meth:`ParallelismCostModel._learn` takes it."""
+
+    mode: str
+    identities: tuple[HostIdentity, ...]
+    num_tasks: int
+    wall: float
+    overheads_only: bool
+    ran: Mapping[Instance, tuple[int, int]] | None
+
+
+def _ran(timings: Sequence[tuple[HostIdentity, float, float]]
+         ) -> dict[Instance, tuple[int, int]]:
+    """Per instance, the tasks it ran and the most it ran at once."""
+    spans: dict[Instance, list[tuple[float, float]]] = {}
+    for identity, start, end in timings:
+        spans.setdefault(identity.instance, []).append((float(start), float(end)))
+    result: dict[Instance, tuple[int, int]] = {}
+    for instance, items in spans.items():
+        events = sorted([(s, 1) for s, e in items if e > s] + [(e, -1) for s, e in items if e > s])
+        busy = most = 0
+        for _, step in events:  # an end before a start at the same instant
+            busy += step
+            most = max(most, busy)
+        result[instance] = (len(items), max(1, most))
+    return result
+
+
+def _within(ran: tuple[int, int], slots: int) -> tuple[int, int]:
+    tasks, at_once = ran
+    return tasks, max(1, min(at_once, slots, max(1, tasks)))
+
+
+def _batches_of(entries: Sequence[tuple[HostIdentity, float, float]]
+                ) -> list[list[tuple[HostIdentity, float, float]]]:
+    """Tasks of one instance sent together: each group starts with a task, and takes every
+    later task that started within a tenth of that task's time of it (groups of two or more)."""
+    ordered = sorted((e for e in entries if e[2] > e[1]), key=lambda e: e[1])
+    groups: list[list[tuple[HostIdentity, float, float]]] = []
+    for entry in ordered:
+        head = groups[-1][0] if groups else None
+        if head is not None and entry[1] - head[1] <= 0.1 * (head[2] - head[1]):
+            groups[-1].append(entry)
+        else:
+            groups.append([entry])
+    return [g for g in groups if len(g) >= 2]
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return a == b or a.resolve() == b.resolve()

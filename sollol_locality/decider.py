@@ -202,13 +202,13 @@ class Decider:
     def run(self, tasks: Iterable[T], call: Callable[[Any, T], R], nodes: Sequence[Any], *,
             on_event: Callable[[DispatchEvent], object] | None = None,
             max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-            cancel: CancelToken | None = None) -> list[R]:
+            cancel: CancelToken | None = None, explore: bool = True) -> list[R]:
         """:meth:`ExecutionPlanner.run`, with the plan logged once per change and the run
         logged as :meth:`record_execution` logs it."""
         task_list = list(tasks)
         self._log(self.planner.plan(len(task_list), nodes))
         return self.planner.run(task_list, call, nodes, on_event=on_event,
-                                max_attempts=max_attempts, cancel=cancel)
+                                max_attempts=max_attempts, cancel=cancel, explore=explore)
 
     def record_execution(self, plan: ExecutionPlan, wall_seconds: float, *,
                          timings: Sequence[tuple[Any, float, float]] | None = None) -> None:

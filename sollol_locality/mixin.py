@@ -176,7 +176,7 @@ class LocalityAwareMixin:
                   candidate_nodes: Sequence[Any] | None = None, *,
                   on_event: Callable[[DispatchEvent], object] | None = None,
                   max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-                  cancel: CancelToken | None = None) -> list[R]:
+                  cancel: CancelToken | None = None, explore: bool = True) -> list[R]:
         """Plan ``tasks`` over ``candidate_nodes`` (default: the registry's healthy nodes), run
         ``call(node, task)`` for each as the plan says and return the results in task order.
 
@@ -189,7 +189,7 @@ class LocalityAwareMixin:
         """
         return attached_decider(self).run(tasks, call, self._locality_candidates(candidate_nodes),
                                           on_event=on_event, max_attempts=max_attempts,
-                                          cancel=cancel)
+                                          cancel=cancel, explore=explore)
 
     # -- unit-aware routing -----------------------------------------------------------------
 

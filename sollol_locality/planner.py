@@ -356,6 +356,7 @@ class ExecutionPlanner:
         self._clock = clock
         self._memo: dict[tuple[Any, ...], tuple[float, Any, PlanDetail]] = {}
         self._recorded = RecordedEvidence()
+        self._explored: set[str] = set()  # instances a run explored (see run())
         self.health = health if health is not None else NodeHealth(clock=clock,
                                                                    key=self._instance_key)
         self._save_lock = threading.Lock()
@@ -413,9 +414,16 @@ class ExecutionPlanner:
     def run(self, tasks: Iterable[T], call: Callable[[Any, T], R], nodes: Iterable[Any], *,
             on_event: Callable[[DispatchEvent], object] | None = None,
             max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-            cancel: CancelToken | None = None) -> list[R]:
+            cancel: CancelToken | None = None, explore: bool = True) -> list[R]:
         """Plan for ``len(tasks)`` tasks on ``nodes``, run ``call(node, task)`` for each as the
         plan says, record what happened and return the results in task order.
+
+        With ``explore`` (the default), a run teaches what no plan made from the priors would:
+        when a candidate instance serves several requests at once (its slots are known) but its
+        batching curve is not measured, and planning as if its batching were free (the most it
+        could gain) gives another plan, that plan is run instead, once per instance in this
+        planner's life, so the run measures the curve where it matters. The run is logged as
+        exploring; its result is the same. Every later decision uses what it measured.
 
         Never more calls in flight on a node than its ``concurrency_per_node``. A call that
         raises marks its node failed (left out of later decisions for a back-off period, see
@@ -434,6 +442,8 @@ class ExecutionPlanner:
         plan = self.plan(len(task_list), node_list)
         if not task_list:
             return []
+        if explore:
+            plan = self._exploring(plan, node_list) or plan
         try:
             out = dispatch(plan, task_list, call, candidates=node_list, health=self.health,
                            on_event=on_event, max_attempts=max_attempts, cancel=cancel)
@@ -458,6 +468,36 @@ class ExecutionPlanner:
         if out.failed_nodes:
             self.invalidate()
         return list(out.results)
+
+    def _exploring(self, plan: ExecutionPlan, nodes: list[Any]) -> ExecutionPlan | None:
+        """The plan a run explores with instead of ``plan`` (see :meth:`run`), or ``None``."""
+        if plan.forced or plan.num_tasks < 2:
+            return None
+        model = self.cost_model
+        unmeasured = {}
+        for identity in self.topology.describe_many(nodes):
+            if (isinstance(identity, HostIdentity)
+                    and identity.instance.label not in self._explored
+                    and model.batching(identity).curve_source == "prior"):
+                unmeasured[identity.instance.label] = identity
+        if not unmeasured:
+            return None
+        with model.optimistic_batching():
+            template = self._decide_usable(plan.num_tasks, nodes,
+                                           bool(self.health.failed_keys()))
+        candidate = template.build(nodes)
+        chosen = {i.instance.label: c for i, c in zip(candidate.identities,
+                                                      candidate.concurrency_per_node,
+                                                      strict=False)}
+        probed = [label for label in unmeasured if chosen.get(label, 0) >= 2]
+        if not probed or _shape(candidate) == _shape(plan):
+            return None
+        self._explored.update(probed)
+        logger.info("exploring: the batching of %s is not measured yet; this run sends %s "
+                    "(without exploring: %s)", _names(probed),
+                    _shape_text(candidate), _shape_text(plan),
+                    extra={"event": "exploring", "instances": probed})
+        return candidate
 
     def record_execution(self, plan: ExecutionPlan, wall_seconds: float, *,
                          timings: Sequence[tuple[Any, float, float]] | None = None) -> None:
@@ -898,6 +938,19 @@ class ExecutionPlanner:
                             fact.describe(time.time(), self.config.colocation_max_age),
                             extra={"event": "colocation_learned", "colocated": fact.colocated})
         return changed
+
+
+def _shape(plan: ExecutionPlan) -> tuple[tuple[str, int, int], ...]:
+    """Where a plan sends tasks: ``(instance, tasks, at once)`` per node, in plan order."""
+    return tuple((i.instance.label, n, c) for i, n, c in zip(
+        plan.identities, plan.tasks_per_node, plan.concurrency_per_node, strict=False))
+
+
+def _shape_text(plan: ExecutionPlan) -> str:
+    if plan.mode == "sequential":
+        return f"{_tasks(plan.num_tasks)} one after another on {_safe_url(plan.nodes[0])}"
+    return ", ".join(f"{n} to {label}" + (f" ({c} at once)" if c > 1 else "")
+                     for label, n, c in _shape(plan))
 
 
 def _rank(profile: NodeProfile) -> tuple[float, bool, bool, str, int, int]:

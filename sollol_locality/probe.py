@@ -63,7 +63,7 @@ import urllib.error
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 from ._errors import CalibrationError, InvalidNodeAddress
 from .colocation import (
@@ -74,7 +74,7 @@ from .colocation import (
     facts_from_report,
 )
 from .config import LocalityConfig
-from .cost_model import ParallelismCostModel
+from .cost_model import SERVED_TOGETHER, ParallelismCostModel
 from .topology import ExecutionUnit, HostIdentity, Instance, NodeTopology
 
 __all__ = ["CalibrationReport", "calibrate"]
@@ -471,16 +471,11 @@ def _measure_batching(identity: HostIdentity, ks: list[int], solo: float,
                 break
             best = rate
     return measured
-_IN_TURN: Final = 0.75
-"""Requests sent together were served in turn (queued, not batched) when the first to finish
-took less than this fraction of the last one's time: a batch finishes together (within arrival
-jitter), a queue one request after another (the first at about half the last's time for two)."""
-
-
 def _served_in_turn(times: Sequence[float]) -> bool:
-    """Whether requests sent at once (each one's own time) were answered one after another."""
+    """Whether requests sent at once (each one's own time) were answered one after another
+    (:data:`~sollol_locality.cost_model.SERVED_TOGETHER`)."""
     done = [t for t in times if t > 0]
-    return len(done) >= 2 and min(done) < _IN_TURN * max(done)
+    return len(done) >= 2 and min(done) < SERVED_TOGETHER * max(done)
 
 
 def _machines_step(report: CalibrationReport, machines: Sequence[HostIdentity],

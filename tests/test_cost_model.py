@@ -252,3 +252,62 @@ def test_batching_curves_round_trip_and_a_recalibration_forgets_them(model, topo
     assert loaded.measured_batching(identity) == pytest.approx({2: 1.3, 4: 1.9})
     loaded._forget(instances={"10.0.0.5:11434"})
     assert loaded.batching(identity).curve_source == "prior"
+
+
+# -- learning batching from the per-task times of recorded runs (issue 13) -------------------
+
+BATCHER = {"url": "http://10.0.0.5:11434", "num_parallel": 4}
+PLAIN = "http://10.0.0.6:11434"
+
+
+def _timed(topology, rows):
+    """``(node, start, end)`` rows as the cost model takes them."""
+    return [(topology.describe(node), start, end) for node, start, end in rows]
+
+
+def test_a_batch_served_together_while_nothing_else_ran_is_a_point_of_its_curve(model,
+                                                                                topology):
+    batcher = topology.describe(BATCHER)
+    rows = [(BATCHER, 0.0, 1.3), (BATCHER, 0.01, 1.3), (BATCHER, 0.02, 1.31),
+            (PLAIN, 1.31, 2.3)]  # the plain node's task ran after the batch
+    timings = _timed(topology, rows)
+    model.observe("parallel", [t[0].node for t in timings], 4, 2.3,
+                  identities=[t[0] for t in timings], timings=timings)
+    points = model.calibration.batching[batcher.instance.label]
+    assert {k: list(v) for k, v in points.items()} == {3: [pytest.approx(1.31)]}
+    # seen only in batches: its time per task is the batch over the prior curve's ratio
+    prior = 1 + 2 * model.priors.cpu_batch_cost
+    assert model.known_task_seconds(batcher) == pytest.approx(1.31 / prior)
+    assert model.batching(batcher).curve_source == "measured"
+
+
+@pytest.mark.parametrize("rows", [
+    # the plain node was busy for the whole batch: its slowdown is not the curve's
+    [(BATCHER, 0.0, 1.3), (BATCHER, 0.0, 1.3), (BATCHER, 0.0, 1.3), (PLAIN, 0.0, 1.2)],
+    # served in turn, not together: a queue (fewer slots than sent)
+    [(BATCHER, 0.0, 0.5), (BATCHER, 0.0, 1.0), (PLAIN, 1.0, 2.0)],
+    # sent at different times: not one batch
+    [(BATCHER, 0.0, 1.0), (BATCHER, 0.5, 1.5), (PLAIN, 1.5, 2.5)],
+])
+def test_what_is_not_a_clean_batch_is_no_point_of_the_curve(model, topology, rows):
+    timings = _timed(topology, rows)
+    model.observe("parallel", [t[0].node for t in timings], len(rows), 2.5,
+                  identities=[t[0] for t in timings], timings=timings)
+    assert not model.calibration.batching
+
+
+def test_a_run_whose_node_had_no_solo_time_is_learned_from_once_it_has_one(model, topology):
+    """A split run (3 batched on one node, 1 on another) teaches no overhead while the batching
+    node's time per task is unknown; once a batch of its own gives one, the kept run teaches
+    the dispatch overhead it showed."""
+    split = _timed(topology, [(BATCHER, 0.0, 1.8), (BATCHER, 0.0, 1.8), (BATCHER, 0.0, 1.8),
+                              (PLAIN, 0.0, 1.5)])
+    model.observe("parallel", [t[0].node for t in split], 4, 1.8,
+                  identities=[t[0] for t in split], timings=split)
+    assert not model.calibration.dispatch and not model.calibration.batching
+    alone = _timed(topology, [(BATCHER, 0.0, 2.05)] * 4)
+    model.observe("parallel", [t[0].node for t in alone], 4, 2.05,
+                  identities=[t[0] for t in alone], timings=alone)
+    # batcher: 2.05 / ratio(4) = 1.0 per task, so 3 at once take 1.7; the plain node 1.5
+    # (learned from the split run): predicted 1.7, measured 1.8
+    assert model.dispatch_overhead() == pytest.approx(1.8 / 1.7 - 1, rel=1e-3)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -191,3 +192,46 @@ def test_run_batch_on_sollols_balancer_with_a_registry_of_emulator_nodes(
     assert lb.cost_model.observations == 1
     for url in urls:
         assert emulator_stats(url)["max_in_flight"] == 1
+
+
+# -- exploring what the priors cannot tell (no emulator: the calls return at once) -------------
+
+BATCHER = {"url": "http://10.0.0.5:11434", "num_parallel": 4}
+PLAIN = "http://10.0.0.6:11434"
+
+
+def _recording_call() -> tuple[Callable[[Any, int], int], list[str]]:
+    """A call that records where each task ran; the four calls of a batch wait for each other
+    (a barrier, never a sleep), so they overlap as requests served together do."""
+    where: list[str] = []
+    together = threading.Barrier(4, timeout=10)
+
+    def call(node: Any, task: int) -> int:
+        where.append(node["url"] if isinstance(node, dict) else str(node))
+        together.wait()
+        return task
+
+    return call, where
+
+
+def test_a_run_explores_an_unmeasured_batching_curve_once() -> None:
+    """On the priors, 4 tasks go 3 to the batching node (4 slots, curve not measured) and 1 to
+    the plain one. The first run sends all 4 to the batching node at once, which measures its
+    curve at its slots; the results are the same, and no later run explores that node again."""
+    planner = ExecutionPlanner(config=offline_config())
+    plan = planner.plan(4, [BATCHER, PLAIN])
+    assert (plan.tasks_per_node, plan.concurrency_per_node) == ([3, 1], [3, 1])
+    call, where = _recording_call()
+    assert planner.run(list(range(4)), call, [BATCHER, PLAIN]) == [0, 1, 2, 3]
+    assert where == [BATCHER["url"]] * 4
+    batcher = planner.topology.describe(BATCHER)
+    assert 4 in planner.cost_model.calibration.batching[batcher.instance.label]
+    assert planner.cost_model.batching(batcher).curve_source == "measured"
+    assert planner._exploring(planner.plan(4, [BATCHER, PLAIN]), [BATCHER, PLAIN]) is None
+
+
+def test_explore_false_runs_the_plan_as_planned() -> None:
+    planner = ExecutionPlanner(config=offline_config())
+    call, where = _recording_call()
+    planner.run(list(range(4)), call, [BATCHER, PLAIN], explore=False)
+    assert sorted(where) == sorted([BATCHER["url"]] * 3 + [PLAIN])
