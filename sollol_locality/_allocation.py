@@ -19,10 +19,11 @@ finishes together and the next ``c`` waiting requests take its slots.
 **Contention between instances.** Batching happens inside one instance. Instances that share an
 execution unit still share it as today's model says: while ``k >= 2`` instances of one unit are
 busy, each runs ``k * max(0.05, 1 + c)`` times slower (``c`` from :meth:`Contention.unit`); busy
-units of one host slow each other by :meth:`Contention.host` per other busy unit, and two units
-whose interference was measured (``Contention.between``, on one host or not) by that figure
-instead; a plan over two or more hosts loses ``Contention.dispatch`` of its makespan. How many tasks an instance is
-batching does not change what it costs the other instances of its unit.
+units of one host slow each other by :meth:`Contention.host` per other busy unit, and two
+units whose interference was measured (``Contention.between``, on one host or not) by that
+figure instead; a plan over two or more hosts loses ``Contention.dispatch`` of its makespan.
+How many tasks an instance is batching does not change what it costs the other instances of
+its unit.
 
 **The search.** Sequential is every task one after another on the fastest instance. Against it
 :func:`allocate` tries, for the units ranked by the throughput of their best instance (the

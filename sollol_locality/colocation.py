@@ -412,16 +412,9 @@ def detect_colocation(
             hits = sorted((r for r in representatives if r in test.slowed and node in test.slowed),
                           key=lambda r: -factors[r])[:max_confirmations_per_node]
             joined: list[K] = []
-
-            def settle(rep: K, strength: float) -> None:
-                if strength >= unit_strength:
-                    confirmed[_pair(node, rep)] = strength
-                    joined.append(rep)
-                else:  # slowed, but less than one unit's nodes do: separate units
-                    interfering[_pair(node, rep)] = strength
-
+            strengths: dict[K, float] = {}
             if len(representatives) == 1 and hits:  # the test run was the pair run
-                settle(hits[0], (factors[node] + factors[hits[0]]) / 2)
+                strengths[hits[0]] = (factors[node] + factors[hits[0]]) / 2
             else:
                 for rep in hits:
                     if not budget.allows(estimate((node, rep))):
@@ -430,7 +423,13 @@ def detect_colocation(
                     check = run("confirm", (node, rep))
                     if check.slowed == frozenset((node, rep)):
                         pair_factors = dict(check.slowdowns)
-                        settle(rep, (pair_factors[node] + pair_factors[rep]) / 2)
+                        strengths[rep] = (pair_factors[node] + pair_factors[rep]) / 2
+            for rep, strength in strengths.items():
+                if strength >= unit_strength:
+                    confirmed[_pair(node, rep)] = strength
+                    joined.append(rep)
+                else:  # slowed, but less than one unit's nodes do: separate units
+                    interfering[_pair(node, rep)] = strength
             for rep in joined:
                 units.union(rep, node)
             if not joined:
