@@ -362,7 +362,9 @@ def test_requests_go_to_the_resolved_address_with_the_nodes_own_host_header(
     except OSError as exc:
         pytest.skip(f"no loopback for {family}: {exc}")
     port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # serve_forever looks at shutdown() every poll_interval (0.5 s by default)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
     thread.start()
     try:
         dns_server.set_zones({"node.lab.test": [("A", "127.0.0.1", 60)]})

@@ -58,7 +58,9 @@ class CountingNode:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # serve_forever looks at shutdown() every poll_interval (0.5 s by default)
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       kwargs={"poll_interval": 0.05}, daemon=True)
 
     def parts(self) -> list[int]:
         """The 1-based chunk numbers this node was sent (from the prompts)."""
