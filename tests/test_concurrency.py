@@ -88,7 +88,10 @@ def test_contention_table_grows_while_others_read_it() -> None:
     """observe() adds stream counts to the contention table while deciders iterate it."""
     topology = NodeTopology(offline_config())
     model = ParallelismCostModel(offline_config())
-    nodes = [f"http://localhost:{11434 + k}" for k in range(200)]
+    # 58 stream counts added while three readers copy the table: a reader that iterated the
+    # live table instead failed within the first 8 (mutation tried on both readers, 10 runs
+    # each); 200 nodes took 7 s of GIL switching for nothing more.
+    nodes = [f"http://localhost:{11434 + k}" for k in range(60)]
     identities = [i for i in topology.describe_many(nodes) if not isinstance(i, Exception)]
     model.observe("sequential", nodes[:1], 1, 1.0, topology=topology)
     unit = identities[0].unit
