@@ -15,8 +15,9 @@ How these tests stay on this machine and leave nothing running (the harness belo
   answering what OllamaPool itself answers for a node that does not respond (0 MB, no models); no
   decision under test depends on them. Two tests keep the real methods: one with loopback nodes
   (showing the IPv6 URL the pool builds really connects), one with nodes in network namespaces
-  (root only). In every test :class:`NetworkGuard` refuses, before any packet is sent, a TCP
-  connect to anything but this machine (or a namespace a test created) and records it; name
+  (root only); their retries skip the back-off. In every test :class:`NetworkGuard` refuses,
+  before any packet is sent, a TCP connect to anything but this machine (or a namespace a test
+  created) and records it; name
   lookups through the socket module are answered from the hosts file or refused (never DNS).
   Locality decisions resolve through the loopback DNS server of ``tests/dnsserver.py``.
   Upstream's ``_deduplicate_nodes`` ``connect()``s a UDP socket to 10.255.255.255 to learn its
@@ -334,6 +335,12 @@ def network_harness(dns_server: DnsTestServer, network_guard: NetworkGuard,
                     monkeypatch: pytest.MonkeyPatch) -> Iterator[PoolHarness]:
     """Real pools with OllamaPool's own network methods (nodes must be on this machine or in a
     network namespace)."""
+    # OllamaPool's httpx transport retries a refused connect 3 times, after 0, 0.5 and 1 s
+    # (httpcore's backoff): 1.5 s per node of waiting that no check here is about. The connects
+    # and retries still happen, the retries at once.
+    import httpcore._sync.connection
+
+    monkeypatch.setattr(httpcore._sync.connection, "RETRIES_BACKOFF_FACTOR", 0)
     yield from run_harness(monkeypatch, stub_network=False)
 
 
