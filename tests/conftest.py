@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,3 +41,76 @@ def make_dns_server() -> Iterator[Callable[..., DnsTestServer]]:
 def dns_server(make_dns_server: Callable[..., DnsTestServer]) -> DnsTestServer:
     """A started loopback DNS server with no zones yet (``dns_server.set_zones({...})``)."""
     return make_dns_server()
+
+
+# -- timing tests run alone, under pytest-xdist too ------------------------------------------------
+# The suite runs on pytest-xdist workers (``-n`` in pyproject.toml's addopts). A test marked
+# ``timing`` compares times measured on this machine (emulator processes, calibration): another
+# worker's test beside it would be measured too. So every test holds a lock from its setup to its
+# teardown, a timing test exclusively and any other test shared: while a timing test runs, no other
+# test of the run does (the other workers wait between two tests), and a timing test waits for the
+# tests already running to end. Without xdist (``-n 0``) tests run one at a time and take no lock.
+
+_LOCK_DIR = "sollol_locality_lock_dir"  # the key in each worker's workerinput
+_lock_dir = pytest.StashKey[Path]()
+_run_lock = pytest.StashKey["_RunLock"]()
+
+
+class _RunLock:
+    """A readers-writer lock over two files (flock): ``gate`` keeps new readers out while a writer
+    waits for the readers inside to leave, so that a timing test is never starved."""
+
+    def __init__(self, directory: Path) -> None:
+        self._gate = os.open(directory / "gate", os.O_RDWR | os.O_CREAT, 0o600)
+        self._lock = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+
+    def acquire(self, exclusive: bool) -> None:
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        fcntl.flock(self._gate, mode)
+        try:
+            fcntl.flock(self._lock, mode)
+        finally:
+            fcntl.flock(self._gate, fcntl.LOCK_UN)
+
+    def release(self) -> None:
+        fcntl.flock(self._lock, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        os.close(self._gate)
+        os.close(self._lock)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:  # an xdist worker: the controller made the directory
+        if _LOCK_DIR in workerinput:
+            config.stash[_run_lock] = _RunLock(Path(workerinput[_LOCK_DIR]))
+    elif config.pluginmanager.hasplugin("xdist") and config.getoption("numprocesses", None):
+        config.stash[_lock_dir] = Path(tempfile.mkdtemp(prefix="sollol-locality-tests-"))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist's controller, once per worker it starts: where the lock files are."""
+    node.workerinput[_LOCK_DIR] = str(node.config.stash[_lock_dir])
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    lock = config.stash.get(_run_lock, None)
+    if lock is not None:
+        lock.close()
+    directory = config.stash.get(_lock_dir, None)
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)  # outside pytest-timeout: waiting is not the test's
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    lock = item.config.stash.get(_run_lock, None)
+    if lock is None:
+        return (yield)
+    lock.acquire(exclusive=item.get_closest_marker("timing") is not None)
+    try:
+        return (yield)
+    finally:
+        lock.release()

@@ -308,6 +308,7 @@ def interleaved_ratio(
     return statistics.median(ratios)
 
 
+@pytest.mark.timing  # one request's time against two's
 def test_one_generate_at_a_time(node: EmulatorProcess) -> None:
     tokens = 300  # about 0.1 s of work at 8 MB
     generate(node.url, 5)  # warm
@@ -344,6 +345,7 @@ def test_one_generate_at_a_time(node: EmulatorProcess) -> None:
     assert waited["load_duration"] >= 0.8 * other["eval_duration"]
 
 
+@pytest.mark.timing  # two nodes' decode times compared
 def test_slowdown_multiplies_token_work() -> None:
     with (
         start_emulator(weights_mb=WEIGHTS_MB) as fast,

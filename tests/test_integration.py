@@ -38,7 +38,7 @@ from sollol_locality.testing.workload import (  # noqa: E402
     warm_up,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timing]  # makespans compared: run alone
 
 WEIGHTS_MB = 8  # cache-resident: a chunk of 384 tokens takes about 0.1 s here
 SETTINGS = Settings(chunks=4, tokens=384, repeats=5, calibration_rounds=2, weights_mb=WEIGHTS_MB)

@@ -77,6 +77,7 @@ def closed_port() -> int:
 
 
 @pytest.mark.integration
+@pytest.mark.timing  # the plan asserted follows the contention measured
 def test_calibrate_writes_the_file_the_next_decision_uses(
         nodes: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "cache" / "calibration.json"
@@ -381,6 +382,7 @@ def test_requests_go_to_the_resolved_address_with_the_nodes_own_host_header(
 
 
 @pytest.mark.integration
+@pytest.mark.timing  # the batching curve measured is asserted
 @pytest.mark.parametrize("declared", [True, False])
 def test_calibration_measures_a_batching_curve_that_the_plan_uses(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, declared: bool) -> None:
@@ -545,6 +547,7 @@ def _label(url: str) -> str:
 
 @pytest.mark.integration
 @pytest.mark.netns
+@pytest.mark.timing  # co-location is found by slowdowns measured
 def test_the_search_merges_no_independent_machines(tmp_path: Path) -> None:
     report, target, urls = _scenario_calibration("two-machines", tmp_path)
     found = report.colocation
@@ -565,6 +568,7 @@ def test_the_search_merges_no_independent_machines(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 @pytest.mark.netns
+@pytest.mark.timing  # co-location is found by slowdowns measured
 def test_the_search_finds_the_hidden_pair_and_the_plan_uses_it(tmp_path: Path) -> None:
     report, target, urls = _scenario_calibration("hidden-colocation", tmp_path)
     pair, alone = sorted(map(_label, urls[:2])), _label(urls[2])
@@ -658,6 +662,7 @@ def test_calibrate_budget_zero_reports_every_pair_untested(tmp_path: Path) -> No
 
 @pytest.mark.integration
 @pytest.mark.netns
+@pytest.mark.timing  # co-location is found by slowdowns measured
 def test_two_namespaces_on_one_core_are_one_measured_unit_not_a_dispatch_overhead(
         tmp_path: Path) -> None:
     report, target, urls = _scenario_calibration("shared-core-namespaces", tmp_path)

@@ -150,6 +150,7 @@ def test_all_nodes_dead_is_one_clear_exception(
     assert caught.value.failed_tasks == (0, 1, 2, 3)
 
 
+@pytest.mark.timing  # the plan follows the task times measured
 def test_a_fresh_planner_learns_from_its_runs_and_moves_to_what_was_measured(
         tmp_path: Path, emulators: Callable[..., list[EmulatorProcess]]) -> None:
     if len(os.sched_getaffinity(0)) < 2:
