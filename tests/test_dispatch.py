@@ -468,8 +468,14 @@ def test_ctrl_c_in_the_calling_thread_stops_cleanly() -> None:
             signal.pthread_kill(main, signal.SIGINT)
 
     calls = Calls(before=interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        dispatch(sequential(A, 4), [0, 1, 2, 3], calls)
+    # As a terminal program: a run started in the background by a non-interactive shell (a
+    # script's `pytest &`) inherits SIGINT ignored, and Python then raises nothing on it.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            dispatch(sequential(A, 4), [0, 1, 2, 3], calls)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert calls.calls == [(A, 0), (A, 1)]
 
 
