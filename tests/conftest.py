@@ -45,11 +45,14 @@ def dns_server(make_dns_server: Callable[..., DnsTestServer]) -> DnsTestServer:
 
 # -- timing tests run alone, under pytest-xdist too ------------------------------------------------
 # The suite runs on pytest-xdist workers (``-n`` in pyproject.toml's addopts). A test marked
-# ``timing`` compares times measured on this machine (emulator processes, calibration): another
-# worker's test beside it would be measured too. So every test holds a lock from its setup to its
-# teardown, a timing test exclusively and any other test shared: while a timing test runs, no other
-# test of the run does (the other workers wait between two tests), and a timing test waits for the
-# tests already running to end. Without xdist (``-n 0``) tests run one at a time and take no lock.
+# ``timing`` compares times measured on this machine (makespans, calibration, co-location
+# slowdowns): another worker's test beside it would be measured too. So every test holds a lock
+# from its setup to its teardown, a timing test exclusively and any other test shared; a worker
+# holds it shared from its start until it has collected (imports are CPU too). While a timing test
+# runs, no other test of the run does (the other workers wait between two tests), and a timing
+# test waits for the tests already running to end. The timing tests are ordered first and keep the
+# lock from one to the next, so they run as one block at the start. Without xdist (``-n 0``)
+# nothing changes: no lock, the usual order.
 
 _LOCK_DIR = "sollol_locality_lock_dir"  # the key in each worker's workerinput
 _lock_dir = pytest.StashKey[Path]()
@@ -63,6 +66,7 @@ class _RunLock:
     def __init__(self, directory: Path) -> None:
         self._gate = os.open(directory / "gate", os.O_RDWR | os.O_CREAT, 0o600)
         self._lock = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        self.exclusive = False  # held exclusively by this worker now
 
     def acquire(self, exclusive: bool) -> None:
         mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
@@ -71,8 +75,10 @@ class _RunLock:
             fcntl.flock(self._lock, mode)
         finally:
             fcntl.flock(self._gate, fcntl.LOCK_UN)
+        self.exclusive = exclusive
 
     def release(self) -> None:
+        self.exclusive = False
         fcntl.flock(self._lock, fcntl.LOCK_UN)
 
     def close(self) -> None:
@@ -84,9 +90,28 @@ def pytest_configure(config: pytest.Config) -> None:
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None:  # an xdist worker: the controller made the directory
         if _LOCK_DIR in workerinput:
-            config.stash[_run_lock] = _RunLock(Path(workerinput[_LOCK_DIR]))
+            lock = config.stash[_run_lock] = _RunLock(Path(workerinput[_LOCK_DIR]))
+            lock.acquire(exclusive=False)  # until collected (imports: CPU), as for a test
     elif config.pluginmanager.hasplugin("xdist") and config.getoption("numprocesses", None):
         config.stash[_lock_dir] = Path(tempfile.mkdtemp(prefix="sollol-locality-tests-"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection(session: pytest.Session) -> Any:
+    """A worker's start and collection (imports: CPU) are not beside a timing test either."""
+    try:
+        return (yield)
+    finally:
+        lock = session.config.stash.get(_run_lock, None)
+        if lock is not None:
+            lock.release()  # taken in pytest_configure
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist, timing tests first (every worker collects, and orders, the same way): the
+    workers take them in turn one after another while nothing else runs, then share the rest."""
+    if config.stash.get(_run_lock, None) is not None:
+        items.sort(key=lambda item: item.get_closest_marker("timing") is None)  # stable
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -109,8 +134,13 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     lock = item.config.stash.get(_run_lock, None)
     if lock is None:
         return (yield)
-    lock.acquire(exclusive=item.get_closest_marker("timing") is not None)
+    timing = item.get_closest_marker("timing") is not None
+    if not (timing and lock.exclusive):  # (still held from the timing test before this one)
+        lock.acquire(exclusive=timing)
     try:
         return (yield)
     finally:
-        lock.release()
+        # A timing test followed by another keeps the lock: the next one runs at once, instead
+        # of after the test another worker would slip in between.
+        if not (timing and nextitem is not None and nextitem.get_closest_marker("timing")):
+            lock.release()
