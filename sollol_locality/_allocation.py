@@ -462,9 +462,9 @@ def _factors(members: Sequence[_Inst], active: set[int], targets: Iterable[int],
         member = members[i]
         streams[member.unit] = streams.get(member.unit, 0) + 1
         host_units.setdefault(member.host, set()).add(member.unit)
-    times: dict[int, float] = {}
     if contention.between:
         return _factors_between(members, active, targets, contention, memo, streams)
+    times: dict[int, float] = {}
     for i in targets:
         member = members[i]
         unit = member.unit
@@ -484,8 +484,8 @@ def _factors(members: Sequence[_Inst], active: set[int], targets: Iterable[int],
 
 
 def _factors_between(members: Sequence[_Inst], active: set[int], targets: Iterable[int],
-                     contention: Contention, memo: dict[tuple[object, ...], float],
-                     streams: Mapping[str, int]) -> dict[int, float]:
+                     contention: Contention, memo: _Memo, streams: Mapping[str, int]
+                     ) -> dict[int, float]:
     """:func:`_factors` where measured interference between units is known: each other busy
     unit slows a target's unit by its measured pair value, else (on the target's host) by the
     host's overhead."""

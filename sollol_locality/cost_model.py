@@ -488,12 +488,15 @@ class ParallelismCostModel:
         if not ks:
             return None
         k = max(ks)
-        prior = _allocation.prior_curve(identity.unit.is_gpu,
-                                        cpu_cost=max(0.0, self.priors.cpu_batch_cost),
-                                        gpu_cost=max(0.0, self.priors.gpu_batch_cost))
         wall = _median(by_k[k])
         assert wall is not None
-        return wall / prior.ratio(k)
+        return wall / self._prior_curve(identity).ratio(k)
+
+    def _prior_curve(self, identity: HostIdentity) -> BatchingCurve:
+        """The priors' batching curve for ``identity``'s instance (CPU or GPU cost)."""
+        return _allocation.prior_curve(identity.unit.is_gpu,
+                                       cpu_cost=max(0.0, self.priors.cpu_batch_cost),
+                                       gpu_cost=max(0.0, self.priors.gpu_batch_cost))
 
     # -- profiles ---------------------------------------------------------------------------
 
@@ -627,10 +630,7 @@ class ParallelismCostModel:
             return Batching(slots, source, BatchingCurve.measured(points), "measured")
         if getattr(self._optimistic, "on", False):
             return Batching(slots, source, BatchingCurve.prior(0.0), "prior")
-        curve = _allocation.prior_curve(identity.unit.is_gpu,
-                                        cpu_cost=max(0.0, self.priors.cpu_batch_cost),
-                                        gpu_cost=max(0.0, self.priors.gpu_batch_cost))
-        return Batching(slots, source, curve, "prior")
+        return Batching(slots, source, self._prior_curve(identity), "prior")
 
     def slot_instance(self, profile: NodeProfile) -> SlotInstance:
         """``profile`` as the allocation engine sees it (keyed by its instance label)."""
@@ -955,9 +955,8 @@ class ParallelismCostModel:
                 k = len(batch)
                 first = min(s for _, s, _ in batch)
                 last = max(e for _, _, e in batch)
-                times = [e - s for _, s, e in batch]
                 wall = last - first
-                if wall <= 0 or min(times) < SERVED_TOGETHER * max(times):
+                if wall <= 0 or served_in_turn([e - s for _, s, e in batch]):
                     continue
                 outside = sum(max(0.0, min(e, last) - max(s, first)) for s, e in others)
                 if outside > 0.2 * wall:
@@ -1178,6 +1177,13 @@ SERVED_TOGETHER: Final = 0.75
 finish took at least this fraction of the last one's time: a batch finishes together (within
 arrival jitter), a queue one request after another (the first at about half the last's time for
 two). Below it they were served in turn: the instance has fewer slots than were sent."""
+
+def served_in_turn(times: Sequence[float]) -> bool:
+    """Whether requests sent to one instance at once (each one's own time) were answered one
+    after another rather than together (:data:`SERVED_TOGETHER`)."""
+    done = [t for t in times if t > 0]
+    return len(done) >= 2 and min(done) < SERVED_TOGETHER * max(done)
+
 
 _KEPT_RUNS: Final = 4  # parallel runs kept until their nodes have a time per task
 

@@ -74,7 +74,8 @@ from .colocation import (
     facts_from_report,
 )
 from .config import LocalityConfig
-from .cost_model import SERVED_TOGETHER, ParallelismCostModel
+from .cost_model import ParallelismCostModel
+from .cost_model import served_in_turn as _served_in_turn
 from .topology import ExecutionUnit, HostIdentity, Instance, NodeTopology
 
 __all__ = ["CalibrationReport", "calibrate"]
@@ -471,13 +472,6 @@ def _measure_batching(identity: HostIdentity, ks: list[int], solo: float,
                 break
             best = rate
     return measured
-def _served_in_turn(times: Sequence[float]) -> bool:
-    """Whether requests sent at once (each one's own time) were answered one after another
-    (:data:`~sollol_locality.cost_model.SERVED_TOGETHER`)."""
-    done = [t for t in times if t > 0]
-    return len(done) >= 2 and min(done) < SERVED_TOGETHER * max(done)
-
-
 def _machines_step(report: CalibrationReport, machines: Sequence[HostIdentity],
                    model: ParallelismCostModel, chosen_model: str, *, num_predict: int,
                    timeout: float, rounds: int, budget: float | None,

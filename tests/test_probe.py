@@ -3,6 +3,7 @@ rules it feeds (``ParallelismCostModel.observe``)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -512,11 +513,11 @@ def test_a_batched_run_on_one_instance_is_a_point_of_its_curve(model, topology):
 COLOCATION_TOKENS = 160
 
 
-def _scenario_calibration(key: str, tmp_path: Path) -> tuple[Any, Any, list[str]]:
-    """Start scenario ``key`` (skipped cleanly where it cannot run), calibrate it through the
-    probe's real concurrent runs, and return the report, the calibration file and the URLs."""
+@contextlib.contextmanager
+def _running_scenario(key: str, weights_mb: int) -> Iterator[list[str]]:
+    """Scenario ``key`` running (skipped cleanly where it cannot run): its node URLs; every
+    process and namespace is gone on exit."""
     pytest.importorskip("numpy", reason="the emulator needs numpy (the bench extra)")
-    from sollol_locality.probe import calibrate
     from sollol_locality.testing.machines import (
         SCENARIOS,
         Cluster,
@@ -528,14 +529,22 @@ def _scenario_calibration(key: str, tmp_path: Path) -> tuple[Any, Any, list[str]
     reason = scenario_skip_reason(SCENARIOS[key])
     if reason is not None:
         pytest.skip(reason)
-    target = tmp_path / "calibration.json"
-    lines: list[str] = []
     with Cluster() as cluster:
         try:
-            running = start_scenario(key, cluster, weights_mb=WEIGHTS_MB, auto_subnets=True)
+            running = start_scenario(key, cluster, weights_mb=weights_mb, auto_subnets=True)
         except ScenarioUnavailable as exc:
             pytest.skip(exc.reason)
-        urls = list(running.urls)
+        yield list(running.urls)
+
+
+def _scenario_calibration(key: str, tmp_path: Path) -> tuple[Any, Any, list[str]]:
+    """Start scenario ``key`` (skipped cleanly where it cannot run), calibrate it through the
+    probe's real concurrent runs, and return the report, the calibration file and the URLs."""
+    from sollol_locality.probe import calibrate
+
+    target = tmp_path / "calibration.json"
+    lines: list[str] = []
+    with _running_scenario(key, WEIGHTS_MB) as urls:
         report = calibrate(urls, num_predict=COLOCATION_TOKENS, rounds=3, output=target,
                            config=offline_config(), progress=lines.append)
     return report, target, urls
@@ -628,25 +637,8 @@ def test_the_budget_bounds_the_search_and_says_what_it_left() -> None:
 @pytest.mark.integration
 @pytest.mark.netns
 def test_calibrate_budget_zero_reports_every_pair_untested(tmp_path: Path) -> None:
-    pytest.importorskip("numpy", reason="the emulator needs numpy (the bench extra)")
-    from sollol_locality.testing.machines import (
-        SCENARIOS,
-        Cluster,
-        ScenarioUnavailable,
-        scenario_skip_reason,
-        start_scenario,
-    )
-
-    reason = scenario_skip_reason(SCENARIOS["two-machines"])
-    if reason is not None:
-        pytest.skip(reason)
     target = tmp_path / "c.json"
-    with Cluster() as cluster:
-        try:
-            running = start_scenario("two-machines", cluster, weights_mb=1, auto_subnets=True)
-        except ScenarioUnavailable as exc:
-            pytest.skip(exc.reason)
-        urls = list(running.urls)
+    with _running_scenario("two-machines", 1) as urls:
         code, text = run("calibrate", "--tokens", "4", "--rounds", "1", "--budget", "0",
                          "--output", str(target), *OFFLINE, *urls)
         code_json, data = run("calibrate", "--tokens", "4", "--rounds", "1", "--budget", "0",
