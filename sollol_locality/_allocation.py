@@ -21,7 +21,9 @@ execution unit still share it as today's model says: while ``k >= 2`` instances 
 busy, each runs ``k * max(0.05, 1 + c)`` times slower (``c`` from :meth:`Contention.unit`); busy
 units of one host slow each other by :meth:`Contention.host` per other busy unit, and two
 units whose interference was measured (``Contention.between``, on one host or not) by that
-figure instead; a plan over two or more hosts loses ``Contention.dispatch`` of its makespan.
+figure instead, added to each task's time rather than multiplied by the unit's time-sharing
+(:func:`_factors_between` gives the measurements); a plan over two or more hosts loses
+``Contention.dispatch`` of its makespan.
 How many tasks an instance is batching does not change what it costs the other instances of
 its unit.
 
@@ -29,7 +31,9 @@ its unit.
 :func:`allocate` tries, for the units ranked by the throughput of their best instance (the
 fastest at its best concurrency), every prefix of that ranking (the first unit alone, the first
 two, ...), each unit contributing its best ``Contention.streams`` instances (one unless
-calibration measured that more gain). A prefix of one instance is tried when it batches. For a
+calibration measured that more gain, or measured interference with another unit, which makes
+a second stream pay while that unit is busy); where a prefix has several streams on a unit, it
+is also tried with one stream per unit, which it must beat by ``Contention.stream_margin``. A prefix of one instance is tried when it batches. For a
 candidate, tasks are balanced so that each goes where it finishes first, given each instance's
 best concurrency for the tasks it holds and the contention of the instances working; the run is
 then simulated as the instances finish (an instance left alone speeds back up), and the balance
@@ -273,10 +277,15 @@ class Contention:
         streams: unit -> how many of its instances may run at once (1 when absent): more only
             where calibration measured a gain.
         between: ``frozenset((unit_a, unit_b))`` -> measured interference of two separate
-            units: while both are busy, each runs ``1 + value`` times slower (two VMs on
-            separate cores of one host sharing its memory bandwidth). Per other busy unit, a
-            measured pair's value replaces the same-host overhead (units of one host) or adds
-            to nothing (units of separate hosts, where only the dispatch overhead applies).
+            units: while both are busy, each task takes ``value`` solo-task times longer
+            (two VMs on separate cores of one host sharing its memory bandwidth); one task on
+            each, that is ``1 + value`` times slower. Per other busy unit, a measured pair's
+            value replaces the same-host overhead (units of one host) or adds to nothing
+            (units of separate hosts, where only the dispatch overhead applies).
+        stream_margin: how much faster (a fraction) a candidate with several streams on a
+            unit must be predicted than the same units with one stream each before it is
+            chosen (the cost model sets its ``min_concurrency_gain`` where interference gave
+            the streams: a gain the pairs' figures compose, never measured as such).
     """
 
     cpu: float = 1.0
@@ -287,11 +296,13 @@ class Contention:
     host_measured: Mapping[str, float] = field(default_factory=dict)
     streams: Mapping[str, int] = field(default_factory=dict)
     between: Mapping[frozenset[str], float] = field(default_factory=dict)
+    stream_margin: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("cpu", "gpu", "same_host", "dispatch"):
             _check_number(getattr(self, name), f"contention {name}", low=-math.inf,
                           strict=False)
+        _check_number(self.stream_margin, "stream_margin", low=0.0, strict=False)
         measured = {str(unit): MappingProxyType(dict(by_k))
                     for unit, by_k in self.measured.items()}
         object.__setattr__(self, "measured", MappingProxyType(measured))
@@ -486,9 +497,16 @@ def _factors(members: Sequence[_Inst], active: set[int], targets: Iterable[int],
 def _factors_between(members: Sequence[_Inst], active: set[int], targets: Iterable[int],
                      contention: Contention, memo: _Memo, streams: Mapping[str, int]
                      ) -> dict[int, float]:
-    """:func:`_factors` where measured interference between units is known: each other busy
-    unit slows a target's unit by its measured pair value, else (on the target's host) by the
-    host's overhead."""
+    """:func:`_factors` where measured interference between units is known.
+
+    Each other busy unit on the target's host whose pair was not measured slows the target as
+    in :func:`_factors` (the host's overhead, a factor on the unit's time-sharing). A measured
+    pair value ``s - 1`` was measured with one task on each unit: it adds ``s - 1`` solo-task
+    times to each task of the target while the other unit is busy, and is not multiplied by the
+    target unit's own time-sharing. Measured on two cores of this VM with two instances on each
+    (``two-colocated-pairs``), the product of sharing and interference overshot every time
+    while the sum stayed close: sharing 2.04x and interference 1.37x, all four at once 2.3x per
+    task (product 2.80x, sum 2.41x); in another run 2.10x, 1.28x and 2.49x (2.69x, 2.38x)."""
     host_of = {members[i].unit: members[i].host for i in active}
     times: dict[int, float] = {}
     for i in targets:
@@ -502,14 +520,14 @@ def _factors_between(members: Sequence[_Inst], active: set[int], targets: Iterab
             factor = 1.0
             if k > 1:
                 factor = k * max(_MIN_FACTOR, 1.0 + contention.unit(unit, k, member.is_gpu))
-            extra = 0.0
+            measured = overhead = 0.0
             for other in others:
                 value = contention.between.get(frozenset((unit, other)))
                 if value is not None:
-                    extra += value
+                    measured += value
                 elif host_of[other] == member.host:
-                    extra += contention.host(member.host)
-            factor *= 1.0 + extra
+                    overhead += contention.host(member.host)
+            factor = factor * (1.0 + overhead) + measured
             memo[key] = factor
         times[i] = member.seconds * factor
     return times
@@ -620,13 +638,21 @@ def allocate(num_tasks: int, instances: Sequence[SlotInstance],
     best: tuple[float, list[_Inst], list[int], list[int], float] | None = None
     memo: _Memo = {}
     for m in range(1, min(num_tasks, len(ordered)) + 1):
-        chosen = [member for streams in ordered[:m] for member in streams]
-        if len(chosen) < 2 and chosen[0].slots < 2:
-            continue
-        makespan, shares, concurrency = _evaluate(num_tasks, chosen, contention, memo)
-        speedup = sequential / makespan if makespan > 0 else 1.0
-        if best is None or speedup > best[0] + 1e-9:
-            best = (speedup, chosen, shares, concurrency, makespan)
+        everyone = [member for streams in ordered[:m] for member in streams]
+        # With several streams on a unit, one per unit is tried too (first: a tie keeps it).
+        single = [streams[0] for streams in ordered[:m]]
+        floor = 0.0  # what "everyone" must beat: one stream per unit, by the margin
+        for chosen in (single, everyone) if len(everyone) > m else (everyone,):
+            if len(chosen) < 2 and chosen[0].slots < 2:
+                continue
+            makespan, shares, concurrency = _evaluate(num_tasks, chosen, contention, memo)
+            speedup = sequential / makespan if makespan > 0 else 1.0
+            if chosen is single:
+                floor = speedup * (1.0 + contention.stream_margin)
+            elif speedup <= floor:
+                continue
+            if best is None or speedup > best[0] + 1e-9:
+                best = (speedup, chosen, shares, concurrency, makespan)
     if best is None:
         return sequential_plan
     _, chosen, shares, concurrency, makespan = best

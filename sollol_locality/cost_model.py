@@ -648,16 +648,28 @@ class ParallelismCostModel:
         what calibration measured in their place (``trial`` stands a candidate value in for one
         figure, as :meth:`contention` does)."""
         priors = self.priors
+        profiles = list(profiles)
         units = {p.unit for p in profiles}
         measured: dict[str, dict[int, float]] = {}
         host_measured: dict[str, float] = {}
         streams: dict[str, int] = {}
+        margin = 0.0
         cal = self._learned()
+        between = self.interference(profiles)
+        interfering = {label for pair in between for label in pair}
         for unit in units:  # a measured co-located unit: its pairs' slowdown, unless measured
             strength = self.colocation_strength(unit)
             if strength is not None and not cal.contention.get(unit.label):
                 measured[unit.label] = {2: max(_MIN_CONTENTION, strength / 2.0 - 1.0)}
                 gains = self.gains_from_concurrency(unit)
+                if unit.label in interfering:
+                    # Its nodes time-share it at no gain alone, but the interference of a busy
+                    # neighbour is paid per task, not per stream (_allocation._factors_between):
+                    # every node of it is a candidate, and the search weighs one stream per
+                    # unit against all of them, trusting a gain above noise only.
+                    members = len(distinct_instances(q for q in profiles if q.unit == unit))
+                    if members > gains:
+                        gains, margin = members, priors.min_concurrency_gain
                 if gains > 1:
                     streams[unit.label] = gains
         for unit in units if cal.contention or trial is not None else ():
@@ -677,7 +689,7 @@ class ParallelismCostModel:
                 host_measured[host] = value
         return Contention(priors.cpu_contention, priors.gpu_contention,
                           priors.same_host_overhead, self.dispatch_overhead(), measured,
-                          host_measured, streams, self.interference(profiles))
+                          host_measured, streams, between, margin)
 
     def interference(self, profiles: Iterable[NodeProfile]) -> dict[frozenset[str], float]:
         """Measured interference between the separate units of ``profiles``: per pair of unit

@@ -5,6 +5,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -687,3 +688,28 @@ def test_measured_interference_between_units_replaces_the_host_overhead() -> Non
     assert allocate(4, apart, crossed).makespan == pytest.approx(2.8)
     with pytest.raises(ValueError, match="pairs of two unit names"):
         Contention(between={frozenset(("x/cpu",)): 0.4})
+
+
+def test_interference_is_paid_per_task_and_one_stream_per_unit_is_still_tried() -> None:
+    """A measured interference between two units adds its solo-task times to each task while
+    the other unit is busy; it is not multiplied by a unit's own time-sharing. With several
+    streams allowed on a unit, the search weighs one stream per unit against all of them."""
+    nodes = [SlotInstance(key, f"{key[0]}/cpu", key[0], 1.0) for key in ("a1", "a2", "b1", "b2")]
+    pair = frozenset(("a/cpu", "b/cpu"))
+    shared = Contention(dispatch=0.0, measured={"a/cpu": {2: 0.0}, "b/cpu": {2: 0.0}},
+                        streams={"a/cpu": 2, "b/cpu": 2}, between={pair: 0.4})
+    everyone = {key: (1, 1) for key in ("a1", "a2", "b1", "b2")}
+    assert predict(nodes, everyone, shared) == pytest.approx(2.0 + 0.4)  # not 2.0 * 1.4
+    assert predict(nodes, {"a1": (2, 1), "b1": (2, 1)}, shared) == pytest.approx(2 * 1.4)
+    best = allocate(4, nodes, shared)
+    assert best.makespan == pytest.approx(2.4) and len(best.assignments) == 4
+    # Sharing that loses (each of two 1.3x slower than its share): one stream per unit wins.
+    losing = replace(shared, measured={"a/cpu": {2: 0.3}, "b/cpu": {2: 0.3}})
+    assert predict(nodes, everyone, losing) == pytest.approx(2.6 + 0.4)
+    single = allocate(4, nodes, losing)
+    assert single.makespan == pytest.approx(2.8)
+    assert sorted(a.key for a in single.assignments if a.tasks) == ["a1", "b1"]
+    # A gain under the margin (2.8 / 2.4: 17% < 20%) keeps one stream per unit too.
+    cautious = allocate(4, nodes, replace(shared, stream_margin=0.2))
+    assert cautious.makespan == pytest.approx(2.8)
+    assert allocate(4, nodes, replace(shared, stream_margin=0.1)).makespan == pytest.approx(2.4)
