@@ -285,7 +285,8 @@ class DnsResolver:
         self._refresh_cond = threading.Condition()  # the refresher's state below
         self._refresh_pending: dict[str, None] = {}  # an ordered set
         self._refresh_active: set[str] = set()
-        self._refresher: threading.Thread | None = None
+        self._refresher: threading.Thread | None = None  # None once its loop is done
+        self._last_refresher: threading.Thread | None = None  # joined by close(), wait_idle()
         self._closed = False
         self._stop = threading.Event()
 
@@ -384,8 +385,16 @@ class DnsResolver:
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no background refresh is queued or running; ``False`` on timeout."""
+        start = time.monotonic()
         with self._refresh_cond:
-            return self._refresh_cond.wait_for(lambda: self._refresher is None, timeout)
+            if not self._refresh_cond.wait_for(lambda: self._refresher is None, timeout):
+                return False
+            thread = self._last_refresher  # its loop is done: only its exit is left
+        if thread is not None and thread is not threading.current_thread():
+            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+            thread.join(left)
+            return not thread.is_alive()
+        return True
 
     def close(self) -> None:
         """Stop background refreshing and wait for the refresh thread to end.
@@ -396,7 +405,7 @@ class DnsResolver:
             self._closed = True
             self._refresh_pending.clear()
             self._stop.set()
-            thread = self._refresher
+            thread = self._last_refresher  # set to None by its loop before the thread ends
         if thread is not None and thread is not threading.current_thread():
             thread.join()
 
@@ -507,7 +516,7 @@ class DnsResolver:
                 if name not in self._refresh_active:
                     self._refresh_pending[name] = None
             if self._refresh_pending and self._refresher is None:
-                self._refresher = threading.Thread(
+                self._refresher = self._last_refresher = threading.Thread(
                     target=self._refresh_loop, name="sollol-locality-dns-refresh", daemon=True
                 )
                 self._refresher.start()
@@ -573,6 +582,23 @@ class DnsResolver:
                 ),
                 loop,
             )
+            counted: list[bool] = []  # the tally is added once: here, or by a late lookup
+
+            def count(tally: Any) -> None:
+                with self._lock:
+                    if counted:
+                        return
+                    counted.append(True)
+                    self._counters["queries_sent"] += tally.queries_sent
+                    self._counters["tcp_queries"] += tally.tcp_queries
+                    self._counters["replies_ignored"] += tally.replies_ignored
+                    self._note_server_health(tally.server_ok, tally.server_failed)
+
+            def count_late(done: concurrent.futures.Future[Any]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    count(done.result()[1])  # the queries were sent even if nobody waited
+
+            future.add_done_callback(count_late)
             while True:  # the loop enforces the deadline; this wait only backs it up
                 wait = deadline + _LOOP_GRACE - time.monotonic()
                 if cancel is not None:
@@ -589,11 +615,7 @@ class DnsResolver:
             return {name: _Outcome("timeout", error=f"{name}: {error}") for name in names}
         finally:
             self._loop.release()
-        with self._lock:
-            self._counters["queries_sent"] += tally.queries_sent
-            self._counters["tcp_queries"] += tally.tcp_queries
-            self._counters["replies_ignored"] += tally.replies_ignored
-            self._note_server_health(tally.server_ok, tally.server_failed)
+        count(tally)  # before returning: the callback may run after the caller woke
         return {name: _combine(*answers[name]) for name in names}
 
     def _note_server_health(self, ok: set[Nameserver], failed: dict[Nameserver, str]) -> None:
