@@ -28,21 +28,21 @@ How many tasks an instance is batching does not change what it costs the other i
 its unit.
 
 **The search.** Sequential is every task one after another on the fastest instance. Against it
-:func:`allocate` tries, for the units ranked by the throughput of their best instance (the
-fastest at its best concurrency), every prefix of that ranking (the first unit alone, the first
-two, ...), each unit contributing its best ``Contention.streams`` instances (one unless
-calibration measured that more gain, or measured interference with another unit, which makes
-a second stream pay while that unit is busy); where a prefix has several streams on a unit, it
-is also tried with one stream per unit, which it must beat by ``Contention.stream_margin``. A prefix of one instance is tried when it batches. For a
-candidate, tasks are balanced so that each goes where it finishes first, given each instance's
-best concurrency for the tasks it holds and the contention of the instances working; the run is
-then simulated as the instances finish (an instance left alone speeds back up), and the balance
-is redone on the instances that got work (at most six times). Each step costs the same for three
-tasks as for a billion: counts come in closed form from the instances' throughputs, and only a
+:func:`allocate` tries, for the units ranked by the throughput of their best instance (the fastest
+at its best concurrency), every prefix of that ranking (the first unit alone, the first two, ...),
+each unit contributing its best ``Contention.streams`` instances (one unless calibration measured
+that more gain, or measured interference with another unit, which makes a second stream pay while
+that unit is busy); where a prefix has several streams on a unit, it is also tried with one stream
+per unit, which it must beat by ``Contention.stream_margin``. A prefix of one instance is tried when
+it batches. For a candidate, tasks are balanced so that each goes where it finishes first, given
+each instance's best concurrency for the tasks it holds and the contention of the instances working;
+the run is then simulated as the instances finish (an instance left alone speeds back up), and the
+balance is redone on the instances that got work (at most six times). Each step costs the same for
+three tasks as for a billion: counts come in closed form from the instances' throughputs, and only a
 bounded number of tasks near the balance point (at most twice the candidate's slots plus one per
-instance) are placed one by one. Each instance runs its tasks at the concurrency that finishes
-them soonest (the larger on a tie); an instance whose curve gains nothing at any ``k`` is
-planned as one slot.
+instance) are placed one by one. Each instance runs its tasks at the concurrency that finishes them
+soonest (the larger on a tie); an instance whose curve gains nothing at any ``k`` is planned as one
+slot.
 
 With one slot everywhere this is, step for step, what ``ParallelismCostModel.parallel_makespan``
 and the planner's search over units compute today, without the per-task loops. Where two finish

@@ -86,8 +86,24 @@ class _RunLock:
         os.close(self._lock)
 
 
+def _compile_the_package() -> None:
+    """Write the package's bytecode once, before any test: the emulators, CLIs and fresh
+    interpreters the tests start (hundreds) then load it instead of compiling every module
+    again. Python still reads bytecode under ``PYTHONDONTWRITEBYTECODE``, which this machine
+    sets; it only stops writing it. Stale files are ignored by Python (the source's time is
+    checked), so this changes nothing but speed."""
+    import compileall
+
+    import sollol_locality
+
+    package = Path(sollol_locality.__file__).parent
+    compileall.compile_dir(package, quiet=2, workers=1)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     workerinput = getattr(config, "workerinput", None)
+    if workerinput is None:  # the controller (or a run without xdist): once per run
+        _compile_the_package()
     if workerinput is not None:  # an xdist worker: the controller made the directory
         if _LOCK_DIR in workerinput:
             lock = config.stash[_run_lock] = _RunLock(Path(workerinput[_LOCK_DIR]))

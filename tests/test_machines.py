@@ -425,7 +425,8 @@ def test_pinned_instances_run_under_taskset() -> None:
             command = node.process.command
             assert Path(command[0]).name == "taskset" and command[1:3] == ("-c", str(min(cpus)))
             # taskset exec'd the interpreter: the pid is the emulator itself
-            assert b"sollol_locality.testing.emulator" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            assert b"sollol_locality/testing/emulator.py" in cmdline
             assert get_json(node.url + "/api/emulator")["config"]["cpus"] is None
             assert facts[node.url]["pid"] == pid and facts[node.url]["pinned"] == "taskset"
         assert scenario.units() == [[scenario.urls[0]], [scenario.urls[1]]]
