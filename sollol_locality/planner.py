@@ -821,6 +821,10 @@ class ExecutionPlanner:
                          if len(used_hosts) > 1
                          else f"{_count(len(used_units), 'unit')} of {used_hosts[0]} "
                               f"({_names(u.label for u in used_units)})")
+                if len(used_units) < len(used) and len(used_hosts) > 1:
+                    # several nodes of a measured unit: the addresses are not the machines
+                    where = (f"{len(used)} nodes on {_count(len(used_units), 'unit')} "
+                             f"({_names(used_hosts)})")
                 return par(ranked, allocation,
                            f"Parallel: {_tasks(num_tasks)} across {where}, predicted "
                            f"{speedup:.2f}x faster than one after another{tail}.", "parallel")

@@ -295,6 +295,7 @@ def test_interference_between_separate_units_is_used_pair_by_pair() -> None:
     urls = [f"http://{k}" for k in (a1, b1, a2, b2)]
     plan = planner.plan(4, urls)
     assert plan.mode == "parallel" and plan.units == 2 and len(plan.nodes) == 4
+    assert plan.reason.startswith("Parallel: 4 tasks across 4 nodes on 2 units (")
     assert plan.speedup == pytest.approx(4 / ((2.0 + 0.45) * 1.05), rel=1e-6)
     pairs = planner.plan(4, [urls[0], urls[1]])  # one node of each unit
     assert pairs.speedup == pytest.approx(4 / (2 * 1.45 * 1.05), rel=1e-6)
