@@ -274,7 +274,7 @@ def _normalise(values: Mapping[str, Any], names: Mapping[str, str]) -> dict[str,
         elif name == "colocation_max_age":
             result[name] = _check_age(value, shown)
         elif name == "read_processes":
-            result[name] = _check_switch(value, shown)
+            result[name] = _check_bool(value, shown)
         elif name == "nameservers":
             result[name] = None if value is None else _check_nameservers(value, shown)
         elif name == "save_interval":
@@ -326,6 +326,8 @@ def _check_bool(value: object, name: str) -> bool:
         return False
     raise ConfigError(f"{name}={value!r} is not a boolean (expected one of "
                       f"{', '.join(_TRUE + _FALSE)})", variable=name, value=value)
+
+
 _AGE_UNITS: Final = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
@@ -346,20 +348,6 @@ def _check_age(value: object, name: str) -> float:
                               "than 0)", variable=name, value=value)
         return number
     return _check_float(value, name, low=0.0, allow_low=False)
-_SWITCH: Final = {"1": True, "true": True, "yes": True, "on": True,
-                  "0": False, "false": False, "no": False, "off": False}
-
-
-def _check_switch(value: object, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = value.strip().lower() if isinstance(value, str) else None
-    if text is None or text not in _SWITCH:
-        raise ConfigError(f"{name}={value!r} is not a switch (expected true or false, 1 or 0, "
-                          "yes or no, on or off)", variable=name, value=value)
-    return _SWITCH[text]
-
-
 def _check_path(value: object, name: str) -> Path:
     if isinstance(value, Path):
         return value

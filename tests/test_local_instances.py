@@ -424,9 +424,9 @@ def test_the_processes_switch_from_the_environment(value: str, expected: bool) -
 def test_a_bad_processes_switch_names_the_variable() -> None:
     with pytest.raises(ConfigError) as info:
         LocalityConfig.from_env({"SOLLOL_LOCALITY_PROCESSES": "maybe"})
-    assert str(info.value) == ("SOLLOL_LOCALITY_PROCESSES='maybe' is not a switch (expected "
-                               "true or false, 1 or 0, yes or no, on or off)")
-    with pytest.raises(ConfigError, match=r"^read_processes=2 is not a switch"):
+    assert str(info.value) == ("SOLLOL_LOCALITY_PROCESSES='maybe' is not a boolean (expected "
+                               "one of 1, true, yes, on, 0, false, no, off)")
+    with pytest.raises(ConfigError, match=r"^read_processes=2 is not a boolean"):
         LocalityConfig(read_processes=2)  # type: ignore[arg-type]
 
 
