@@ -86,6 +86,7 @@ from sollol_locality.testing.machines import (
     SCENARIOS,
     Cluster,
     RunningScenario,
+    Scenario,
     ScenarioUnavailable,
     start_scenario,
 )
@@ -214,13 +215,12 @@ class ScenarioResult:
         """What a node is under the ground truth, without its name or address: its unit, CPUs,
         pinning, slots, environment, GPUs, namespace and its machine's speed."""
         row = self.truth.get(url)
-        scenario = SCENARIOS.get(self.key)
-        if not row or scenario is None:
+        if not row:
             return ("url", url)
-        slowdown = next((m.slowdown for m in scenario.machines if m.name == row["machine"]), None)
         return (row["unit"], bool(row.get("netns")), tuple(row.get("cpus", ())),
                 row.get("pinned"), row.get("num_parallel", 1),
-                tuple(sorted(row.get("env", {}).items())), tuple(row.get("gpus", ())), slowdown)
+                tuple(sorted(row.get("env", {}).items())), tuple(row.get("gpus", ())),
+                row.get("slowdown"))
 
     def twin_key(self, arm: Arm) -> tuple[Any, ...]:
         """Arms with one key are the same strategy: the same work on nodes that differ only by
@@ -485,12 +485,17 @@ def _strategies(urls: Sequence[str], running: RunningScenario, chunks: int,
 
 
 def run_scenario(letter: str, settings: Settings, workdir: Path, *,
-                 say: Callable[[str], None] = _say) -> ScenarioResult:
-    """Start the scenario, calibrate, decide, measure every strategy; clean up everything."""
+                 say: Callable[[str], None] = _say,
+                 scenario: Scenario | None = None) -> ScenarioResult:
+    """Start the scenario, calibrate, decide, measure every strategy; clean up everything.
+
+    ``scenario``: a layout of the caller's, shown under ``letter`` (default: the benchmark's
+    scenario of that letter)."""
     from sollol_locality.probe import calibrate
 
-    key = LETTERS[letter]
-    scenario = SCENARIOS[key]
+    if scenario is None:
+        scenario = SCENARIOS[LETTERS[letter]]
+    key = scenario.key
     result = ScenarioResult(letter, key, scenario.description)
     started = time.perf_counter()
     with Cluster() as cluster:

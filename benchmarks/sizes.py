@@ -53,20 +53,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.chunks < 2:
         parser.error(f"--chunks {args.chunks}: expected at least 2")
-    scenarios = dict(dispatch.SCENARIOS)
-    letters = dict(dispatch.LETTERS)
-    for letter, scenario in EXTRA.items():
-        scenarios[scenario.key] = scenario
-        letters[letter] = scenario.key
     chosen = [part.strip() for part in args.scenarios.split(",") if part.strip()]
-    unknown = [letter for letter in chosen if letter not in letters]
+    unknown = [letter for letter in chosen
+               if letter not in dispatch.LETTERS and letter not in EXTRA]
     if unknown:
         parser.error(f"unknown scenario letter(s) {', '.join(unknown)}: "
-                     f"expected some of {', '.join(sorted(letters))}")
-    dispatch.SCENARIOS, dispatch.LETTERS = scenarios, letters  # what run_scenario looks up
+                     f"expected some of {', '.join(sorted([*dispatch.LETTERS, *EXTRA]))}")
     settings = dataclasses.replace(dispatch.FULL, chunks=args.chunks)
     with tempfile.TemporaryDirectory(prefix="sollol-sizes-") as workdir:
-        results = [dispatch.run_scenario(letter, settings, Path(workdir)) for letter in chosen]
+        results = [dispatch.run_scenario(letter, settings, Path(workdir),
+                                         scenario=EXTRA.get(letter)) for letter in chosen]
     print(f"{settings}")
     print("\n".join(dispatch._regret_table(results)))
     return 0

@@ -102,13 +102,13 @@ def _compile_the_package() -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     workerinput = getattr(config, "workerinput", None)
-    if workerinput is None:  # the controller (or a run without xdist): once per run
-        _compile_the_package()
     if workerinput is not None:  # an xdist worker: the controller made the directory
         if _LOCK_DIR in workerinput:
             lock = config.stash[_run_lock] = _RunLock(Path(workerinput[_LOCK_DIR]))
             lock.acquire(exclusive=False)  # until collected (imports: CPU), as for a test
-    elif config.pluginmanager.hasplugin("xdist") and config.getoption("numprocesses", None):
+        return
+    _compile_the_package()  # the controller (or a run without xdist): once per run
+    if config.pluginmanager.hasplugin("xdist") and config.getoption("numprocesses", None):
         config.stash[_lock_dir] = Path(tempfile.mkdtemp(prefix="sollol-locality-tests-"))
 
 

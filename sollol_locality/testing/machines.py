@@ -913,7 +913,7 @@ class Scenario:
         ``batching``, ``env``, ``unit`` (``"u1"``...), ``shares_unit_with`` (node indexes),
         ``gpus`` (visible GPU ids), ``shares_gpu_with`` (node indexes) and
         ``hidden`` (it shares a unit with a node of another machine name: co-location that no
-        address shows).
+        address shows) and ``slowdown`` (its machine's per-token work multiplier).
         """
         unit_of = {i: n for n, group in enumerate(self.units(), 1) for i in group}
         rows = []
@@ -930,6 +930,7 @@ class Scenario:
                 "shares_gpu_with": [j for j, other in enumerate(self.nodes)
                                     if j != index and set(node.gpus) & set(other.gpus)],
                 "hidden": any(self.nodes[j].machine != node.machine for j in mates),
+                "slowdown": spec.slowdown,
             })  # fmt: skip
         return rows
 
